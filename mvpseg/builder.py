@@ -1,0 +1,60 @@
+"""Builders: the one place that turns names and paths into a ready model or predictor."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_prompts
+from .clip_backbone import ClipSpec, FrozenCLIP, load_clip
+from .handcrafted import PartPrompts, TemplatePrompts
+from .model import MVPSeg
+from .predictor import Predictor
+from .prompts import LearnedPrompts, PromptSet
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOY_CLIP_SPEC = ClipSpec(model_name="toyclip", pretrained=str(REPO_ROOT / "assets/toyclip/toyclip.safetensors"),
+                         model_config=str(REPO_ROOT / "assets/toyclip/toyclip.json"))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto'/None → cuda when available, else cpu; a requested but missing CUDA is an error, not a fallback."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but no CUDA device is available")
+    return dev
+
+
+def baseline_prompt_sets() -> dict[str, PromptSet]:
+    """The handcrafted sets: MaskCLIP's 85 templates, the part-based views and the single template."""
+    return {"maskclip-85": TemplatePrompts.maskclip85(), "parts": PartPrompts(),
+            "a-photo-of": TemplatePrompts.single()}
+
+
+def build_mvpseg(clip: ClipSpec | FrozenCLIP = ClipSpec(), n_seg: int = 3, n_ctx: int = 32, use_global: bool = True,
+                 checkpoint: str | None = None, gamma: float = 10.0, device: str | None = "cpu") -> MVPSeg:
+    """A trainable MVPSeg: fresh learned prompts, or those of ``checkpoint`` (checked against the CLIP)."""
+    frozen = clip if isinstance(clip, FrozenCLIP) else load_clip(clip, resolve_device(device))
+    if checkpoint is not None:
+        prompts: PromptSet = load_prompts(checkpoint, frozen)
+        gamma = prompts.meta.gamma
+    else:
+        prompts = LearnedPrompts(frozen.text_width, n_seg=n_seg, n_ctx=n_ctx, use_global=use_global)
+    return MVPSeg(frozen, prompts.to(frozen.device), gamma=gamma)
+
+
+def build_predictor(clip: ClipSpec | FrozenCLIP = ClipSpec(), checkpoints: dict[str, str] | None = None,
+                    baselines: bool = True, device: str | None = "cpu", short_side: int = 512,
+                    max_long_side: int = 2048) -> Predictor:
+    """A Predictor with the learned prompt sets in ``checkpoints`` (name → path) first, then the baselines."""
+    frozen = clip if isinstance(clip, FrozenCLIP) else load_clip(clip, resolve_device(device))
+    sets: dict[str, PromptSet] = {}
+    gamma = 10.0
+    for name, path in (checkpoints or {}).items():
+        sets[name] = load_prompts(path, frozen, name=name)
+        gamma = sets[name].meta.gamma
+    if baselines:
+        sets.update(baseline_prompt_sets())
+    return Predictor(frozen, sets, gamma=gamma, short_side=short_side, max_long_side=max_long_side)

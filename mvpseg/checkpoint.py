@@ -1,0 +1,140 @@
+"""Learned-prompt checkpoints: ``NAME.safetensors`` (tensors) + ``NAME.json`` (metadata). Never pickles.
+
+The JSON records what the prompts were learned against (CLIP name, tag, text width, embedding width and a
+fingerprint of the text-tower weights), k, n_ctx, the training classes and the format version. Loading is
+strict: missing/extra tensors, wrong shapes, or a CLIP that differs from the one recorded are refused with
+a message that says what differs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .clip_backbone import FrozenCLIP
+from .prompts import LearnedPrompts
+
+FORMAT = "mvpseg-prompts"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, incomplete or does not fit the loaded CLIP."""
+
+
+@dataclass(frozen=True)
+class PromptMeta:
+    clip_model: str
+    clip_pretrained: str | None
+    clip_fingerprint: str
+    text_width: int
+    embed_dim: int
+    n_seg: int
+    n_ctx: int
+    use_global: bool
+    gamma: float = 10.0
+    training_classes: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+    version: int = FORMAT_VERSION
+
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)  # readers never see a half-written file
+
+
+def save_prompts(path: str | os.PathLike, prompts: LearnedPrompts, clip: FrozenCLIP, gamma: float = 10.0,
+                 training_classes: Sequence[str] = (), extra: dict[str, Any] | None = None) -> Path:
+    """Writes ``path`` (.safetensors) and its .json sidecar; returns the .safetensors path."""
+    st, js = _paths(path)
+    st.parent.mkdir(parents=True, exist_ok=True)
+    meta = PromptMeta(clip.spec.model_name, clip.spec.pretrained, clip.fingerprint, clip.text_width, clip.embed_dim,
+                      prompts.n_seg, prompts.n_ctx, prompts.use_global, float(gamma), tuple(training_classes),
+                      dict(extra or {}))
+    tensors = {"ctx": prompts.ctx.detach().float().cpu().contiguous(),
+               "tau1": prompts.tau1_param.detach().float().cpu().reshape(()),
+               "tau2": prompts.tau2_param.detach().float().cpu().reshape(())}
+    _atomic_write(st, lambda t: save_file(tensors, str(t), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)}))
+    _atomic_write(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
+    return st
+
+
+def read_meta(path: str | os.PathLike) -> PromptMeta:
+    _, js = _paths(path)
+    if not js.is_file():
+        raise CheckpointError(f"checkpoint metadata not found: {js} (a prompt checkpoint is a .safetensors file "
+                              "with a .json file of the same name beside it)")
+    try:
+        raw = json.loads(js.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint metadata {js} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(f"{js} is not an mvpseg prompt checkpoint (format={raw.get('format') if isinstance(raw, dict) else None!r})")
+    if int(raw.get("version", -1)) > FORMAT_VERSION:
+        raise CheckpointError(f"{js} has format version {raw['version']}; this mvpseg reads up to {FORMAT_VERSION}")
+    known = set(PromptMeta.__dataclass_fields__)
+    try:
+        raw["training_classes"] = tuple(raw.get("training_classes", ()))
+        return PromptMeta(**{k: v for k, v in raw.items() if k in known})
+    except TypeError as e:
+        raise CheckpointError(f"checkpoint metadata {js} is incomplete: {e}") from e
+
+
+def check_compatible(meta: PromptMeta, clip: FrozenCLIP) -> None:
+    """Raises CheckpointError when the prompts were learned for a different CLIP."""
+    problems = []
+    if meta.text_width != clip.text_width:
+        problems.append(f"text width {meta.text_width} vs {clip.text_width}")
+    if meta.embed_dim != clip.embed_dim:
+        problems.append(f"embedding width {meta.embed_dim} vs {clip.embed_dim}")
+    if meta.clip_model != clip.spec.model_name:
+        problems.append(f"model '{meta.clip_model}' vs '{clip.spec.model_name}'")
+    elif meta.clip_fingerprint != clip.fingerprint:
+        problems.append(f"text-tower weights differ (fingerprint {meta.clip_fingerprint} vs {clip.fingerprint}; "
+                        f"learned with pretrained={meta.clip_pretrained!r}, loaded {clip.spec.pretrained!r})")
+    if problems:
+        raise CheckpointError("these prompts were learned for another CLIP: " + "; ".join(problems) +
+                              f". Load {meta.clip_model} ({meta.clip_pretrained}) to use them.")
+
+
+def load_prompts(path: str | os.PathLike, clip: FrozenCLIP | None = None, name: str | None = None) -> LearnedPrompts:
+    """Reads a prompt checkpoint; with ``clip`` given, refuses one that was learned for another CLIP."""
+    st, _ = _paths(path)
+    meta = read_meta(path)
+    if clip is not None:
+        check_compatible(meta, clip)
+    if not st.is_file():
+        raise CheckpointError(f"checkpoint tensors not found: {st}")
+    try:
+        tensors = load_file(str(st))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{st} is not a readable safetensors file: {e}") from e
+    expected = {"ctx": (meta.n_seg + int(meta.use_global), meta.n_ctx, meta.text_width), "tau1": (), "tau2": ()}
+    if set(tensors) != set(expected):
+        raise CheckpointError(f"{st} holds tensors {sorted(tensors)}, expected {sorted(expected)}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise CheckpointError(f"{st}: tensor '{key}' has shape {tuple(tensors[key].shape)}, metadata says {shape}")
+        if not torch.isfinite(tensors[key]).all():
+            raise CheckpointError(f"{st}: tensor '{key}' contains NaN or infinite values")
+    prompts = LearnedPrompts(meta.text_width, meta.n_seg, meta.n_ctx, meta.use_global, name=name or st.stem)
+    prompts.load_state_dict({"ctx": tensors["ctx"], "tau1_param": tensors["tau1"], "tau2_param": tensors["tau2"]},
+                            strict=True)
+    prompts.meta = meta
+    if clip is not None:
+        prompts.to(clip.device)
+    return prompts

@@ -1,0 +1,74 @@
+"""From dense features and text views to masks: per-view masks, Eq. 4 fusion, Eq. 6 GPR, Eq. 8 final masks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .prompts import TextViews
+
+
+@dataclass(frozen=True)
+class MVPSegOutput:
+    """Everything the head computes at feature resolution h×w.
+
+    view_masks: B×K×C×h×w cosine masks m^i_c (i = 1..K).
+    fused_logits: B×C×h×w τ1·Σ_i m^i (Eq. 4 before the softmax over classes).
+    global_mask: B×C×h×w m^0_c, or None without a global prompt.
+    gpr_logits: B×C (m^0_c · softmax_spatial(γ m^0_c)) / τ2, or None; the GPR score is its sigmoid.
+    """
+
+    view_masks: torch.Tensor
+    fused_logits: torch.Tensor
+    global_mask: torch.Tensor | None
+    gpr_logits: torch.Tensor | None
+
+    @property
+    def fused(self) -> torch.Tensor:
+        """m^f, B×C×h×w: softmax over classes (Eq. 4)."""
+        return self.fused_logits.softmax(dim=1)
+
+    @property
+    def gpr_scores(self) -> torch.Tensor | None:
+        """g_c, B×C (Eq. 6)."""
+        return None if self.gpr_logits is None else self.gpr_logits.sigmoid()
+
+    @property
+    def final(self) -> torch.Tensor:
+        """m_c = m^f_c · g_c, B×C×h×w (Eq. 8); equals m^f without GPR."""
+        g = self.gpr_scores
+        return self.fused if g is None else self.fused * g[:, :, None, None]
+
+    def log_final(self, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """log m_c at ``size`` (bilinear on the logits), computed stably: log_softmax + logsigmoid. B×C×H×W."""
+        logits = self.fused_logits
+        if size is not None and tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        out = logits.log_softmax(dim=1)
+        if self.gpr_logits is not None:
+            out = out + F.logsigmoid(self.gpr_logits)[:, :, None, None]
+        return out
+
+
+def view_masks(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Cosine masks: features B×D×h×w (unit norm) and text K×C×D (unit norm) → B×K×C×h×w."""
+    return torch.einsum("bdhw,kcd->bkchw", features, text.to(features.dtype))
+
+
+def gpr_logits(global_mask: torch.Tensor, gamma: float, tau2: torch.Tensor | float) -> torch.Tensor:
+    """Eq. 6 before the sigmoid: global mask B×C×h×w → B×C, spatial softmax-weighted mean over τ2."""
+    flat = global_mask.flatten(2)
+    weights = (gamma * flat).softmax(dim=-1)
+    return (flat * weights).sum(-1) / tau2
+
+
+def segment(features: torch.Tensor, text: TextViews, tau1: torch.Tensor | float, tau2: torch.Tensor | float | None,
+            gamma: float = 10.0) -> MVPSegOutput:
+    """Applies the MVP-SEG head. features B×D×h×w; text.seg K×C×D; text.glob C×D or None."""
+    masks = view_masks(features, text.seg)
+    fused_logits = tau1 * masks.sum(dim=1)
+    if text.glob is None or tau2 is None:
+        return MVPSegOutput(masks, fused_logits, None, None)
+    global_mask = view_masks(features, text.glob.unsqueeze(0))[:, 0]
+    return MVPSegOutput(masks, fused_logits, global_mask, gpr_logits(global_mask, gamma, tau2))

@@ -1,0 +1,107 @@
+"""Image loading and validation: every input becomes an RGB uint8 H×W×3 array, or a clear ImageError."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+MAX_PIXELS = 64_000_000  # decoded pixels; bigger files are refused before decoding (decompression bombs)
+MAX_ASPECT = 20.0
+
+
+class ImageError(ValueError):
+    """The input is not a usable image; the message says why."""
+
+
+def _check_size(w: int, h: int, max_pixels: int) -> None:
+    if w < 1 or h < 1:
+        raise ImageError(f"image has no pixels ({w}×{h})")
+    if w * h > max_pixels:
+        raise ImageError(f"image is {w}×{h} = {w * h / 1e6:.0f} MP; the limit is {max_pixels / 1e6:.0f} MP. "
+                         "Downscale it first.")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise ImageError(f"image aspect ratio {max(w, h) / min(w, h):.0f}:1 is too extreme (limit {MAX_ASPECT:.0f}:1)")
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Any PIL mode → RGB uint8. Transparent pixels are composited over white, high-bit-depth gray rescaled."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = a.max() if a.size and a.max() > 0 else 1.0
+        a = np.clip(a / hi * 255.0, 0, 255).astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _from_array(a: np.ndarray, max_pixels: int) -> np.ndarray:
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ImageError(f"array of shape {a.shape} is not an image (expected H×W, H×W×3 or H×W×4)")
+    _check_size(a.shape[1], a.shape[0], max_pixels)
+    if a.dtype != np.uint8:
+        if a.dtype == bool or not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
+            raise ImageError(f"image array has dtype {a.dtype} or non-finite values")
+        f = a.astype(np.float64)
+        if np.issubdtype(a.dtype, np.floating) and f.max() <= 1.0:
+            f = f * 255.0  # float images in [0, 1]
+        elif f.max() > 255.0:
+            f = f / 257.0  # 16-bit images
+        a = np.clip(f.round(), 0, 255).astype(np.uint8)
+    if a.ndim == 2:
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if a.shape[2] == 4:
+        alpha = a[:, :, 3:4].astype(np.float32) / 255.0
+        return (a[:, :, :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
+def load_image(src: ImageLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Path, bytes, PIL image or array → RGB uint8 array H×W×3 (EXIF orientation applied).
+
+    Raises ImageError for missing, corrupt, empty, absurdly large or absurdly elongated images.
+    """
+    if isinstance(src, np.ndarray):
+        return _from_array(src, max_pixels)
+    if isinstance(src, Image.Image):
+        _check_size(*src.size, max_pixels)
+        return _to_rgb(ImageOps.exif_transpose(src))
+    if isinstance(src, (bytes, bytearray)):
+        fp, label = io.BytesIO(src), "uploaded data"
+    elif isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.is_file():
+            raise ImageError(f"image file not found: {path}")
+        fp, label = open(path, "rb"), str(path)
+    else:
+        raise ImageError(f"cannot read an image from {type(src).__name__}")
+    try:
+        with fp:
+            with Image.open(fp) as im:
+                _check_size(*im.size, max_pixels)  # header only: nothing decoded yet
+                im.load()
+                return _to_rgb(ImageOps.exif_transpose(im))
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{label} is not a readable image ({e.__class__.__name__})") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{label} is corrupt or truncated: {e}") from e
+
+
+def resize_short_side(w: int, h: int, short_side: int, max_long_side: int) -> tuple[int, int]:
+    """Target (w, h): short side = ``short_side`` unless that makes the long side exceed ``max_long_side``."""
+    scale = min(short_side / min(w, h), max_long_side / max(w, h))
+    return max(1, round(w * scale)), max(1, round(h * scale))

@@ -1,0 +1,81 @@
+"""Training losses of MVP-SEG: OCLoss (Eq. 5), L_cls (Eq. 7), L_seg (Eq. 9) and their weighted sum (Eq. 10).
+
+Reductions (the paper writes sums): L_seg is the mean over labelled pixels and L_cls the mean over classes
+and images, so the default weights λ = (1, 3, 100) mean the same for any vocabulary size and crop size.
+
+L_cls comes in two forms. ``"paper"`` is Eq. 7 as printed, −Σ_c y_c log g_c: it only rewards present classes,
+so it is minimised by pushing every g_c to 1 (τ2 → 0⁺), which turns GPR into a no-op. ``"bce"`` (default)
+adds the absent-class term −(1−y_c) log(1−g_c), the reading under which GPR can suppress false positives
+as the paper describes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .heads import MVPSegOutput
+
+IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """λ1 (L_seg), λ2 (L_cls), λ3 (L_OC); the paper's defaults."""
+
+    seg: float = 1.0
+    cls: float = 3.0
+    oc: float = 100.0
+
+
+def oc_loss(seg_ctx: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: k×n_ctx×W segmentation prompts → Σ_{i<j} |cos(p'_i, p'_j)|, p' = mean over tokens. 0 for k = 1."""
+    avg = F.normalize(seg_ctx.float().mean(dim=1), dim=-1)
+    cos = avg @ avg.t()
+    k = avg.shape[0]
+    iu = torch.triu_indices(k, k, offset=1, device=avg.device)
+    return cos[iu[0], iu[1]].abs().sum()
+
+
+def presence_targets(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Labels B×H×W → y B×C with y_c = 1 iff class c occurs in the image (ignored pixels don't count)."""
+    y = torch.zeros(labels.shape[0], num_classes, device=labels.device)
+    for b in range(labels.shape[0]):
+        present = labels[b].unique()
+        present = present[(present != ignore_index) & (present >= 0) & (present < num_classes)]
+        y[b, present.long()] = 1.0
+    return y
+
+
+def cls_loss(gpr_logits: torch.Tensor, targets: torch.Tensor, mode: str = "bce") -> torch.Tensor:
+    """L_cls from B×C GPR logits (g = sigmoid) and B×C presence targets; mean over classes and images."""
+    if mode == "bce":
+        return F.binary_cross_entropy_with_logits(gpr_logits.float(), targets.float())
+    if mode == "paper":
+        return -(targets.float() * F.logsigmoid(gpr_logits.float())).mean()
+    raise ValueError(f"unknown cls loss mode '{mode}' (use 'bce' or 'paper')")
+
+
+def seg_loss(out: MVPSegOutput, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Eq. 9: pixel cross-entropy −log m_c* of the final masks (Eq. 8) at label size B×H×W; mean over labelled
+    pixels (0 when none is labelled)."""
+    log_m = out.log_final(tuple(labels.shape[-2:])).float()
+    valid = labels != ignore_index
+    if not bool(valid.any()):
+        return log_m.sum() * 0.0
+    return F.nll_loss(log_m, labels.long(), ignore_index=ignore_index)
+
+
+def compute_losses(out: MVPSegOutput, labels: torch.Tensor, seg_ctx: torch.Tensor | None,
+                   weights: LossWeights = LossWeights(), cls_mode: str = "bce",
+                   ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
+    """Eq. 10. Returns {'seg', 'cls', 'oc', 'total'}; terms that do not apply (no GPR, one prompt) are 0."""
+    zero = out.fused_logits.new_zeros(())
+    l_seg = seg_loss(out, labels, ignore_index)
+    l_cls = zero
+    if out.gpr_logits is not None and weights.cls != 0:
+        l_cls = cls_loss(out.gpr_logits, presence_targets(labels, out.fused_logits.shape[1], ignore_index), cls_mode)
+    l_oc = oc_loss(seg_ctx) if seg_ctx is not None and seg_ctx.shape[0] > 1 and weights.oc != 0 else zero
+    total = weights.seg * l_seg + weights.cls * l_cls + weights.oc * l_oc
+    return {"seg": l_seg, "cls": l_cls, "oc": l_oc, "total": total}

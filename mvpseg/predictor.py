@@ -1,0 +1,221 @@
+"""The public inference API: ``set_image()`` caches dense image features, ``predict(vocabulary)`` caches text.
+
+Changing only the vocabulary or only the prompt set reuses the cached image features; re-running a
+(prompt set, vocabulary) pair reuses its text embeddings, so a warm request costs the head only.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .clip_backbone import FrozenCLIP
+from .heads import MVPSegOutput, segment
+from .image_io import ImageLike, load_image, resize_short_side
+from .prompts import PromptSet, TextViews
+
+MAX_CLASSES = 200
+MAX_NAME_CHARS = 60
+
+
+class VocabularyError(ValueError):
+    """The vocabulary is empty, too large, or has duplicate / over-long / empty names."""
+
+
+def parse_vocabulary(vocabulary: str | Sequence[str], max_classes: int = MAX_CLASSES,
+                     max_chars: int = MAX_NAME_CHARS) -> tuple[str, ...]:
+    """"cat, dog\\nsky" or a list → ('cat', 'dog', 'sky'): trimmed, inner spaces collapsed, validated."""
+    items = re.split(r"[,;\n]", vocabulary) if isinstance(vocabulary, str) else list(vocabulary)
+    names = []
+    for item in items:
+        if not isinstance(item, str):
+            raise VocabularyError(f"class names must be text, got {type(item).__name__}")
+        name = " ".join(item.split())
+        if name:
+            names.append(name)
+    if not names:
+        raise VocabularyError("the vocabulary is empty: type at least one class name, e.g. 'cat, dog, sky'")
+    if len(names) > max_classes:
+        raise VocabularyError(f"{len(names)} classes is too many (limit {max_classes})")
+    seen: dict[str, str] = {}
+    for name in names:
+        if len(name) > max_chars:
+            raise VocabularyError(f"class name '{name[:30]}…' is {len(name)} characters (limit {max_chars})")
+        key = name.lower()
+        if key in seen:
+            raise VocabularyError(f"'{name}' appears twice in the vocabulary")
+        seen[key] = name
+    return tuple(names)
+
+
+@dataclass
+class Prediction:
+    """The result of ``Predictor.predict``. Low-resolution tensors are kept; full-size maps are computed on
+    first access (numpy, original image size H×W) so that a big image with a big vocabulary stays cheap.
+
+    classes: C names; view_names: K names; gpr_scores: C (None without a global prompt); label_map: H×W int.
+    """
+
+    classes: tuple[str, ...]
+    view_names: tuple[str, ...]
+    prompt_set: str
+    image_size: tuple[int, int]  # (H, W) of the original image
+    output: MVPSegOutput  # at feature resolution, batch of one
+    work_size: tuple[int, int]  # (H, W) the image was resized to for the CLIP tower
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def _up(self, x: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        return F.interpolate(x, size=self.image_size, mode=mode, align_corners=False if mode == "bilinear" else None)
+
+    @cached_property
+    def gpr_scores(self) -> np.ndarray | None:
+        g = self.output.gpr_scores
+        return None if g is None else g[0].float().cpu().numpy()
+
+    @cached_property
+    def view_masks(self) -> np.ndarray:
+        """K×C×H×W cosine masks (what each prompt view attends to)."""
+        return self._up(self.output.view_masks[0].float()).cpu().numpy()
+
+    @cached_property
+    def fused(self) -> np.ndarray:
+        """C×H×W fused class probabilities m^f (Eq. 4)."""
+        return self._up(self.output.fused_logits.float()).softmax(1)[0].cpu().numpy()
+
+    @cached_property
+    def final(self) -> np.ndarray:
+        """C×H×W final masks m^f·g (Eq. 8)."""
+        out = self._up(self.output.fused_logits.float()).softmax(1)[0]
+        g = self.output.gpr_scores
+        return (out if g is None else out * g[0, :, None, None].float()).cpu().numpy()
+
+    @cached_property
+    def label_map(self) -> np.ndarray:
+        """H×W int32 index into ``classes``: argmax of the final masks, bilinear logits at the work size and a
+        nearest-neighbour upscale beyond it (memory stays bounded for huge images)."""
+        logits = self.output.log_final(self.work_size)  # 1×C×h×w, monotone in m_c
+        labels = logits.argmax(1, keepdim=True).float()
+        if tuple(self.work_size) != tuple(self.image_size):
+            labels = F.interpolate(labels, size=self.image_size, mode="nearest")
+        return labels[0, 0].to(torch.int32).cpu().numpy()
+
+
+class Predictor:
+    """Open-vocabulary segmentation with any registered prompt set.
+
+    Args:
+        clip: the frozen CLIP.
+        prompt_sets: name → PromptSet (learned or handcrafted); the first is the default.
+        gamma: GPR spatial softmax scale (Eq. 6).
+        short_side / max_long_side: the image is resized so its short side is ``short_side`` (MaskCLIP: 512)
+            unless the long side would exceed ``max_long_side``.
+        text_cache_size: how many (prompt set, vocabulary) text embeddings to keep.
+        amp: run the CLIP towers in bfloat16 autocast on CUDA.
+    """
+
+    def __init__(self, clip: FrozenCLIP, prompt_sets: dict[str, PromptSet], gamma: float = 10.0,
+                 short_side: int = 512, max_long_side: int = 2048, text_cache_size: int = 32,
+                 amp: bool = True) -> None:
+        if not prompt_sets:
+            raise ValueError("a predictor needs at least one prompt set")
+        self.clip = clip
+        self.gamma = gamma
+        self.short_side, self.max_long_side = short_side, max_long_side
+        self.amp = amp
+        self._prompt_sets: dict[str, PromptSet] = {}
+        self._text_cache: OrderedDict[tuple, TextViews] = OrderedDict()
+        self._text_cache_size = text_cache_size
+        for name, ps in prompt_sets.items():
+            self.add_prompt_set(name, ps)
+        self._features: torch.Tensor | None = None
+        self._image_size: tuple[int, int] | None = None
+        self._work_size: tuple[int, int] | None = None
+        self.stats = {"image_encodes": 0, "text_encodes": 0}
+        self.image_seconds = 0.0
+
+    # ----------------------------------------------------------------- prompt sets
+    @property
+    def prompt_set_names(self) -> tuple[str, ...]:
+        return tuple(self._prompt_sets)
+
+    def prompt_set(self, name: str) -> PromptSet:
+        if name not in self._prompt_sets:
+            raise KeyError(f"unknown prompt set '{name}'; available: {', '.join(self._prompt_sets)}")
+        return self._prompt_sets[name]
+
+    def add_prompt_set(self, name: str, prompts: PromptSet) -> None:
+        """Registers (or replaces) a prompt set; cached text of a replaced set is dropped."""
+        self._prompt_sets[name] = prompts.to(self.clip.device).eval()
+        for key in [k for k in self._text_cache if k[0] == name]:
+            del self._text_cache[key]
+
+    # ----------------------------------------------------------------- image
+    def _autocast(self):
+        enabled = self.amp and self.clip.device.type == "cuda"
+        return torch.autocast(device_type=self.clip.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @torch.no_grad()
+    def set_image(self, image: ImageLike) -> None:
+        """Loads (any size or mode), resizes to the work size and caches the dense features 1×D×h×w."""
+        t0 = time.perf_counter()
+        rgb = load_image(image)
+        h, w = rgb.shape[:2]
+        tw, th = resize_short_side(w, h, self.short_side, self.max_long_side)
+        x = torch.from_numpy(rgb).to(self.clip.device).permute(2, 0, 1)[None].float() / 255.0
+        if (th, tw) != (h, w):
+            x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
+        with self._autocast():
+            feats = self.clip.dense_features(self.clip.normalize(x.clamp(0, 1)))
+        self._features, self._image_size, self._work_size = feats.float(), (h, w), (th, tw)
+        self.stats["image_encodes"] += 1
+        self.image_seconds = time.perf_counter() - t0
+
+    @property
+    def has_image(self) -> bool:
+        return self._features is not None
+
+    @property
+    def image_features(self) -> torch.Tensor:
+        if self._features is None:
+            raise RuntimeError("call set_image() before predict()")
+        return self._features
+
+    # ----------------------------------------------------------------- text
+    @torch.no_grad()
+    def text_features(self, vocabulary: tuple[str, ...], prompts: str) -> TextViews:
+        """Cached per (prompt set, vocabulary)."""
+        key = (prompts, vocabulary)
+        if key in self._text_cache:
+            self._text_cache.move_to_end(key)
+            return self._text_cache[key]
+        with self._autocast():
+            views = self.prompt_set(prompts).encode(self.clip, vocabulary).detach()
+        self.stats["text_encodes"] += 1
+        self._text_cache[key] = views
+        while len(self._text_cache) > self._text_cache_size:
+            self._text_cache.popitem(last=False)
+        return views
+
+    # ----------------------------------------------------------------- predict
+    @torch.no_grad()
+    def predict(self, vocabulary: str | Sequence[str], prompts: str | None = None) -> Prediction:
+        """Segments the current image into ``vocabulary`` with prompt set ``prompts`` (default: the first)."""
+        feats = self.image_features
+        names = parse_vocabulary(vocabulary)
+        name = prompts or self.prompt_set_names[0]
+        ps = self.prompt_set(name)
+        t0 = time.perf_counter()
+        text = self.text_features(names, name)
+        t1 = time.perf_counter()
+        tau2 = ps.tau2()
+        out = segment(feats, text, ps.tau1(), tau2, self.gamma)
+        t2 = time.perf_counter()
+        return Prediction(names, text.view_names, name, self._image_size, out, self._work_size,
+                          {"text": t1 - t0, "head": t2 - t1})

@@ -1,0 +1,130 @@
+"""Prompt sets: the common interface, and the learnable multi-view prompts of MVP-SEG (CoOp unified context).
+
+A prompt set turns a list of class names into K views of unit-norm text embeddings (K×C×D), plus an optional
+global-classification view (C×D) used by GPR. Learned and handcrafted sets share this interface, so the
+model, the predictor and the demo treat them alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .clip_backbone import FrozenCLIP
+
+
+@dataclass(frozen=True)
+class TextViews:
+    """Text embeddings of one vocabulary under one prompt set.
+
+    seg: K×C×D unit-norm segmentation views; glob: C×D global-prompt embeddings (None without GPR).
+    """
+
+    seg: torch.Tensor
+    glob: torch.Tensor | None
+    view_names: tuple[str, ...]
+    class_names: tuple[str, ...]
+
+    def detach(self) -> "TextViews":
+        return TextViews(self.seg.detach(), None if self.glob is None else self.glob.detach(),
+                         self.view_names, self.class_names)
+
+
+class PromptSet(nn.Module):
+    """Base class: ``encode(clip, class_names) -> TextViews`` and the fusion temperatures."""
+
+    name: str = "prompts"
+    view_names: tuple[str, ...] = ()
+
+    @property
+    def has_global(self) -> bool:
+        return False
+
+    def tau1(self) -> torch.Tensor | float:
+        """Eq. 4 temperature applied to the *sum* of the K view masks."""
+        raise NotImplementedError
+
+    def tau2(self) -> torch.Tensor | float | None:
+        """Eq. 6 temperature (None when the set has no global prompt)."""
+        return None
+
+    def encode(self, clip: FrozenCLIP, class_names: Sequence[str]) -> TextViews:
+        raise NotImplementedError
+
+
+class LearnedPrompts(PromptSet):
+    """k segmentation prompts + optional global prompt p_0, each ``n_ctx`` learnable vectors (paper Eq. 3).
+
+    ``ctx`` has shape P×n_ctx×W with P = k + use_global; when present, the global prompt is ``ctx[0]`` (the
+    paper's p_0). Every prompt is ``[SOT] ctx_1 … ctx_n name . [EOT]``: the class name follows the context,
+    as CoOp's unified context with the class token at the end.
+    """
+
+    def __init__(self, text_width: int, n_seg: int = 3, n_ctx: int = 32, use_global: bool = True,
+                 tau1_init: float | None = None, tau2_init: float = 0.07, init_std: float = 0.02,
+                 name: str = "learned") -> None:
+        super().__init__()
+        if n_seg < 1 or n_ctx < 1:
+            raise ValueError(f"need n_seg >= 1 and n_ctx >= 1, got {n_seg}, {n_ctx}")
+        self.name, self.n_seg, self.n_ctx, self.use_global = name, n_seg, n_ctx, use_global
+        self.text_width = text_width
+        self.ctx = nn.Parameter(torch.randn(n_seg + int(use_global), n_ctx, text_width) * init_std)
+        # 100 is CLIP's logit scale; dividing by k makes the initial fusion a temperature-100 softmax of the
+        # *mean* view mask, so the learner starts where a single CLIP classifier would.
+        self.tau1_param = nn.Parameter(torch.tensor(float(tau1_init if tau1_init is not None else 100.0 / n_seg)))
+        self.tau2_param = nn.Parameter(torch.tensor(float(tau2_init)), requires_grad=use_global)
+        self.view_names = tuple(f"prompt {i + 1}" for i in range(n_seg))
+        self._token_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def has_global(self) -> bool:
+        return self.use_global
+
+    @property
+    def seg_ctx(self) -> torch.Tensor:
+        """k×n_ctx×W segmentation prompt vectors (the OCLoss operands)."""
+        return self.ctx[1:] if self.use_global else self.ctx
+
+    def tau1(self) -> torch.Tensor:
+        return self.tau1_param
+
+    def tau2(self) -> torch.Tensor | None:
+        return self.tau2_param if self.use_global else None
+
+    def _frozen_tokens(self, clip: FrozenCLIP, class_names: tuple[str, ...]):
+        """(prefix C×1×W, suffix C×(L-1-n_ctx)×W, eot C) for the vocabulary, cached per (names, device)."""
+        key = (class_names, str(clip.device), clip.fingerprint)
+        if key not in self._token_cache:
+            budget = clip.context_length - self.n_ctx - 3  # SOT, '.', EOT
+            for name in class_names:
+                n = len(clip.tokenizer.encode(name)) if hasattr(clip.tokenizer, "encode") else 0
+                if n > budget:
+                    raise ValueError(f"class name '{name}' is {n} tokens; with {self.n_ctx} context tokens at most "
+                                     f"{budget} fit in CLIP's {clip.context_length}-token context")
+            placeholder = " ".join(["X"] * self.n_ctx)
+            tokens = clip.tokenize([f"{placeholder} {name}." for name in class_names])
+            with torch.no_grad():
+                emb = clip.token_embeddings(tokens)
+            if len(self._token_cache) > 16:  # vocabularies change rarely; keep the cache small
+                self._token_cache.clear()
+            self._token_cache[key] = (emb[:, :1], emb[:, 1 + self.n_ctx:], tokens.argmax(-1))
+        return self._token_cache[key]
+
+    def encode(self, clip: FrozenCLIP, class_names: Sequence[str]) -> TextViews:
+        """Class names (C) → TextViews with seg k×C×D and glob C×D; gradients flow into ``ctx``."""
+        names = tuple(class_names)
+        if self.ctx.shape[-1] != clip.text_width:
+            raise ValueError(f"prompt width {self.ctx.shape[-1]} does not match the CLIP text width {clip.text_width}")
+        prefix, suffix, eot = self._frozen_tokens(clip, names)
+        p, c = self.ctx.shape[0], len(names)
+        ctx = self.ctx.to(prefix.dtype)
+        x = torch.cat([prefix.unsqueeze(0).expand(p, -1, -1, -1),
+                       ctx.unsqueeze(1).expand(-1, c, -1, -1),
+                       suffix.unsqueeze(0).expand(p, -1, -1, -1)], dim=2)  # P×C×L×W
+        feats = clip.encode_embeddings(x.flatten(0, 1), eot.repeat(p))  # one pass for all (k+1)·C prompts
+        feats = F.normalize(feats.float(), dim=-1).view(p, c, -1)
+        seg, glob = (feats[1:], feats[0]) if self.use_global else (feats, None)
+        return TextViews(seg, glob, self.view_names, names)

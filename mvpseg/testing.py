@@ -1,0 +1,32 @@
+"""Tiny random-weight CLIP models for tests and CPU smoke runs (no download involved)."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .clip_backbone import ClipSpec, FrozenCLIP, load_clip
+
+TINY_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16},
+    "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+
+
+def tiny_config_file(folder: str | Path | None = None, name: str = "mvpseg-tiny") -> Path:
+    """Writes TINY_CONFIG as ``<folder>/<name>.json`` and returns the path."""
+    folder = Path(folder or tempfile.mkdtemp(prefix="mvpseg_tiny_"))
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    return path
+
+
+def tiny_clip(seed: int = 0, device: str = "cpu", name: str = "mvpseg-tiny") -> FrozenCLIP:
+    """A deterministic random-weight tiny CLIP (ModifiedResNet [1,1,1,1] width 16, text 64×2, context 48)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return load_clip(ClipSpec(model_name=name, pretrained=None, model_config=str(tiny_config_file(name=name))),
+                         device=device)

@@ -1,0 +1,116 @@
+"""Tiny datasets written in the on-disk layouts of MMSegmentation/MaskCLIP (for tests).
+
+Each image is a flat background with a few coloured rectangles; the label map holds the raw ids of
+the layout (VOC: 0 = background, 1..20, 255 boundary; Context: 0..59; COCO-Stuff: 0..170 + 255).
+The writers return {split: [(name, set of raw ids present)]} so tests can check what a loader sees.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def voc_palette() -> list[int]:
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+def _scene(rng: np.random.Generator, h: int, w: int, bg: int, ids: list[int], boundary: int | None):
+    label = np.full((h, w), bg, np.uint8)
+    image = np.empty((h, w, 3), np.uint8)
+    image[:] = rng.integers(0, 256, 3)
+    for k, cid in enumerate(ids):
+        y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+        y1, x1 = y0 + h // 3 + k, x0 + w // 3 + k
+        label[y0:y1, x0:x1] = cid
+        image[y0:y1, x0:x1] = (np.array([37, 91, 151]) * (cid + 1)) % 256
+        if boundary is not None:
+            label[y0, x0:x1] = boundary
+    image = np.clip(image.astype(np.int16) + rng.integers(-8, 9, image.shape), 0, 255)
+    return image.astype(np.uint8), label
+
+
+def _save(image: np.ndarray, label: np.ndarray, img_path: Path, lbl_path: Path, palette=None):
+    img_path.parent.mkdir(parents=True, exist_ok=True)
+    lbl_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(img_path, quality=95)
+    lab = Image.fromarray(label, mode="L")
+    if palette is not None:
+        lab = lab.convert("P")
+        lab.putpalette(palette)
+    lab.save(lbl_path)
+
+
+def make_voc(root: Path, h: int = 40, w: int = 56, seed: int = 0,
+             class_sets: dict | None = None) -> dict:
+    """VOCdevkit/VOC2012 with train (SegmentationClass, palette), val, and aug (SegmentationClassAug)."""
+    rng = np.random.default_rng(seed)
+    voc = Path(root) / "VOCdevkit" / "VOC2012"
+    class_sets = class_sets or {
+        "train": [[1, 15], [16, 7], [12, 20]],  # aeroplane+person, sheep+cat, horse+tvmonitor
+        "val": [[1, 16], [18, 3], [8, 9, 17]],
+        "aug": [[5, 19], [2]],
+    }
+    out = {}
+    for split, sets in class_sets.items():
+        names = []
+        ann = "SegmentationClassAug" if split == "aug" else "SegmentationClass"
+        for i, ids in enumerate(sets):
+            name = f"2007_{split}{i:03d}"
+            image, label = _scene(rng, h, w, 0, ids, boundary=255)
+            pal = None if split == "aug" else voc_palette()
+            _save(image, label, voc / "JPEGImages" / f"{name}.jpg", voc / ann / f"{name}.png", pal)
+            names.append((name, {0, 255, *ids}))
+        lst = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
+        lst.parent.mkdir(parents=True, exist_ok=True)
+        lst.write_text("".join(n + "\n" for n, _ in names))
+        out[split] = names
+    return out
+
+
+def make_context(root: Path, h: int = 36, w: int = 48, seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    base = Path(root) / "VOCdevkit" / "VOC2010"
+    sets = {"train": [[20, 37], [15, 59], [3]], "val": [[1, 23], [49, 50]]}
+    out = {}
+    for split, groups in sets.items():
+        names = []
+        for i, ids in enumerate(groups):
+            name = f"2008_{split}{i:03d}"
+            image, label = _scene(rng, h, w, 0, ids, boundary=None)
+            _save(image, label, base / "JPEGImages" / f"{name}.jpg",
+                  base / "SegmentationClassContext" / f"{name}.png")
+            names.append((name, {0, *ids}))
+        lst = base / "ImageSets" / "SegmentationContext" / f"{split}.txt"
+        lst.parent.mkdir(parents=True, exist_ok=True)
+        lst.write_text("".join(n + "\n" for n, _ in names))
+        out[split] = names
+    return out
+
+
+def make_cocostuff(root: Path, h: int = 32, w: int = 44, seed: int = 2) -> dict:
+    rng = np.random.default_rng(seed)
+    base = Path(root) / "coco_stuff164k"
+    sets = {"train2017": [[0, 19], [23, 156], [160, 105]], "val2017": [[29, 0], [137, 170]]}
+    out = {}
+    for split, groups in sets.items():
+        names = []
+        for i, ids in enumerate(groups):
+            name = f"{i + 1:012d}"
+            image, label = _scene(rng, h, w, 255, ids, boundary=None)
+            _save(image, label, base / "images" / split / f"{name}.jpg",
+                  base / "annotations" / split / f"{name}_labelTrainIds.png")
+            names.append((name, {255, *ids}))
+        out[split] = names
+    return out

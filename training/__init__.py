@@ -1,0 +1,1 @@
+"""Training, evaluation and benchmarking scripts for mvpseg (prompt learning, MVP-SEG+)."""

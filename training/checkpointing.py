@@ -1,0 +1,103 @@
+"""Atomic training-state checkpoints and ``--resume``.
+
+A training state is a dict of tensors and primitives (model/optimiser state dicts, RNG states,
+iteration, config) written with ``torch.save`` to a temporary file in the same folder, fsync'ed and
+renamed over the target, so a crash never leaves a half-written checkpoint.  It is read back with
+``torch.load(weights_only=True)``: no arbitrary unpickling.  ``latest.json`` names the newest state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+STATE_VERSION = 1
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(fileobj)`` on a temp file next to ``path`` then atomically replace ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def load_state(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RuntimeError(f"cannot read training checkpoint {path}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise RuntimeError(f"{path} is not a version-{STATE_VERSION} training state")
+    return state
+
+
+class CheckpointManager:
+    """``<dir>/state_<iter>.pt`` files plus ``latest.json``; keeps the newest ``keep`` states."""
+
+    def __init__(self, directory: Path, keep: int = 2) -> None:
+        self.dir = Path(directory)
+        self.keep = max(1, keep)
+
+    def path_for(self, iteration: int) -> Path:
+        return self.dir / f"state_{iteration:08d}.pt"
+
+    def save(self, iteration: int, state: dict) -> Path:
+        state = {**state, "version": STATE_VERSION, "iteration": iteration}
+        path = self.path_for(iteration)
+        atomic_torch_save(state, path)
+        atomic_write_text(self.dir / "latest.json",
+                          json.dumps({"iteration": iteration, "path": path.name}))
+        for old in sorted(self.dir.glob("state_*.pt"))[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def latest(self) -> Path | None:
+        pointer = self.dir / "latest.json"
+        if pointer.is_file():
+            try:
+                path = self.dir / json.loads(pointer.read_text())["path"]
+                if path.is_file():
+                    return path
+            except (ValueError, KeyError):
+                pass
+        states = sorted(self.dir.glob("state_*.pt"))
+        return states[-1] if states else None
+
+    def resolve(self, resume: str | None) -> Path | None:
+        """``None`` → no resume; ``"auto"`` → latest here (None if there is none); else a path."""
+        if resume is None:
+            return None
+        if resume == "auto":
+            return self.latest()
+        return Path(resume)
+
+
+def check_config_compatible(saved: dict, current: dict, keys) -> None:
+    diff = {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise RuntimeError(f"cannot resume: settings differ from the checkpoint ({lines})")

@@ -1,0 +1,87 @@
+"""Datasets for prompt learning / evaluation behind one small interface.
+
+``build_dataset(name, root, split, label_space)`` returns an object with ``class_names``,
+``prompt_names``, ``unseen_indices`` (in its label space), ``ignore_index``, ``__len__`` and
+``__getitem__ -> (image H×W×3 uint8, label H×W uint8)``.  ``PROFILES[name]`` holds the MaskCLIP
+crop/scale settings used to build transforms.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .base import IGNORE_INDEX, DatasetError, SegmentationDataset
+from .classes import COCOSTUFF171, CONTEXT60, VOC20, ClassSplit
+from .cocostuff import cocostuff171
+from .context import context60
+from .transforms import EvalTransform, TrainTransform
+from .voc import voc20
+
+
+@dataclass(frozen=True)
+class DatasetProfile:
+    """Per-dataset defaults from MaskCLIP's mmseg configs."""
+
+    name: str
+    factory: Callable[..., object]
+    train_split: str
+    eval_split: str
+    train_scale: tuple[int, int]  # mmcv img_scale for the random resize
+    crop_size: int
+    eval_scale: tuple[int, int]  # mmcv img_scale for whole-image inference
+    classes: ClassSplit | None = None
+
+    def train_transform(self, **overrides) -> TrainTransform:
+        kw = dict(scale=self.train_scale, crop_size=self.crop_size)
+        kw.update(overrides)
+        return TrainTransform(**kw)
+
+    def eval_transform(self, **overrides) -> EvalTransform:
+        kw = dict(scale=self.eval_scale)
+        kw.update(overrides)
+        return EvalTransform(**kw)
+
+
+def _toyworld(root, split, label_space="full", on_missing="error"):
+    from ._toyworld_adapter import toyworld_dataset
+
+    return toyworld_dataset(root, split, label_space)
+
+
+PROFILES: dict[str, DatasetProfile] = {
+    "voc20": DatasetProfile("voc20", voc20, "train_aug", "val", (2048, 512), 512, (2048, 512), VOC20),
+    # mmseg's Context configs use img_scale=(520, 520): under mmcv's keep-ratio rule the long side is 520.
+    "context60": DatasetProfile(
+        "context60", context60, "train", "val", (520, 520), 480, (520, 520), CONTEXT60
+    ),
+    "cocostuff171": DatasetProfile(
+        "cocostuff171", cocostuff171, "train", "val", (2048, 512), 512, (2048, 512), COCOSTUFF171
+    ),
+    "toyworld": DatasetProfile("toyworld", _toyworld, "train", "val", (128, 64), 64, (128, 64)),
+}
+ALIASES = {"voc": "voc20", "context": "context60", "pascal_context": "context60",
+           "cocostuff": "cocostuff171", "coco_stuff": "cocostuff171"}
+
+
+def get_profile(name: str) -> DatasetProfile:
+    key = ALIASES.get(name, name)
+    if key not in PROFILES:
+        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(PROFILES)}")
+    return PROFILES[key]
+
+
+def build_dataset(name: str, root: str | Path, split: str | None = None, label_space: str = "full",
+                  on_missing: str = "error", train: bool = False):
+    """Build a dataset by name; ``split=None`` picks the profile's train or eval split."""
+    prof = get_profile(name)
+    if split is None:
+        split = prof.train_split if train else prof.eval_split
+    return prof.factory(Path(root), split, label_space=label_space, on_missing=on_missing)
+
+
+__all__ = [
+    "ALIASES", "COCOSTUFF171", "CONTEXT60", "ClassSplit", "DatasetError", "DatasetProfile",
+    "EvalTransform", "IGNORE_INDEX", "PROFILES", "SegmentationDataset", "TrainTransform", "VOC20",
+    "build_dataset", "get_profile",
+]

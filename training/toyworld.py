@@ -1,0 +1,313 @@
+"""Toy world: a procedural, seeded world of images with pixel labels and captions.
+
+Why it exists: pretrained CLIP weights cannot be downloaded here, and with random weights nothing
+shows that prompt learning *works*. This world is small enough to pretrain a tiny CLIP on CPU
+(``training/pretrain_toyclip.py``) and still has what makes open-vocabulary segmentation hard:
+
+* **Objects built from shared parts.** A creature has a body (oval | box), a head (round | pointy)
+  and limbs (tail | wings). The four creatures use a parity code over those three slots, so every
+  part value is shared by two creatures and no single part identifies a creature; the colour is
+  shared by four classes. A class is "<colour> <creature>", e.g. ``"red cat"``: names are real
+  words composed compositionally, so an unseen class such as ``"green cat"`` is spelt with words
+  the text encoder saw in other classes (and, as in real CLIP, in pretraining captions).
+* **Stuff**: large textured regions (grass, water, sand, brick) in the same four colours.
+* **Background** (class 0) with **clutter**: loose creature parts and unrelated shapes in class
+  colours, labelled background, so a part seen alone is *not* an object.
+* Varied scale, rotation, mirroring, position (partly out of frame), occlusion, colour jitter, noise.
+
+Zero-shot split (like the paper's VOC/COCO splits): ``UNSEEN_NAMES`` appear in pretraining captions
+but never in prompt-learning masks or vocabularies; ``ToyWorld(split="train")`` marks their pixels
+``IGNORE_INDEX``.
+
+Every sample is a pure function of ``(seed, split, index)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from training import toyworld_draw as draw
+
+IGNORE_INDEX = 255
+BACKGROUND = "background"
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (196, 52, 44), "blue": (48, 84, 204), "green": (52, 158, 64), "yellow": (222, 196, 48),
+}
+# name -> (body, head, limbs). Parity code: any two slots identify the creature, no single one does.
+CREATURES: dict[str, tuple[str, str, str]] = {
+    "cat": ("oval", "round", "tail"), "bird": ("oval", "pointy", "wings"),
+    "owl": ("box", "round", "wings"), "fox": ("box", "pointy", "tail"),
+}
+# stuff name -> (colour, texture kind)
+STUFF: dict[str, tuple[str, str]] = {
+    "grass": ("green", "stripes_v"), "water": ("blue", "waves"),
+    "sand": ("yellow", "speckle"), "brick": ("red", "bricks"),
+}
+OBJECT_NAMES: list[str] = [f"{c} {k}" for k in CREATURES for c in COLOURS]
+CLASS_NAMES: list[str] = [BACKGROUND, *OBJECT_NAMES, *STUFF]
+# A Latin square over (colour, creature): every word of an unseen name occurs in seen names.
+UNSEEN_NAMES: tuple[str, ...] = ("green cat", "red bird", "yellow owl", "blue fox", "sand")
+UNSEEN: list[int] = [CLASS_NAMES.index(n) for n in UNSEEN_NAMES]
+SEEN: list[int] = [i for i in range(len(CLASS_NAMES)) if i not in UNSEEN]
+SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "pretrain": 3}
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Scene statistics. Sizes are in pixels so a 64 px pretraining crop and a 256 px evaluation
+    image show objects at the same scale (the dense path has no positional embedding)."""
+
+    image_size: int = 256
+    object_size: tuple[float, float] = (12.0, 28.0)  # body length; a creature spans ~1.7× that
+    objects: tuple[int, int] = (3, 8)  # inclusive range of objects per image
+    stuff: tuple[int, int] = (1, 3)  # stuff regions (distinct classes)
+    stuff_coverage: tuple[float, float] = (0.15, 0.45)  # fraction of the image per region
+    clutter: tuple[int, int] = (3, 10)  # loose parts / distractor shapes
+    colour_jitter: float = 36.0  # ± per channel, per instance
+    max_angle: float = 0.4  # radians
+    noise: float = 6.0  # std of additive Gaussian pixel noise
+
+
+PRETRAIN_CONFIG = WorldConfig(image_size=64, objects=(0, 2), stuff=(0, 2), clutter=(0, 2))
+
+
+@dataclass
+class Layer:
+    """One painted element. ``pixels`` (H×W×3 float32) is only meaningful inside ``mask`` (H×W bool)."""
+
+    label: int
+    kind: str  # "background" | "stuff" | "object" | "clutter"
+    mask: np.ndarray
+    pixels: np.ndarray
+
+
+@dataclass
+class Scene:
+    """Layers in painting order (first = bottom). ``rng_state`` seeds the final pixel noise."""
+
+    size: int
+    layers: list[Layer] = field(default_factory=list)
+    noise: float = 0.0
+    noise_seed: int = 0
+
+
+class Rendered(NamedTuple):
+    image: np.ndarray  # H×W×3 uint8 RGB
+    label: np.ndarray  # H×W int64 class indices into CLASS_NAMES
+    owner: np.ndarray  # H×W int64 index of the visible layer at each pixel
+
+
+# ----------------------------------------------------------------------------------------------
+# Scene sampling
+# ----------------------------------------------------------------------------------------------
+
+
+def _creature_layer(rng: np.random.Generator, cfg: WorldConfig, label: int) -> Layer:
+    colour, creature = CLASS_NAMES[label].split(" ")
+    shape = (cfg.image_size, cfg.image_size)
+    size = rng.uniform(*cfg.object_size)
+    # Centre may lie near the border: objects are sometimes cut by the frame.
+    cx, cy = rng.uniform(-0.1, 1.1, 2) * cfg.image_size
+    angle, flip = rng.uniform(-cfg.max_angle, cfg.max_angle), bool(rng.random() < 0.5)
+    base = draw.jitter_colour(rng, COLOURS[colour], cfg.colour_jitter)
+    pixels = np.zeros((*shape, 3), np.float32)
+    mask = np.zeros(shape, bool)
+    body, head, limbs = CREATURES[creature]
+    # Limbs first (behind the body), head last; each part its own shade so parts stay visible.
+    for part, gain in ((limbs, 0.78), (body, 1.0), (head, 1.18)):
+        m = draw.fill_polygons(shape, [draw.place(p, size, angle, flip, cx, cy) for p in draw.PART_POLYGONS[part]])
+        pixels[m] = np.clip(base * gain, 0, 255)
+        mask |= m
+    pixels[draw.outline(mask)] *= 0.45  # dark contour, as in a drawing
+    eye = draw.place(np.array([[0.62 if head == "round" else 0.5, -0.3]]), size, angle, flip, cx, cy)[0]
+    ex, ey = int(round(eye[0])), int(round(eye[1]))
+    r = max(1, int(size / 14))
+    ys, xs = np.ogrid[: shape[0], : shape[1]]
+    eye_mask = ((xs - ex) ** 2 + (ys - ey) ** 2 <= r * r) & mask
+    pixels[eye_mask] = 20.0
+    return Layer(label, "object", mask, pixels)
+
+
+def _clutter_layer(rng: np.random.Generator, cfg: WorldConfig) -> Layer:
+    shape = (cfg.image_size, cfg.image_size)
+    pool = {**draw.PART_POLYGONS, **draw.CLUTTER_POLYGONS}
+    name = list(pool)[int(rng.integers(len(pool)))]
+    size = rng.uniform(*cfg.object_size) * rng.uniform(0.8, 1.5)
+    cx, cy = rng.uniform(0, 1, 2) * cfg.image_size
+    poly = [p - p.mean(0) for p in pool[name]] if name in draw.PART_POLYGONS else pool[name]
+    mask = draw.fill_polygons(shape, [draw.place(p, size, rng.uniform(0, 2 * np.pi), False, cx, cy) for p in poly])
+    # Half the clutter wears a class colour, so colour alone does not make an object.
+    rgb = COLOURS[list(COLOURS)[int(rng.integers(len(COLOURS)))]] if rng.random() < 0.5 else tuple(rng.integers(30, 226, 3))
+    pixels = np.broadcast_to(draw.jitter_colour(rng, rgb, cfg.colour_jitter), (*shape, 3)).copy()
+    pixels[draw.outline(mask)] *= 0.45
+    return Layer(0, "clutter", mask, pixels)
+
+
+def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
+    """Draw a random scene: background, stuff regions, then objects and clutter in random order."""
+    n = cfg.image_size
+    shape = (n, n)
+    grey = rng.uniform(90, 190) + rng.uniform(-25, 25, 3)  # low-saturation background colour
+    scene = Scene(n, noise=cfg.noise, noise_seed=int(rng.integers(2**31)))
+    scene.layers.append(Layer(0, "background", np.ones(shape, bool), draw.texture("plain", rng, shape, grey)))
+    stuff_names = list(STUFF)
+    for k in rng.permutation(len(stuff_names))[: int(rng.integers(cfg.stuff[0], cfg.stuff[1] + 1))]:
+        name = stuff_names[int(k)]
+        colour, kind = STUFF[name]
+        cov = rng.uniform(*cfg.stuff_coverage)
+        mask = draw.band_mask(rng, shape, cov) if rng.random() < 0.5 else draw.blob_mask(rng, shape, cov)
+        pixels = draw.texture(kind, rng, shape, draw.jitter_colour(rng, COLOURS[colour], cfg.colour_jitter))
+        scene.layers.append(Layer(CLASS_NAMES.index(name), "stuff", mask, pixels))
+    n_obj = int(rng.integers(cfg.objects[0], cfg.objects[1] + 1))
+    n_clu = int(rng.integers(cfg.clutter[0], cfg.clutter[1] + 1))
+    kinds = rng.permutation(["object"] * n_obj + ["clutter"] * n_clu)
+    for kind in kinds:
+        if kind == "object":
+            label = 1 + int(rng.integers(len(OBJECT_NAMES)))
+            scene.layers.append(_creature_layer(rng, cfg, label))
+        else:
+            scene.layers.append(_clutter_layer(rng, cfg))
+    return scene
+
+
+def render(scene: Scene) -> Rendered:
+    """Paint layers bottom to top; the label of a pixel is the label of the layer painted last."""
+    n = scene.size
+    image = np.zeros((n, n, 3), np.float32)
+    owner = np.zeros((n, n), np.int64)
+    for i, layer in enumerate(scene.layers):
+        image[layer.mask] = layer.pixels[layer.mask]
+        owner[layer.mask] = i
+    labels = np.array([layer.label for layer in scene.layers], np.int64)
+    if scene.noise > 0:
+        image += np.random.default_rng(scene.noise_seed).normal(0.0, scene.noise, image.shape).astype(np.float32)
+    return Rendered(np.clip(np.round(image), 0, 255).astype(np.uint8), labels[owner], owner)
+
+
+# ----------------------------------------------------------------------------------------------
+# Captions (for contrastive pretraining): name the classes clearly visible, in varied templates.
+# ----------------------------------------------------------------------------------------------
+
+_OBJ_T = ("a photo of {o}.", "{o}.", "there is {o} in the scene.", "a picture of {o}.", "this is {o}.",
+          "a drawing of {o}.", "a close-up photo of {o}.", "a cartoon of {o}.")
+_MIX_T = ("{o} on {s}.", "a photo of {o} on {s}.", "{o} next to {s}.", "{s} with {o}.",
+          "a picture of {o} and {s}.", "there is {o} near the {s}.")
+_STUFF_T = ("a photo of {s}.", "{s}.", "a patch of {s}.", "a texture of {s}.", "a photo of the {s}.")
+_BG_T = ("a photo of the background.", "a plain background.", "an empty background.")
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def visible_classes(scene: Scene, rendered: Rendered, min_fraction: float = 0.4,
+                    min_pixels: int = 30, min_stuff: float = 0.08) -> list[int]:
+    """Classes a caption may name: objects with ≥ ``min_fraction`` of their area and ≥ ``min_pixels``
+    pixels visible, stuff covering ≥ ``min_stuff`` of the image. Sorted class indices."""
+    counts = np.bincount(rendered.owner.ravel(), minlength=len(scene.layers))
+    out: set[int] = set()
+    for i, layer in enumerate(scene.layers):
+        if layer.kind == "object" and counts[i] >= min_pixels and counts[i] >= min_fraction * layer.mask.sum():
+            out.add(layer.label)
+        elif layer.kind == "stuff" and counts[i] >= min_stuff * rendered.owner.size:
+            out.add(layer.label)
+    return sorted(out)
+
+
+def caption(classes: list[int], rng: np.random.Generator, background_share: float = 0.0) -> str:
+    """A caption naming ``classes`` (indices into CLASS_NAMES) in a random order and template."""
+    objs = [f"a {CLASS_NAMES[c]}" for c in rng.permutation([c for c in classes if c in range(1, 1 + len(OBJECT_NAMES))])]
+    stuff = [CLASS_NAMES[c] for c in rng.permutation([c for c in classes if c > len(OBJECT_NAMES)])]
+    pick = lambda ts: ts[int(rng.integers(len(ts)))]  # noqa: E731
+    if objs and stuff:
+        text = pick(_MIX_T).format(o=_join(objs), s=_join(stuff))
+    elif objs:
+        text = pick(_OBJ_T).format(o=_join(objs))
+    elif stuff:
+        text = pick(_STUFF_T).format(s=_join(stuff))
+    else:
+        return pick(_BG_T)
+    if background_share > 0.3 and rng.random() < 0.5:
+        text = text[:-1] + " on a plain background."
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of sample ``index`` of ``split``: independent of workers and iteration order."""
+    return np.random.default_rng([seed, SPLITS[split], index])
+
+
+class ToyWorld(torch.utils.data.Dataset):
+    """Segmentation dataset over the toy world, with the conventions of a real one.
+
+    ``dataset[i]`` → ``(image, label)``: ``image`` H×W×3 uint8 RGB, ``label`` H×W int64 indices into
+    ``class_names`` with ``ignore_index`` (255) for pixels that must not be scored or trained on.
+    In ``split="train"`` unseen classes are hidden (their pixels become 255) unless
+    ``hide_unseen=False``; other splits keep every label. Class 0 is ``"background"`` and is scored,
+    as in PASCAL Context-60.
+    """
+
+    class_names: list[str] = CLASS_NAMES
+    unseen: list[int] = UNSEEN
+    seen: list[int] = SEEN
+    ignore_index: int = IGNORE_INDEX
+
+    def __init__(self, split: str = "val", length: int = 200, seed: int = 0,
+                 config: WorldConfig | None = None, image_size: int | None = None,
+                 hide_unseen: bool | None = None) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+        cfg = config or WorldConfig()
+        self.config = replace(cfg, image_size=image_size) if image_size else cfg
+        self.split, self.length, self.seed = split, int(length), int(seed)
+        self.hide_unseen = (split == "train") if hide_unseen is None else bool(hide_unseen)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene(self, index: int) -> Scene:
+        """The scene of sample ``index`` (layers, for inspection and tests)."""
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        return sample_scene(sample_rng(self.seed, self.split, index), self.config)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        r = render(self.scene(index))
+        label = r.label
+        if self.hide_unseen:
+            label = np.where(np.isin(label, self.unseen), self.ignore_index, label)
+        return r.image, label
+
+
+class CaptionedToyWorld(torch.utils.data.Dataset):
+    """(image, caption) pairs for contrastive pretraining: small crops (``PRETRAIN_CONFIG``) whose
+    caption names the clearly visible classes, *including unseen ones* (like web captions)."""
+
+    def __init__(self, length: int, seed: int = 0, config: WorldConfig = PRETRAIN_CONFIG,
+                 split: str = "pretrain") -> None:
+        self.length, self.seed, self.config, self.split = int(length), int(seed), config, split
+
+    def __len__(self) -> int:
+        return self.length
+
+    def item(self, index: int) -> tuple[np.ndarray, str, list[int]]:
+        """``(image H×W×3 uint8, caption, visible class indices)`` of sample ``index``."""
+        rng = sample_rng(self.seed, self.split, index)
+        scene = sample_scene(rng, self.config)
+        r = render(scene)
+        classes = visible_classes(scene, r)
+        return r.image, caption(classes, rng, float((r.label == 0).mean())), classes
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
+        image, text, _ = self.item(index)
+        return image, text
