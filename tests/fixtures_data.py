@@ -2,7 +2,7 @@
 
 Each image is a flat background with a few coloured rectangles; the label map holds the raw ids of
 the layout (VOC: 0 = background, 1..20, 255 boundary; Context: 0..59; COCO-Stuff: 0..170 + 255).
-The writers return {split: [(name, set of raw ids present)]} so tests can check what a loader sees.
+The writers return {split: [(name, set of raw ids in the written label)]} so tests can check what a loader sees.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def make_voc(root: Path, h: int = 40, w: int = 56, seed: int = 0,
     rng = np.random.default_rng(seed)
     voc = Path(root) / "VOCdevkit" / "VOC2012"
     class_sets = class_sets or {
-        "train": [[1, 15], [16, 7], [12, 20]],  # aeroplane+person, sheep+cat, horse+tvmonitor
+        "train": [[1, 15], [17, 8], [13, 20]],  # aeroplane+person, sheep+cat, horse+tvmonitor
         "val": [[1, 16], [18, 3], [8, 9, 17]],
         "aug": [[5, 19], [2]],
     }
@@ -71,7 +71,7 @@ def make_voc(root: Path, h: int = 40, w: int = 56, seed: int = 0,
             image, label = _scene(rng, h, w, 0, ids, boundary=255)
             pal = None if split == "aug" else voc_palette()
             _save(image, label, voc / "JPEGImages" / f"{name}.jpg", voc / ann / f"{name}.png", pal)
-            names.append((name, {0, 255, *ids}))
+            names.append((name, set(np.unique(label).tolist())))
         lst = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
         lst.parent.mkdir(parents=True, exist_ok=True)
         lst.write_text("".join(n + "\n" for n, _ in names))
@@ -91,7 +91,7 @@ def make_context(root: Path, h: int = 36, w: int = 48, seed: int = 1) -> dict:
             image, label = _scene(rng, h, w, 0, ids, boundary=None)
             _save(image, label, base / "JPEGImages" / f"{name}.jpg",
                   base / "SegmentationClassContext" / f"{name}.png")
-            names.append((name, {0, *ids}))
+            names.append((name, set(np.unique(label).tolist())))
         lst = base / "ImageSets" / "SegmentationContext" / f"{split}.txt"
         lst.parent.mkdir(parents=True, exist_ok=True)
         lst.write_text("".join(n + "\n" for n, _ in names))
@@ -111,6 +111,6 @@ def make_cocostuff(root: Path, h: int = 32, w: int = 44, seed: int = 2) -> dict:
             image, label = _scene(rng, h, w, 255, ids, boundary=None)
             _save(image, label, base / "images" / split / f"{name}.jpg",
                   base / "annotations" / split / f"{name}_labelTrainIds.png")
-            names.append((name, {255, *ids}))
+            names.append((name, set(np.unique(label).tolist())))
         out[split] = names
     return out

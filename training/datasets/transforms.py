@@ -1,9 +1,14 @@
 """MaskCLIP/MMSegmentation-style augmentation and evaluation resizing on numpy arrays.
 
 Train: random resize (``img_scale × U(0.5, 2.0)``, keep ratio) → random crop with
-``cat_max_ratio=0.75`` → horizontal flip (p=0.5) → photometric distortion → normalise → pad to the
-crop size (image 0, label 255).  Eval: keep-ratio resize to ``img_scale`` → normalise; the label keeps
-its original size (predictions are resized back to it).
+``cat_max_ratio=0.75`` → horizontal flip (p=0.5) → photometric distortion → to [0, 1] → pad to the
+crop size (label 255).  Eval: keep-ratio resize to ``img_scale`` → to [0, 1]; the label keeps its
+original size (predictions are resized back to it).
+
+Images leave here as float RGB in [0, 1]; mean/std normalisation is the CLIP wrapper's job
+(``FrozenCLIP.normalize``, ImageNet statistics by default as in MaskCLIP's configs).  mmseg pads the
+*normalised* image with 0, i.e. with the mean colour: ``pad_value`` (default: the ImageNet mean) does
+the same before normalisation.
 
 All randomness comes from the ``numpy.random.Generator`` passed in, so an augmented sample is a pure
 function of (image, label, generator seed): that is what makes resumed and multi-process runs
@@ -18,12 +23,7 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = 255
-# MaskCLIP's configs normalise with mmseg's ImageNet statistics (RGB, 0..255), not CLIP's.
-MMSEG_MEAN = (123.675, 116.28, 103.53)
-MMSEG_STD = (58.395, 57.12, 57.375)
-CLIP_MEAN = (122.770938, 116.7460125, 104.09373615)
-CLIP_STD = (68.5005327, 66.6321579, 70.32316305)
-NORMALIZATIONS = {"mmseg": (MMSEG_MEAN, MMSEG_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 
 def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
@@ -100,12 +100,9 @@ def photometric_distortion(image, rng, brightness_delta=32, contrast=(0.5, 1.5),
     return img
 
 
-def to_tensor(image: np.ndarray, mean, std) -> torch.Tensor:
-    """H×W×3 uint8 RGB → 3×H×W float32, (x - mean) / std."""
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (t - m) / s
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """H×W×3 uint8 RGB → 3×H×W float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
 
 
 @dataclass(frozen=True)
@@ -116,8 +113,7 @@ class TrainTransform:
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
     photometric: bool = True
-    mean: tuple[float, float, float] = MMSEG_MEAN
-    std: tuple[float, float, float] = MMSEG_STD
+    pad_value: tuple[float, float, float] = IMAGENET_MEAN
     ignore_index: int = IGNORE_INDEX
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
@@ -127,9 +123,9 @@ class TrainTransform:
         image, label = random_flip(image, label, rng, self.flip_prob)
         if self.photometric:
             image = photometric_distortion(image, rng)
-        img_t = to_tensor(image, self.mean, self.std)
+        img_t = to_tensor(image)
         c = self.crop_size
-        out_img = torch.zeros(3, c, c, dtype=torch.float32)
+        out_img = torch.tensor(self.pad_value, dtype=torch.float32).view(3, 1, 1).repeat(1, c, c)
         out_lbl = torch.full((c, c), self.ignore_index, dtype=torch.long)
         h, w = label.shape
         out_img[:, :h, :w] = img_t
@@ -142,10 +138,8 @@ class EvalTransform:
     """Whole-image, single-scale: keep-ratio resize to ``scale`` (mmcv rule), label untouched."""
 
     scale: tuple[int, int] = (2048, 512)
-    mean: tuple[float, float, float] = MMSEG_MEAN
-    std: tuple[float, float, float] = MMSEG_STD
 
     def __call__(self, image: np.ndarray, label: np.ndarray):
         size = rescale_size(*image.shape[:2], self.scale)
         image, _ = resize_pair(image, None, size)
-        return to_tensor(image, self.mean, self.std), torch.from_numpy(label.astype(np.int64))
+        return to_tensor(image), torch.from_numpy(label.astype(np.int64))

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mvpseg import CheckpointError, LearnedPrompts, load_prompts, save_prompts
+from mvpseg.testing import tiny_clip
+
+
+def _saved(tiny, tmp_path, **kw):
+    torch.manual_seed(0)
+    p = LearnedPrompts(tiny.text_width, n_seg=2, n_ctx=6, **kw)
+    with torch.no_grad():
+        p.tau1_param.fill_(12.5)
+        p.tau2_param.fill_(0.3)
+    path = save_prompts(tmp_path / "prompts.safetensors", p, tiny, training_classes=["cat", "dog"])
+    return p, path
+
+
+def test_round_trip(tiny, tmp_path):
+    p, path = _saved(tiny, tmp_path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["n_seg"] == 2 and meta["n_ctx"] == 6 and meta["training_classes"] == ["cat", "dog"]
+    assert meta["clip_model"] == "mvpseg-tiny" and meta["text_width"] == 64 and meta["version"] == 1
+    q = load_prompts(path, tiny)
+    assert torch.equal(q.ctx, p.ctx) and float(q.tau1().detach()) == 12.5 and float(q.tau2().detach()) == pytest.approx(0.3)
+    a, b = p.encode(tiny, ["sky", "car"]), q.encode(tiny, ["sky", "car"])
+    torch.testing.assert_close(a.seg, b.seg)
+    torch.testing.assert_close(a.glob, b.glob)
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_refuses_other_weights_and_other_width(tiny, tmp_path):
+    _, path = _saved(tiny, tmp_path)
+    with pytest.raises(CheckpointError, match="text-tower weights differ"):
+        load_prompts(path, tiny_clip(seed=1))
+    other = tiny_clip(seed=0, name="mvpseg-tiny-renamed")
+    with pytest.raises(CheckpointError, match="model 'mvpseg-tiny' vs 'mvpseg-tiny-renamed'"):
+        load_prompts(path, other)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["text_width"] = 512
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="text width 512 vs 64"):
+        load_prompts(path, tiny)
+
+
+@pytest.mark.parametrize("damage", ["no_json", "bad_json", "not_ours", "garbage_tensors", "wrong_shape",
+                                    "extra_tensor", "nan"])
+def test_bad_checkpoints_are_refused_clearly(tiny, tmp_path, damage):
+    _, path = _saved(tiny, tmp_path)
+    js = path.with_suffix(".json")
+    if damage == "no_json":
+        js.unlink()
+    elif damage == "bad_json":
+        js.write_text("{not json")
+    elif damage == "not_ours":
+        js.write_text(json.dumps({"format": "something-else"}))
+    elif damage == "garbage_tensors":
+        path.write_bytes(b"\x80\x04pickle? no thanks" * 10)
+    else:
+        t = {"ctx": torch.zeros(3, 6, 64), "tau1": torch.tensor(1.0), "tau2": torch.tensor(1.0)}
+        if damage == "wrong_shape":
+            t["ctx"] = torch.zeros(3, 5, 64)
+        if damage == "extra_tensor":
+            t["evil"] = torch.zeros(1)
+        if damage == "nan":
+            t["ctx"][0, 0, 0] = float("nan")
+        save_file(t, str(path))
+    with pytest.raises(CheckpointError):
+        load_prompts(path, tiny)

@@ -1,0 +1,61 @@
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mvpseg import ClipSpec, ClipWeightsUnavailable, load_clip
+from mvpseg.clip_backbone import NORMALIZATIONS
+from mvpseg.testing import tiny_config_file
+
+
+def test_offline_tag_fails_fast_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(ClipWeightsUnavailable) as e:
+        load_clip(ClipSpec("RN50", "openai", cache_dir=str(tmp_path)))
+    msg = str(e.value)
+    assert time.perf_counter() - t0 < 10  # no minute of retries
+    assert "RN50 (openai)" in msg and "--pretrained /path/to" in msg and "--cache-dir" in msg and "toyclip" in msg
+
+
+def test_unknown_tag_lists_known_tags(tmp_path):
+    with pytest.raises(ClipWeightsUnavailable, match="openai"):
+        load_clip(ClipSpec("RN50", "no-such-tag", cache_dir=str(tmp_path)))
+
+
+def test_missing_local_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_clip(ClipSpec("RN50", str(tmp_path / "nope.safetensors")))
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="Unknown CLIP model"):
+        load_clip(ClipSpec("NotAModel-7", None))
+
+
+def test_towers_frozen_and_stay_in_eval(tiny):
+    assert all(not p.requires_grad for p in tiny.parameters())
+    tiny.train()
+    assert not tiny.model.training and not tiny.model.visual.training
+    assert (tiny.embed_dim, tiny.text_width, tiny.context_length) == (64, 64, 48)
+
+
+def test_local_safetensors_checkpoint_loads_same_weights(tiny, tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.model.state_dict().items()}, str(path))
+    cfg = tiny_config_file(tmp_path, name="mvpseg-tiny-copy")
+    other = load_clip(ClipSpec("mvpseg-tiny-copy", str(path), model_config=str(cfg)))
+    assert other.fingerprint == tiny.fingerprint
+    x = tiny.normalize(torch.rand(1, 3, 64, 96))
+    torch.testing.assert_close(other.dense_features(x), tiny.dense_features(x))
+
+
+def test_normalization_parameter(tmp_path):
+    cfg = tiny_config_file(tmp_path, name="mvpseg-tiny-norm")
+    c = load_clip(ClipSpec("mvpseg-tiny-norm", None, model_config=str(cfg), normalization="clip"))
+    mean, std = NORMALIZATIONS["clip"]
+    x = torch.full((1, 3, 2, 2), 0.5)
+    torch.testing.assert_close(c.normalize(x)[0, :, 0, 0], (0.5 - torch.tensor(mean)) / torch.tensor(std))
+    with pytest.raises(ValueError, match="normalization"):
+        load_clip(ClipSpec("mvpseg-tiny-norm", None, model_config=str(cfg), normalization="weird"))

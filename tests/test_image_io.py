@@ -1,0 +1,48 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mvpseg import ImageError, load_image
+from mvpseg.image_io import resize_short_side
+
+
+def _png(arr, mode=None):
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_modes_become_rgb():
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    out = load_image(_png(gray))
+    assert out.shape == (3, 4, 3) and (out[:, :, 0] == gray).all() and (out[:, :, 2] == gray).all()
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red stays red, transparent pixels become white
+    out = load_image(_png(rgba))
+    assert out[0, 0].tolist() == [255, 0, 0] and out[1, 1].tolist() == [255, 255, 255]
+    assert load_image(np.ones((5, 6), np.float32) * 0.5)[0, 0].tolist() == [128, 128, 128]
+
+
+def test_bad_inputs_have_clear_errors(tmp_path):
+    with pytest.raises(ImageError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="not a readable image"):
+        load_image(b"this is not an image")
+    data = _png(np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(ImageError, match="corrupt|not a readable"):
+        load_image(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="limit is"):
+        load_image(_png(np.zeros((100, 100, 3), np.uint8)), max_pixels=5000)  # refused from the header
+    with pytest.raises(ImageError, match="aspect ratio"):
+        load_image(np.zeros((2, 100, 3), np.uint8))
+    with pytest.raises(ImageError):
+        load_image(np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(ImageError):
+        load_image(12345)
+
+
+def test_resize_short_side():
+    assert resize_short_side(1000, 500, 512, 2048) == (1024, 512)
+    assert resize_short_side(5000, 1000, 512, 2048) == (2048, 410)

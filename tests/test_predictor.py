@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+
+from mvpseg import LearnedPrompts, Predictor, VocabularyError, build_predictor, parse_vocabulary
+from mvpseg.heads import segment
+
+
+@pytest.fixture()
+def pred(tiny):
+    torch.manual_seed(0)
+    p = build_predictor(tiny, short_side=64, max_long_side=256)
+    p.add_prompt_set("learned", LearnedPrompts(tiny.text_width, n_seg=3, n_ctx=8))
+    return p
+
+
+@pytest.mark.parametrize("shape", [(90, 150, 3), (150, 90), (70, 70, 4)])
+def test_any_image_mode_and_aspect(pred, shape):
+    img = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
+    pred.set_image(img)
+    r = pred.predict("cat, dog, sky", prompts="learned")
+    h, w = shape[:2]
+    assert r.label_map.shape == (h, w) and r.label_map.dtype == np.int32
+    assert r.view_masks.shape == (3, 3, h, w) and r.fused.shape == (3, h, w) and r.final.shape == (3, h, w)
+    assert r.gpr_scores.shape == (3,) and ((r.gpr_scores > 0) & (r.gpr_scores < 1)).all()
+    np.testing.assert_allclose(r.fused.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(r.final, r.fused * r.gpr_scores[:, None, None], rtol=1e-5, atol=1e-7)
+    assert set(np.unique(r.label_map)) <= {0, 1, 2}
+    assert r.classes == ("cat", "dog", "sky") and r.view_names == ("prompt 1", "prompt 2", "prompt 3")
+
+
+def test_label_map_is_argmax_of_final(pred):
+    img = np.random.default_rng(1).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    pred.set_image(img)  # work size == image size here, so the full-size argmax is exact
+    r = pred.predict(["a", "b", "c", "d"], prompts="learned")
+    agree = (r.label_map == r.final.argmax(0)).mean()
+    assert agree > 0.99
+
+
+def test_features_and_text_are_cached(pred, tiny):
+    pred.set_image(np.zeros((64, 64, 3), np.uint8))
+    pred.predict("cat, dog", prompts="parts")
+    pred.predict("cat, dog", prompts="parts")
+    assert pred.stats == {"image_encodes": 1, "text_encodes": 1}
+    pred.predict("cat, dog, sky", prompts="parts")
+    pred.predict("cat, dog", prompts="maskclip-85")
+    assert pred.stats == {"image_encodes": 1, "text_encodes": 3}
+    pred.set_image(np.ones((64, 64, 3), np.uint8))
+    r = pred.predict("cat, dog", prompts="parts")
+    assert pred.stats == {"image_encodes": 2, "text_encodes": 3}
+    # the cached result equals a fresh computation
+    text = pred.prompt_set("parts").encode(tiny, ("cat", "dog"))
+    ref = segment(pred.image_features, text, pred.prompt_set("parts").tau1(), None)
+    torch.testing.assert_close(r.output.fused_logits, ref.fused_logits)
+
+
+def test_predict_requires_image(tiny):
+    p = build_predictor(tiny)
+    with pytest.raises(RuntimeError, match="set_image"):
+        p.predict("cat")
+    with pytest.raises(KeyError, match="available"):
+        p.set_image(np.zeros((32, 32, 3), np.uint8)) or p.predict("cat", prompts="nope")
+
+
+def test_vocabulary_validation():
+    assert parse_vocabulary(" cat ,  hot   dog\nsky;") == ("cat", "hot dog", "sky")
+    for bad, msg in [("", "empty"), (" , ,", "empty"), ("cat, Cat", "twice"), ("x" * 61, "characters"),
+                     (", ".join(f"c{i}" for i in range(201)), "too many")]:
+        with pytest.raises(VocabularyError, match=msg):
+            parse_vocabulary(bad)
+
+
+def test_constructor_needs_prompt_sets(tiny):
+    with pytest.raises(ValueError):
+        Predictor(tiny, {})

@@ -1,0 +1,55 @@
+"""Argument groups shared by the training / evaluation / distillation scripts."""
+from __future__ import annotations
+
+import argparse
+
+from mvpseg.clip_backbone import ClipSpec
+
+
+def add_clip_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("CLIP")
+    g.add_argument("--clip", default="RN50", help="open_clip model name (default RN50)")
+    g.add_argument("--pretrained", default="openai",
+                   help="open_clip tag, local checkpoint file, or 'none' for random weights")
+    g.add_argument("--cache-dir", default=None, help="folder with downloaded CLIP weights")
+    g.add_argument("--model-config", default=None, help="JSON open_clip config for a custom model")
+    g.add_argument("--normalization", default=None, choices=["imagenet", "clip"],
+                   help="pixel mean/std (default: imagenet, as MaskCLIP's configs)")
+
+
+def clip_spec(args: argparse.Namespace) -> ClipSpec:
+    pre = None if str(args.pretrained).lower() in ("none", "random", "") else args.pretrained
+    return ClipSpec(model_name=args.clip, pretrained=pre, cache_dir=args.cache_dir,
+                    model_config=args.model_config, normalization=args.normalization)
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: one GPU per process)")
+    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
+    g.add_argument("--amp", default="auto", choices=["auto", "off", "fp16", "bf16"],
+                   help="mixed precision on CUDA (auto: fp16 on CUDA, off on CPU)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def amp_dtype(choice: str, device_type: str):
+    import torch
+
+    if device_type != "cuda" or choice == "off":
+        return None
+    return torch.bfloat16 if choice == "bf16" else torch.float16
+
+
+def parse_pairs(items, what: str) -> dict[str, str]:
+    """['a=x', 'y'] → {'a': 'x', 'y': 'y'}; for NAME=PATH options."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            name, value = item, item
+        if not name or not value:
+            raise SystemExit(f"bad {what} {item!r}; expected NAME=VALUE")
+        if name in out:
+            raise SystemExit(f"{what} {name!r} given twice")
+        out[name] = value
+    return out
