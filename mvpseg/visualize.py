@@ -34,11 +34,17 @@ def overlay(image: np.ndarray, label_map: np.ndarray, colors: np.ndarray, alpha:
     return out
 
 
-def heatmap(mask: np.ndarray, image: np.ndarray | None = None, alpha: float = 0.5) -> np.ndarray:
-    """A float mask H×W → RGB uint8 heat map (min–max scaled), optionally blended over ``image``."""
+def heatmap(mask: np.ndarray, image: np.ndarray | None = None, alpha: float = 0.5,
+            vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+    """A float mask H×W → RGB uint8 heat map, optionally blended over ``image``.
+
+    The mask is min–max scaled, or mapped from [vmin, vmax] (clipped) when given, so that several masks can
+    share one colour scale (e.g. the K prompt views of one class).
+    """
     m = mask.astype(np.float32)
-    span = float(m.max() - m.min())
-    m = (m - m.min()) / span if span > 1e-12 else np.zeros_like(m)
+    lo = float(m.min()) if vmin is None else float(vmin)
+    hi = float(m.max()) if vmax is None else float(vmax)
+    m = np.clip((m - lo) / (hi - lo), 0.0, 1.0) if hi - lo > 1e-12 else np.zeros_like(m)
     heat = cv2.applyColorMap((m * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
     if image is None:
         return np.ascontiguousarray(heat)

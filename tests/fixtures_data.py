@@ -114,3 +114,19 @@ def make_cocostuff(root: Path, h: int = 32, w: int = 44, seed: int = 2) -> dict:
             names.append((name, set(np.unique(label).tolist())))
         out[split] = names
     return out
+
+
+def write_tiny_clip(folder: Path, seed: int = 0) -> list[str]:
+    """Saves mvpseg's tiny random-weight CLIP (config JSON + safetensors weights) to ``folder`` and
+    returns the CLI arguments that load it (``--clip … --model-config … --pretrained …``)."""
+    from safetensors.torch import save_file
+
+    from mvpseg.testing import tiny_clip, tiny_config_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    clip = tiny_clip(seed=seed)
+    weights = folder / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.model.state_dict().items()}, str(weights))
+    cfg = tiny_config_file(folder)
+    return ["--clip", "mvpseg-tiny", "--model-config", str(cfg), "--pretrained", str(weights)]

@@ -59,3 +59,8 @@ def test_normalization_parameter(tmp_path):
     torch.testing.assert_close(c.normalize(x)[0, :, 0, 0], (0.5 - torch.tensor(mean)) / torch.tensor(std))
     with pytest.raises(ValueError, match="normalization"):
         load_clip(ClipSpec("mvpseg-tiny-norm", None, model_config=str(cfg), normalization="weird"))
+
+
+def test_offline_hf_hub_fails_fast(tmp_path):
+    with pytest.raises(ClipWeightsUnavailable, match="Hugging Face Hub is unreachable"):
+        load_clip(ClipSpec("hf-hub:someone/some-clip", None, cache_dir=str(tmp_path)))

@@ -30,6 +30,15 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", default="auto", choices=["auto", "off", "fp16", "bf16"],
                    help="mixed precision on CUDA (auto: fp16 on CUDA, off on CPU)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch intra-op threads per process (CPU runs; default: torch's choice)")
+
+
+def apply_runtime(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
 
 
 def amp_dtype(choice: str, device_type: str):

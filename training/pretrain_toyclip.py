@@ -135,7 +135,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="assets/toyclip")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1600)
+    p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -150,6 +150,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=1, help="data-generation worker processes")
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--zero-shot-images", type=int, default=512, help="held-out crops for the final accuracy")
     return p.parse_args(argv)
 
 
@@ -193,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"step {step:5d} loss {np.mean(losses[-args.log_every:]):.4f} "
                   f"scale {model.logit_scale.exp().item():.1f} {time.time() - t0:7.1f}s", flush=True)
     train_s = time.time() - t0
-    zs = zero_shot_accuracy(model, tokenizer, args.device)
+    zs = zero_shot_accuracy(model, tokenizer, args.device, n=args.zero_shot_images)
     record = {
         "model": MODEL_NAME, "parameters": n_params, "args": vars(args), "train_seconds": round(train_s, 1),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",

@@ -63,12 +63,12 @@ class WorldConfig:
     image show objects at the same scale (the dense path has no positional embedding)."""
 
     image_size: int = 256
-    object_size: tuple[float, float] = (12.0, 28.0)  # body length; a creature spans ~1.7× that
+    object_size: tuple[float, float] = (14.0, 30.0)  # body length; a creature spans ~1.7× that
     objects: tuple[int, int] = (3, 8)  # inclusive range of objects per image
     stuff: tuple[int, int] = (1, 3)  # stuff regions (distinct classes)
     stuff_coverage: tuple[float, float] = (0.15, 0.45)  # fraction of the image per region
     clutter: tuple[int, int] = (3, 10)  # loose parts / distractor shapes
-    colour_jitter: float = 36.0  # ± per channel, per instance
+    colour_jitter: float = 30.0  # ± per channel, per instance
     max_angle: float = 0.4  # radians
     noise: float = 6.0  # std of additive Gaussian pixel noise
 
@@ -124,7 +124,7 @@ def _creature_layer(rng: np.random.Generator, cfg: WorldConfig, label: int) -> L
         pixels[m] = np.clip(base * gain, 0, 255)
         mask |= m
     pixels[draw.outline(mask)] *= 0.45  # dark contour, as in a drawing
-    eye = draw.place(np.array([[0.62 if head == "round" else 0.5, -0.3]]), size, angle, flip, cx, cy)[0]
+    eye = draw.place(np.array([[0.68 if head == "round" else 0.5, -0.34]]), size, angle, flip, cx, cy)[0]
     ex, ey = int(round(eye[0])), int(round(eye[1]))
     r = max(1, int(size / 14))
     ys, xs = np.ogrid[: shape[0], : shape[1]]
@@ -311,3 +311,36 @@ class CaptionedToyWorld(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
         image, text, _ = self.item(index)
         return image, text
+
+
+def export_examples(out_dir: str, count: int = 3, seed: int = 0) -> list[str]:
+    """Write ``toy_<k>.png`` demo images: the first ``count`` test-split scenes that show an unseen
+    object (so the demo can show zero-shot classes). Returns the paths."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = ToyWorld("test", 10_000, seed=seed)
+    unseen_objects = [c for c in UNSEEN if CLASS_NAMES[c] in OBJECT_NAMES]
+    paths: list[str] = []
+    for i in range(len(ds)):
+        image, label = ds[i]
+        if np.isin(label, unseen_objects).sum() >= 150:
+            paths.append(str(out / f"toy_{len(paths) + 1}.png"))
+            Image.fromarray(image).save(paths[-1])
+            if len(paths) == count:
+                break
+    return paths
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export toy-world example images for the demo.")
+    parser.add_argument("--examples", default="assets/examples")
+    parser.add_argument("--count", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    cli = parser.parse_args()
+    print("\n".join(export_examples(cli.examples, cli.count, cli.seed)))

@@ -37,15 +37,15 @@ def _rounded_box(w: float, h: float, r: float) -> np.ndarray:
 # Each entry: list of polygons (local frame). Parts are shared between creatures, so none of them
 # identifies a class on its own (see toyworld.CREATURES).
 PART_POLYGONS: dict[str, list[np.ndarray]] = {
-    "oval": [_ellipse(0.0, 0.0, 0.5, 0.3)],
-    "box": [_rounded_box(0.95, 0.55, 0.08)],
-    "round": [_ellipse(0.55, -0.28, 0.2, 0.2)],
+    "oval": [_ellipse(0.0, 0.0, 0.5, 0.28)],
+    "box": [_rounded_box(1.0, 0.6, 0.04)],
+    "round": [_ellipse(0.6, -0.32, 0.26, 0.26)],
     # A pointed head: a triangle pointing forward plus an ear.
-    "pointy": [np.array([[0.35, -0.45], [0.85, -0.25], [0.35, -0.05]]),
-               np.array([[0.38, -0.42], [0.45, -0.62], [0.55, -0.38]])],
-    "tail": [np.array([[-0.42, -0.05], [-0.85, -0.45], [-0.78, -0.52], [-0.38, -0.18]])],
-    "wings": [np.array([[-0.25, -0.15], [-0.05, -0.7], [0.1, -0.15]]),
-              np.array([[-0.4, -0.12], [-0.35, -0.6], [-0.15, -0.15]])],
+    "pointy": [np.array([[0.3, -0.58], [1.0, -0.3], [0.3, 0.0]]),
+               np.array([[0.32, -0.52], [0.42, -0.85], [0.58, -0.45]])],
+    "tail": [np.array([[-0.4, 0.02], [-0.98, -0.5], [-0.86, -0.64], [-0.36, -0.2]])],
+    "wings": [np.array([[-0.3, -0.15], [-0.02, -0.9], [0.18, -0.15]]),
+              np.array([[-0.48, -0.1], [-0.42, -0.78], [-0.16, -0.15]])],
 }
 # Loose shapes that belong to no class; used as clutter together with loose creature parts.
 CLUTTER_POLYGONS: dict[str, list[np.ndarray]] = {

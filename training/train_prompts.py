@@ -36,7 +36,7 @@ from mvpseg.model import MVPSeg
 from mvpseg.prompts import LearnedPrompts
 
 from .checkpointing import CheckpointManager, check_config_compatible, load_state
-from .cli import add_clip_args, add_runtime_args, amp_dtype, clip_spec
+from .cli import add_clip_args, add_runtime_args, amp_dtype, apply_runtime, clip_spec
 from .data import TrainStream, train_loader
 from .datasets import build_dataset, get_profile
 from .distributed import (DistContext, all_reduce_sum, average_gradients, barrier,
@@ -44,6 +44,7 @@ from .distributed import (DistContext, all_reduce_sum, average_gradients, barrie
                           setup_distributed)
 from .runlog import JsonlLogger, Progress
 from .schedule import LRSchedule
+from .shared_prefix import SharedPrefixEncoder, supports_shared_prefix
 
 log = logging.getLogger("mvpseg.train")
 
@@ -55,7 +56,7 @@ VARIANTS = {
     "mvpseg": dict(n_seg=3, use_global=True, lambda_oc=100.0),
 }
 # Settings a resumed run must share with its checkpoint.
-RESUME_KEYS = ("dataset", "split", "n_seg", "n_ctx", "use_global", "gamma", "lambda_seg",
+RESUME_KEYS = ("dataset", "split", "n_seg", "n_ctx", "use_global", "gamma", "lambda_seg", "text_encoder",
                "lambda_cls", "lambda_oc", "cls_mode", "lr", "momentum", "weight_decay",
                "warmup_iters", "warmup_ratio", "lr_policy", "max_iters", "global_batch", "seed",
                "crop_size", "clip", "pretrained")
@@ -90,6 +91,7 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_ckpts: int = 2
     text_checkpointing: bool = False
+    text_encoder: str = "shared-prefix"
     skip_missing: bool = False
     clip: str = "RN50"
     pretrained: str | None = "openai"
@@ -138,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the latest checkpoint in --out (or from the given state file)")
     p.add_argument("--text-checkpointing", action="store_true",
                    help="activation checkpointing in the text transformer (large vocabularies)")
+    p.add_argument("--text-encoder", default="shared-prefix", choices=["shared-prefix", "plain"],
+                   help="shared-prefix: encode the class-independent context once per prompt "
+                        "(exact, training/shared_prefix.py); plain: mvpseg's truncated encoder")
     p.add_argument("--skip-missing", action="store_true",
                    help="drop (and count) samples whose files are missing instead of failing")
     p.add_argument("--simulate-kill-at", type=int, default=None, help=argparse.SUPPRESS)
@@ -158,7 +163,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         warmup_iters=a.warmup_iters, warmup_ratio=a.warmup_ratio, lr_policy=a.lr_policy,
         max_iters=a.max_iters, global_batch=a.global_batch, seed=a.seed, crop_size=a.crop_size,
         train_scale=tuple(a.train_scale) if a.train_scale else None, ckpt_every=a.ckpt_every,
-        keep_ckpts=a.keep_ckpts, text_checkpointing=a.text_checkpointing,
+        keep_ckpts=a.keep_ckpts, text_checkpointing=a.text_checkpointing, text_encoder=a.text_encoder,
         skip_missing=a.skip_missing, clip=a.clip, pretrained=a.pretrained,
     )
 
@@ -193,6 +198,13 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     prompts = LearnedPrompts(clip.text_width, n_seg=cfg.n_seg, n_ctx=cfg.n_ctx,
                              use_global=cfg.use_global).to(ctx.device)
     model = MVPSeg(clip, prompts, gamma=cfg.gamma)
+    encoder = None
+    if cfg.text_encoder == "shared-prefix":
+        if supports_shared_prefix(clip):
+            encoder = SharedPrefixEncoder(clip, activation_checkpointing=cfg.text_checkpointing)
+        else:
+            log.warning("%s: no shared-prefix encoding for this text tower; using the plain encoder",
+                        clip.spec.describe())
     params = model.trainable_parameters()
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     dtype = amp_dtype(args.amp, ctx.device.type)
@@ -258,7 +270,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         with amp:
             with torch.no_grad():
                 feats = model.image_features(images)  # frozen image tower, once per batch
-            text = model.text_features(vocab)  # one text pass for all (k+1)·C prompts
+            # one text-tower pass for all (k+1)·C prompts (gradients flow into the prompt vectors)
+            text = encoder.encode(prompts, vocab) if encoder else model.text_features(vocab)
             outputs = model.head(feats, text)
         losses = model.losses(outputs, labels, weights, cfg.cls_mode)
         w_seg = seg_loss_weight(labels, ctx)
@@ -276,7 +289,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                          **dict(zip(("loss", "seg", "cls", "oc"), terms.tolist())), lr=lr)
         tau2 = prompts.tau2()
         logger.log({"iter": it, "lr": lr, **dict(zip(("loss", "seg", "cls", "oc"), terms.tolist())),
-                    "tau1": float(prompts.tau1()), "tau2": None if tau2 is None else float(tau2),
+                    "tau1": float(prompts.tau1().detach()),
+                    "tau2": None if tau2 is None else float(tau2.detach()),
                     "img_per_s": ips, "step_s": time.perf_counter() - t0})
         if it % cfg.ckpt_every == 0 or it == cfg.max_iters:
             save_state(it)
@@ -301,6 +315,7 @@ def main(argv=None) -> Path:
     cfg = config_from_args(args)
     if cfg.n_seg < 1:
         raise SystemExit("--n-seg must be >= 1")
+    apply_runtime(args)
     ctx = setup_distributed(args.device)
     try:
         return train(cfg, args, ctx)

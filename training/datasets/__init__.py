@@ -31,9 +31,12 @@ class DatasetProfile:
     crop_size: int
     eval_scale: tuple[int, int]  # mmcv img_scale for whole-image inference
     classes: ClassSplit | None = None
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    photometric: bool = True
 
     def train_transform(self, **overrides) -> TrainTransform:
-        kw = dict(scale=self.train_scale, crop_size=self.crop_size)
+        kw = dict(scale=self.train_scale, crop_size=self.crop_size, ratio_range=self.ratio_range,
+                  photometric=self.photometric)
         kw.update(overrides)
         return TrainTransform(**kw)
 
@@ -58,7 +61,10 @@ PROFILES: dict[str, DatasetProfile] = {
     "cocostuff171": DatasetProfile(
         "cocostuff171", cocostuff171, "train", "val", (2048, 512), 512, (2048, 512), COCOSTUFF171
     ),
-    "toyworld": DatasetProfile("toyworld", _toyworld, "train", "val", (128, 64), 64, (128, 64)),
+    # Toy world: colour names classes ("red cat"), so no photometric distortion; object sizes are in
+    # pixels (matched to the toy CLIP's pretraining crops), so no rescaling either.
+    "toyworld": DatasetProfile("toyworld", _toyworld, "train", "val", (256, 256), 128, (256, 256),
+                               ratio_range=(1.0, 1.0), photometric=False),
 }
 ALIASES = {"voc": "voc20", "context": "context60", "pascal_context": "context60",
            "cocostuff": "cocostuff171", "coco_stuff": "cocostuff171"}

@@ -1,0 +1,87 @@
+"""MVP-SEG demo: ``python app.py [--device cuda] [--port 7860]`` (also the Hugging Face Spaces entry point).
+
+Loads the models once, builds the Gradio page (``demo/``) and serves it. Without pretrained CLIP weights
+(offline) it still starts, says which weights are missing and how to provide them, and runs on the bundled
+toy-world model (or, before that exists, on clearly labelled random weights).
+"""
+from __future__ import annotations
+
+# ZeroGPU (Spaces) needs `spaces` imported before torch; locally it is usually absent and not needed.
+try:
+    import spaces  # type: ignore[import-not-found]
+except ImportError:
+    spaces = None
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported anywhere
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python app.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (cuda when available)")
+    p.add_argument("--clip", default="RN50",
+                   help="open_clip model name, hf-hub:org/repo, a custom config's name, or 'toy' (bundled toy model)")
+    p.add_argument("--pretrained", default="openai",
+                   help="open_clip tag, local checkpoint file, or 'none' for random weights")
+    p.add_argument("--model-config", default=None, help="JSON open_clip config of a custom model")
+    p.add_argument("--cache-dir", default=None, help="where pretrained CLIP weights are cached")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="[NAME=]PATH",
+                   help="learned prompts (.safetensors with its .json); repeatable")
+    p.add_argument("--no-discover", action="store_true",
+                   help="do not load the learned prompt checkpoints shipped under assets/")
+    p.add_argument("--student", default=None, metavar="PATH", help="MVP-SEG+ student checkpoint to show beside")
+    p.add_argument("--short-side", type=int, default=None,
+                   help="CLIP input short side (default 512; 256 for the toy model)")
+    p.add_argument("--max-classes", type=int, default=30, help="largest vocabulary accepted")
+    p.add_argument("--fallback", default="auto", choices=["auto", "random", "none"],
+                   help="without pretrained weights: toy model then random weights (auto), random weights, or fail")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="interface to listen on (0.0.0.0 to serve the network)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    return p.parse_args(argv)
+
+
+def _checkpoint(arg: str) -> tuple[str, str]:
+    name, sep, path = arg.partition("=")
+    if not sep:
+        from pathlib import Path
+
+        return Path(arg).stem, arg
+    return name, path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from PIL import Image
+
+    from demo import DemoConfig, build_demo, launch_kwargs, load_models
+    from demo.sources import MAX_PIXELS
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow refuses bigger images before decoding them
+    pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
+    config = DemoConfig(clip=args.clip, pretrained=pretrained, model_config=args.model_config,
+                        cache_dir=args.cache_dir, device=args.device,
+                        checkpoints=tuple(_checkpoint(c) for c in args.checkpoint), discover=not args.no_discover,
+                        student=args.student, short_side=args.short_side, max_classes=args.max_classes,
+                        fallback=args.fallback)
+    try:
+        models = load_models(config)
+    except Exception as e:  # e.g. --device cuda without CUDA, --fallback none offline, unknown model
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for notice in models.notices:
+        logging.getLogger("mvpseg.demo").warning(notice.replace("\n\n", "\n"))
+    gpu = spaces.GPU(duration=60) if spaces is not None else None
+    demo = build_demo(models, gpu_decorator=gpu)
+    demo.launch(**launch_kwargs(args.host, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

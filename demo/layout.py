@@ -1,0 +1,272 @@
+"""The page (``gr.Blocks``), its public endpoints and the launch settings.
+
+Endpoints (also usable with ``gradio_client``): ``/segment`` (the Segment button), ``/check_upload`` and
+``/check_hub`` (validate learned prompts as soon as they are given), ``/info`` (what is loaded).
+Every user mistake surfaces as a ``gr.Error`` with a sentence saying what to do; the server keeps serving.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import gradio as gr
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+import mvpseg
+
+from . import plots, render
+from .models import DemoModels
+from .service import HUB, UPLOADED, SegmentRun, SegmentService
+from .sources import MAX_PIXELS, DemoInputError, PromptSource, prompts_from_hub, prompts_from_upload
+
+log = logging.getLogger("mvpseg.demo")
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+MAX_FILE_SIZE = "25mb"
+QUEUE_MAX_SIZE = 16
+USER_ERRORS = (mvpseg.ImageError, mvpseg.VocabularyError, mvpseg.CheckpointError, DemoInputError)
+CSS = """
+#notices { border-left: 4px solid #e8a33d; padding: 2px 12px; background: #fff8ec; }
+#summary p { margin: 4px 0; }
+#tsne img { max-width: 100%; height: auto; }  /* gr.Plot shows the figure at its natural size otherwise */
+#tsne .matplotlib { padding-top: 30px; }  /* keep the component's label off the figure */
+"""
+
+
+class ValidatedImage(gr.Image):
+    """``gr.Image`` whose preprocessing failures (not an image, decompression bomb) become clear messages
+    instead of a bare "Error". Rendered by the stock Image component in the browser."""
+
+    is_template = True  # the frontend uses the parent's ("image") component
+
+    def preprocess(self, payload: Any) -> Any:
+        try:
+            return super().preprocess(payload)
+        except Image.DecompressionBombError as e:
+            raise gr.Error(f"The image is far too large to process (the limit is {MAX_PIXELS / 1e6:.0f} "
+                           "megapixels). Downscale it and upload it again.") from e
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise gr.Error("The uploaded file is not an image that can be read (use PNG, JPEG, WebP, BMP, GIF "
+                           "or TIFF).") from e
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turns the library's input errors into ``gr.Error`` (shown to the user); logs anything unexpected."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except USER_ERRORS as e:
+            raise gr.Error(str(e)) from e
+        except Exception as e:
+            log.exception("request failed")
+            raise gr.Error(f"Something went wrong on the server ({type(e).__name__}); it has been logged.") from e
+
+    return wrapper
+
+
+def load_examples(mode: str) -> list[list[str]]:
+    """[image path, vocabulary] pairs from ``demo/examples/examples.json``, those for ``mode`` first."""
+    index = EXAMPLES_DIR / "examples.json"
+    if not index.is_file():
+        return []
+    items = json.loads(index.read_text())
+    items.sort(key=lambda e: e.get("model") != ("toy" if mode in ("toy", "random") else "pretrained"))
+    return [[str(EXAMPLES_DIR / e["file"]), e["vocabulary"]] for e in items if (EXAMPLES_DIR / e["file"]).is_file()]
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def _summary(run: SegmentRun, total: float) -> str:
+    p = run.primary.prediction
+    shares = render.class_shares(p.label_map, len(run.classes))
+    found = sorted(((s, c) for c, s in zip(run.classes, shares) if s >= 0.005), reverse=True)
+    (w, h), (wh, ww) = run.image.original_size, p.work_size
+    lines = [f"**{run.primary.label}** — " + (", ".join(f"{c} {s:.0%}" for s, c in found) or "nothing found"),
+             f"Image {w}×{h} · CLIP input {ww}×{wh} · {total:.2f} s"
+             + (" (image features reused)" if run.image_cached else "")]
+    return "\n\n".join(lines + [f"_{n}_" for n in run.notes])
+
+
+def _timings(run: SegmentRun, stages: dict[str, float], total: float) -> pd.DataFrame:
+    rows = [("check + decode image", run.load_seconds, f"{run.image.rgb.shape[1]}×{run.image.rgb.shape[0]}")]
+    rows.append(("image features (CLIP image tower)", run.image_seconds,
+                 "cached: same image as before" if run.image_cached else
+                 "work size {1}×{0}".format(*run.primary.prediction.work_size)))
+    for r in run.results:
+        rows.append((f"text embeddings · {r.label}", r.text_seconds,
+                     "cached: same vocabulary and prompts" if r.text_cached else f"{len(run.classes)} classes"))
+        rows.append((f"head + GPR · {r.label}", r.head_seconds, ""))
+    rows.append(("label maps (full size)", run.label_seconds, ""))
+    if run.student_map is not None:
+        rows.append(("MVP-SEG+ student", run.student_seconds, ""))
+    for name, (seconds, note) in stages.items():
+        rows.append((name, seconds, note))
+    rows.append(("total", total, ""))
+    return pd.DataFrame([(a, round(b, 4), c) for a, b, c in rows], columns=["stage", "seconds", "note"])
+
+
+def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable] | None = None,
+               examples: Sequence[Sequence[str]] | None = None) -> gr.Blocks:
+    """The page over ``models`` (``demo.load_models``). ``gpu_decorator`` (ZeroGPU's ``spaces.GPU``) wraps
+    the function that touches the model."""
+    service = SegmentService(models)
+    clip = models.clip
+    hub_cache: dict[str, PromptSource] = {}
+
+    def hub_source(ref: str | None) -> PromptSource | None:
+        if not ref or not ref.strip():
+            return None
+        if ref.strip() not in hub_cache:
+            hub_cache[ref.strip()] = prompts_from_hub(ref, clip)
+        return hub_cache[ref.strip()]
+
+    def upload_source(files: Sequence[str] | None) -> PromptSource | None:
+        return prompts_from_upload(files, clip) if files else None
+
+    @user_errors
+    def segment(image: str | None, vocabulary: str, prompt_sets: list[str], prompt_files: list[str] | None,
+                hub_repo: str | None, progress: gr.Progress = gr.Progress()) -> tuple:
+        t0 = time.perf_counter()
+        names = service.ordered(prompt_sets)
+        uploaded = upload_source(prompt_files) if UPLOADED in names else None
+        hub = hub_source(hub_repo) if HUB in names else None
+        run = service.segment(image, vocabulary, names, uploaded, hub, progress=lambda f, d: progress(f, desc=d))
+        stages: dict[str, tuple[float, str]] = {}
+
+        t = time.perf_counter()
+        main = render.segmentation_panel(run.image.rgb, run.primary.prediction.label_map, run.classes, run.colors)
+        compare = [(render.segmentation_panel(run.image.rgb, r.prediction.label_map, run.classes, run.colors),
+                    r.label) for r in run.results]
+        if run.student_map is not None:
+            compare.append((render.segmentation_panel(run.image.rgb, run.student_map, run.classes, run.colors),
+                            "MVP-SEG+ student"))
+        stages["render overlays"] = (time.perf_counter() - t, f"{len(compare)} panels")
+
+        t = time.perf_counter()
+        grids = []
+        for r in run.results:
+            if r.multi_view:
+                grid, shown = render.view_grid(run.image.rgb, r.prediction, run.colors)
+                more = "" if len(shown) == len(run.classes) else f" (largest {len(shown)} of {len(run.classes)})"
+                grids.append((grid, f"{r.label}: rows = classes{more}, columns = prompts"))
+        stages["per-prompt view masks"] = (time.perf_counter() - t, f"{len(grids)} grids")
+
+        g = run.gpr_result
+        gpr = gr.BarPlot(value=plots.gpr_frame(run.classes, None if g is None else g.prediction.gpr_scores),
+                         color_map=dict(mvpseg.visualize.legend_entries(run.classes, run.colors)),
+                         sort=list(run.classes),  # vocabulary order, as in the legend
+                         title=f"GPR class scores · {g.label}" if g else
+                         "No GPR: none of the selected prompt sets has a global prompt")
+
+        t = time.perf_counter()
+        key = (tuple((r.name, service.slot_key(r.name)) for r in run.results), run.classes)
+        groups = plots.embedding_groups([(r.name, r.text) for r in run.results])
+        fig, hit = service.cached(key, lambda: plots.tsne_figure(groups, run.classes, run.colors))
+        stages["t-SNE of prompt embeddings"] = (time.perf_counter() - t, "cached" if hit else f"{len(groups)} prompts")
+
+        total = time.perf_counter() - t0
+        student = f"**MVP-SEG+ student:** {models.student.status}"
+        return main, _summary(run, total), compare, student, grids, gpr, fig, _timings(run, stages, total)
+
+    @user_errors
+    def check_upload(prompt_files: list[str] | None, prompt_sets: list[str]) -> tuple[str, list[str]]:
+        selected = [s for s in (prompt_sets or []) if s != UPLOADED]
+        if not prompt_files:
+            return "", selected
+        src = prompts_from_upload(prompt_files, clip)
+        return (f"✅ **{src.origin}** fits {models.clip_description}: {src.description}. "
+                "It is ticked above as 'Learned · your uploaded checkpoint'.", selected + [UPLOADED])
+
+    @user_errors
+    def check_hub(hub_repo: str, prompt_sets: list[str]) -> tuple[str, list[str]]:
+        selected = [s for s in (prompt_sets or []) if s != HUB]
+        src = hub_source(hub_repo)
+        if src is None:
+            return "", selected
+        return (f"✅ **{src.origin}** fits {models.clip_description}: {src.description}. "
+                "It is ticked above as 'Learned · Hugging Face Hub repo'.", selected + [HUB])
+
+    run_segment = gpu_decorator(segment) if gpu_decorator else segment
+    with gr.Blocks(title="MVP-SEG · open-vocabulary segmentation", analytics_enabled=False) as demo:
+        gr.Markdown("# MVP-SEG · open-vocabulary segmentation with multi-view prompts\n"
+                    "Upload an image (or click an example), list the classes to look for, pick prompt sets and "
+                    "click **Segment**. Frozen CLIP + learned multi-view prompts + global prompt refining (GPR), "
+                    "after *MVP-SEG: Multi-View Prompt Learning for Open-Vocabulary Semantic Segmentation*.")
+        learned = "; ".join(f"{n} ({d})" for n, d in models.learned_sets.items()) or "none shipped"
+        gr.Markdown(f"**Model:** {models.clip_description} on `{models.device}` · **learned prompts:** {learned} · "
+                    f"**MVP-SEG+ student:** {'configured' if models.student.configured else 'not configured'}",
+                    elem_id="model-status")
+        if models.notices:
+            gr.Markdown("\n\n".join(models.notices), elem_id="notices")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=4, min_width=320):
+                image = ValidatedImage(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                       height=340, elem_id="image")
+                vocabulary = gr.Textbox(label=f"Vocabulary (comma-separated, up to {models.max_classes} classes)",
+                                        placeholder="cat, dog, grass, sky", lines=2, max_length=4000,
+                                        elem_id="vocabulary")
+                prompt_sets = gr.CheckboxGroup(choices=service.choices(), value=service.default_selection(),
+                                               label="Prompt sets (the topmost ticked one is the main result)",
+                                               elem_id="prompt-sets")
+                with gr.Accordion("Your own learned prompts", open=False):
+                    prompt_files = gr.File(label="Checkpoint: NAME.safetensors + NAME.json", file_count="multiple",
+                                           file_types=[".safetensors", ".json"], elem_id="prompt-files")
+                    hub_repo = gr.Textbox(label="…or a Hub repo (press Enter)", placeholder="hf-hub:ORG/REPO",
+                                          max_lines=1, max_length=300, elem_id="hub-repo")
+                    prompt_status = gr.Markdown(elem_id="prompt-status")
+                button = gr.Button("Segment", variant="primary", elem_id="segment")
+                example_rows = load_examples(models.mode) if examples is None else [list(e) for e in examples]
+                if example_rows:
+                    gr.Examples(example_rows, inputs=[image, vocabulary], label="Examples (click, then Segment)")
+            with gr.Column(scale=6, min_width=420):
+                overlay = gr.Image(label="Segmentation (fused masks refined by GPR)", format="png",
+                                   interactive=False, elem_id="overlay")
+                summary = gr.Markdown(elem_id="summary")
+        gr.Markdown("### Handcrafted vs learned prompts — same image, same vocabulary, same colours")
+        compare = gr.Gallery(label="Prompt sets side by side", format="png", columns=3, object_fit="contain",
+                             elem_id="compare")
+        student_status = gr.Markdown(f"**MVP-SEG+ student:** {models.student.status}", elem_id="student-status")
+        gr.Markdown("### What each prompt attends to (per class)")
+        views = gr.Gallery(label="Per-prompt view masks (heat: blue = low, red = high)", format="png", columns=2,
+                           object_fit="contain", elem_id="views")
+        with gr.Row(equal_height=False):
+            gpr = gr.BarPlot(x="class", y="GPR score", color="class", y_lim=[0, 1], sort=None,
+                             label="GPR class scores (Eq. 6): near 0 = suppressed, near 1 = kept", elem_id="gpr")
+            tsne = gr.Plot(label="Prompt text embeddings (t-SNE): colour = class, marker = prompt",
+                           format="png", elem_id="tsne")
+        with gr.Accordion("Time per stage", open=True):
+            timings = gr.Dataframe(headers=["stage", "seconds", "note"], interactive=False, elem_id="timings")
+
+        button.click(run_segment, inputs=[image, vocabulary, prompt_sets, prompt_files, hub_repo],
+                     outputs=[overlay, summary, compare, student_status, views, gpr, tsne, timings],
+                     api_name="segment", concurrency_limit=1, concurrency_id="model")
+        prompt_files.upload(check_upload, inputs=[prompt_files, prompt_sets], outputs=[prompt_status, prompt_sets],
+                            api_name="check_upload")
+        prompt_files.clear(check_upload, inputs=[prompt_files, prompt_sets], outputs=[prompt_status, prompt_sets],
+                           api_visibility="private")
+        hub_repo.submit(check_hub, inputs=[hub_repo, prompt_sets], outputs=[prompt_status, prompt_sets],
+                        api_name="check_hub", concurrency_limit=2, concurrency_id="hub")
+
+        def info() -> dict:
+            """What is loaded: CLIP, prompt sets, student, limits, cache statistics."""
+            return service.info()
+
+        gr.api(info, api_name="info")
+    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
+    demo.service = service  # for tests and benchmarks: the same object the endpoints use
+    return demo
+
+
+def launch_kwargs(host: str = "127.0.0.1", port: int | None = 7860) -> dict[str, Any]:
+    """Safe launch settings: bounded uploads, no extra served paths, no telemetry, no SSR."""
+    return dict(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, allowed_paths=None,
+                show_error=False, enable_monitoring=False, ssr_mode=False, run_history=False,
+                footer_links=["api", "gradio"], theme=gr.themes.Soft(primary_hue="indigo"), css=CSS)

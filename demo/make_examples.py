@@ -1,0 +1,51 @@
+"""Writes the demo's example images into ``demo/examples/`` (run once; the outputs are committed).
+
+* Toy-world scenes (``training.toyworld``, test split, seed 0) for the bundled toy model, each with a
+  vocabulary of its visible classes plus one class that is absent (to show what GPR suppresses).
+* A real photograph for real CLIP weights: Grace Hopper (US Navy photo, public domain) as shipped in
+  matplotlib's sample data.
+
+    python -m demo.make_examples
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+OUT = Path(__file__).resolve().parent / "examples"
+# (test-split index, vocabulary): scenes with several creatures, chosen by eye for variety.
+TOY_SCENES = (
+    (294, "background, red cat, red bird, yellow owl, yellow fox, brick, water"),
+    (165, "background, red bird, yellow bird, blue owl, green owl, grass, water, brick, sand"),
+    (42, "background, red owl, red fox, water, green cat"),
+)
+PHOTO_VOCABULARY = "person, military uniform, necktie, flag, wall"
+
+
+def main() -> None:
+    from training.toyworld import ToyWorld
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    world = ToyWorld("test", length=300, seed=0)
+    index = []
+    for i, vocabulary in TOY_SCENES:
+        image, _ = world[i]
+        name = f"toy_test_{i}.png"
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(OUT / name, optimize=True)
+        index.append({"file": name, "vocabulary": vocabulary, "model": "toy"})
+    import matplotlib
+
+    photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if photo.is_file():
+        shutil.copyfile(photo, OUT / "grace_hopper.jpg")
+        index.append({"file": "grace_hopper.jpg", "vocabulary": PHOTO_VOCABULARY, "model": "pretrained"})
+    (OUT / "examples.json").write_text(json.dumps(index, indent=2) + "\n")
+    print(f"wrote {len(index)} examples to {OUT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""One demo request, framework-free: image → cached features → one prediction per selected prompt set.
+
+The predictor holds a single image's features, and several browser sessions share it, so every use of it
+happens under one lock and the image is re-encoded only when its content key differs from the cached one.
+Changing only the vocabulary or only the prompt sets therefore never re-runs the image tower, and a
+(prompt set, vocabulary) pair seen before never re-runs the text tower (``predictor.stats`` counts both).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+import mvpseg
+from mvpseg import visualize
+
+from .models import DemoModels
+from .sources import DemoImage, DemoInputError, PromptSource, load_demo_image
+
+UPLOADED, HUB = "uploaded", "hub"
+BASELINE_LABELS = {
+    "maskclip-85": "Handcrafted · 85 templates (MaskCLIP baseline)",
+    "parts": "Handcrafted · part-based views (head / leg / tail)",
+    "a-photo-of": "Handcrafted · single template “a photo of a {}.”",
+}
+SLOT_LABELS = {UPLOADED: "Learned · your uploaded checkpoint", HUB: "Learned · Hugging Face Hub repo"}
+
+
+@dataclass
+class SetResult:
+    """The prediction of one prompt set and what it cost."""
+
+    name: str
+    label: str
+    prediction: mvpseg.Prediction
+    text: mvpseg.TextViews
+    text_seconds: float
+    head_seconds: float
+    text_cached: bool
+
+    @property
+    def multi_view(self) -> bool:
+        return len(self.prediction.view_names) > 1
+
+
+@dataclass
+class SegmentRun:
+    """Everything one request computed; rendering happens elsewhere."""
+
+    image: DemoImage
+    classes: tuple[str, ...]
+    colors: np.ndarray  # C×3 uint8, one colour per class in vocabulary order, shared by every panel
+    results: list[SetResult]
+    load_seconds: float
+    image_seconds: float
+    image_cached: bool
+    label_seconds: float = 0.0
+    student_map: np.ndarray | None = None
+    student_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def primary(self) -> SetResult:
+        return self.results[0]
+
+    @property
+    def gpr_result(self) -> SetResult | None:
+        """The first selected prompt set with a global prompt (the one the GPR chart shows)."""
+        return next((r for r in self.results if r.prediction.gpr_scores is not None), None)
+
+
+class SegmentService:
+    """Owns the predictor for the lifetime of the app; thread-safe."""
+
+    def __init__(self, models: DemoModels, tsne_cache_size: int = 16) -> None:
+        self.models = models
+        self.predictor = models.predictor
+        self._lock = threading.RLock()
+        self._image_key: str | None = None
+        self._slots: dict[str, str] = {}  # slot name → key of the PromptSource registered there
+        self._tsne: OrderedDict[tuple, Any] = OrderedDict()
+        self._tsne_size = tsne_cache_size
+
+    # ----------------------------------------------------------------- prompt sets
+    @property
+    def learned_names(self) -> list[str]:
+        return list(self.models.learned_sets)
+
+    def label(self, name: str) -> str:
+        if name in self.models.learned_sets:
+            return f"Learned · {name}"
+        return BASELINE_LABELS.get(name) or SLOT_LABELS.get(name) or name
+
+    def choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs in display order: learned first (they are the method), then baselines."""
+        names = self.learned_names + [UPLOADED, HUB]
+        names += [n for n in BASELINE_LABELS if n in self.predictor.prompt_set_names]
+        return [(self.label(n), n) for n in names]
+
+    def default_selection(self) -> list[str]:
+        """The best learned set (if any) against the MaskCLIP baseline and the part-based views."""
+        return self.learned_names[:1] + ["maskclip-85", "parts"]
+
+    def ordered(self, names: Sequence[str] | str | None) -> list[str]:
+        """Validates a selection and puts it in display order (the first one is the main result)."""
+        selected = [names] if isinstance(names, str) else list(names or [])
+        known = [v for _, v in self.choices()]
+        unknown = [n for n in selected if n not in known]
+        if unknown:
+            raise DemoInputError(f"Unknown prompt set {unknown[0]!r}; choose from: {', '.join(known)}.")
+        if not selected:
+            raise DemoInputError("Choose at least one prompt set.")
+        return [n for n in known if n in selected]
+
+    def _register(self, slot: str, source: PromptSource | None) -> None:
+        if source is None:
+            what = "upload a checkpoint (.safetensors + .json)" if slot == UPLOADED else "enter an hf-hub:ORG/REPO"
+            raise DemoInputError(f"'{SLOT_LABELS[slot]}' is selected but not given: {what} first, or untick it.")
+        if self._slots.get(slot) != source.key:  # re-registering drops that slot's cached text: only on change
+            self.predictor.add_prompt_set(slot, source.prompts)
+            self._slots[slot] = source.key
+
+    # ----------------------------------------------------------------- request
+    def segment(self, image: Any, vocabulary: str | Sequence[str], prompt_sets: Sequence[str] | str | None,
+                uploaded: PromptSource | None = None, hub: PromptSource | None = None,
+                progress: Callable[[float, str], None] | None = None) -> SegmentRun:
+        """Runs every selected prompt set on ``image``. Raises ImageError, VocabularyError, CheckpointError or
+        DemoInputError with a message for the user."""
+        step = progress or (lambda frac, desc: None)
+        t0 = time.perf_counter()
+        names = self.ordered(prompt_sets)
+        classes = mvpseg.parse_vocabulary(vocabulary, max_classes=self.models.max_classes)
+        img = load_demo_image(image)
+        load_seconds = time.perf_counter() - t0
+        results: list[SetResult] = []
+        with self._lock:
+            for slot, source in ((UPLOADED, uploaded), (HUB, hub)):
+                if slot in names:
+                    self._register(slot, source)
+            image_cached = self._image_key == img.key and self.predictor.has_image
+            if not image_cached:
+                step(0.1, "encoding the image (CLIP image tower)")
+                self._image_key = None  # stays unset if set_image fails half-way
+                self.predictor.set_image(img.rgb)
+                self._image_key = img.key
+            image_seconds = 0.0 if image_cached else self.predictor.image_seconds
+            for i, name in enumerate(names):
+                step(0.3 + 0.5 * i / len(names), f"prompt set {self.label(name)}")
+                before = self.predictor.stats["text_encodes"]
+                pred = self.predictor.predict(classes, prompts=name)
+                cached = self.predictor.stats["text_encodes"] == before
+                text = self.predictor.text_features(classes, name)  # a cache hit: the same TextViews
+                results.append(SetResult(name, self.label(name), pred, text, pred.timings["text"],
+                                         pred.timings["head"], cached))
+        run = SegmentRun(img, classes, visualize.palette(len(classes)), results, load_seconds, image_seconds,
+                         image_cached, notes=[img.note] if img.note else [])
+        t1 = time.perf_counter()
+        for r in results:  # full-size label maps (lazy in Prediction): independent of the predictor's state
+            _ = r.prediction.label_map
+        run.label_seconds = time.perf_counter() - t1
+        if self.models.student.configured:
+            step(0.85, "MVP-SEG+ student")
+            t2 = time.perf_counter()
+            try:
+                with self._lock:
+                    run.student_map = self.models.student.runner(img.rgb, img.key, classes)
+            except Exception as e:  # the student is an extra: its failure must not hide the main result
+                run.notes.append(f"The MVP-SEG+ student failed on this input: {e}")
+            run.student_seconds = time.perf_counter() - t2
+        return run
+
+    def slot_key(self, name: str) -> str:
+        return self._slots.get(name, "")
+
+    def cached(self, key: tuple, compute: Callable[[], Any]) -> tuple[Any, bool]:
+        """A small LRU for derived artefacts (the t-SNE figure) keyed by what they depend on."""
+        with self._lock:
+            if key in self._tsne:
+                self._tsne.move_to_end(key)
+                return self._tsne[key], True
+        value = compute()
+        with self._lock:
+            self._tsne[key] = value
+            while len(self._tsne) > self._tsne_size:
+                self._tsne.popitem(last=False)
+        return value, False
+
+    # ----------------------------------------------------------------- info
+    def info(self) -> dict[str, Any]:
+        """What is loaded, for the page header and the ``/info`` endpoint."""
+        m = self.models
+        sets = []
+        for label, name in self.choices():
+            kind = "learned" if name in m.learned_sets or name in SLOT_LABELS else "handcrafted"
+            sets.append({"name": name, "label": label, "kind": kind,
+                         "description": m.learned_sets.get(name, "")})
+        return {
+            "clip": m.clip_description, "mode": m.mode, "device": m.device,
+            "work_short_side": self.predictor.short_side, "prompt_sets": sets,
+            "student": {"configured": m.student.configured, "status": m.student.status},
+            "limits": {"max_classes": m.max_classes, "max_name_chars": mvpseg.predictor.MAX_NAME_CHARS},
+            "notices": list(m.notices), "stats": dict(self.predictor.stats),
+        }

@@ -1,0 +1,318 @@
+"""The MVP-SEG+ student (paper Sec. 3.3, following MaskCLIP+): a DeepLab network whose classifier is text.
+
+There is no learned 1×1 classifier. The head outputs ``D`` = CLIP-embedding-width features ``f`` (not
+normalised, as MaskCLIP+'s ``norm_feat=False``) and class ``c`` scores ``f · w_c`` where ``w_c`` is the
+frozen MVP-SEG text embedding of class ``c`` with the K views fused as in Eq. 4:
+
+    τ1 Σ_i f̂·t_c^i = τ1 K · f̂·w_c   with   w_c = (1/K) Σ_i t_c^i,
+
+i.e. Eq. 4's fusion is linear in the views, and its scale τ1·K is absorbed by the unnormalised student
+features. Where the dataset keeps a background class (Context-60, the toy world), that class uses a
+learnable unit-norm background embedding instead of text (MaskCLIP+ ``cls_bg``). Because the classifier
+is text, any vocabulary works at inference: encode it with the same prompts and swap ``w``.
+
+Checkpoints are ``NAME.safetensors`` (student weights, background embedding and, for learned prompts,
+the prompt vectors) + ``NAME.json`` (architecture, CLIP identity, prompt metadata, training classes).
+They are self-contained except for the CLIP, whose text tower is needed for new vocabularies.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import CheckpointError, PromptMeta, check_compatible
+from .clip_backbone import NORMALIZATIONS, FrozenCLIP
+from .prompts import LearnedPrompts, PromptSet, TextViews
+from .student_heads import HEADS, ResNetBackbone, load_backbone_weights, make_head, make_resnet
+
+FORMAT = "mvpseg-student"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Architecture of a student. MaskCLIP+: resnet101 / deeplabv2 (VOC, COCO-Stuff) or deeplabv3plus (Context).
+
+    embed_dim: CLIP embedding width D (head output channels; 1024 for RN50).
+    background: a learnable background embedding (datasets that score a background class).
+    dilations: ASPP dilations (None: 6/12/18/24 for deeplabv2, 1/12/24/36 for deeplabv3plus).
+    """
+
+    backbone: str = "resnet101"
+    head: str = "deeplabv2"
+    embed_dim: int = 1024
+    output_stride: int = 8
+    background: bool = False
+    dilations: tuple[int, ...] | None = None
+    low_level_channels: int = 48
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"unknown student head '{self.head}'; choose from {', '.join(HEADS)}")
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be positive, got {self.embed_dim}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StudentConfig":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if kw.get("dilations") is not None:
+            kw["dilations"] = tuple(kw["dilations"])
+        return cls(**kw)
+
+
+def fuse_views(text: TextViews) -> torch.Tensor:
+    """Eq. 4 fusion as a classifier: seg views K×C×D (unit norm) → C×D mean (norm ≤ 1; no GPR)."""
+    return text.seg.float().mean(dim=0)
+
+
+class StudentNet(nn.Module):
+    """Dilated ResNet + DeepLab head + open-vocabulary classifier.
+
+    Inputs are images in [0, 1] normalised with ``normalize`` (ImageNet statistics, what torchvision's
+    weights expect). ``features``: B×3×H×W → B×D×H/s×W/s with s = 8 (deeplabv2) or 4 (deeplabv3plus).
+    """
+
+    def __init__(self, config: StudentConfig, backbone_weights: str | None = None,
+                 require_pretrained: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        net = make_resnet(config.backbone)
+        self.backbone_init = load_backbone_weights(net, config.backbone, backbone_weights, require_pretrained)
+        self.backbone = ResNetBackbone(net, config.output_stride)
+        self.head = make_head(config.head, self.backbone, config.embed_dim, config.dilations,
+                              config.low_level_channels)
+        # MaskCLIP+ initialises the background embedding from N(0, 1) and normalises it on use.
+        self.bg_embedding = nn.Parameter(torch.randn(1, config.embed_dim)) if config.background else None
+        mean, std = NORMALIZATIONS["imagenet"]
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def has_background(self) -> bool:
+        return self.bg_embedding is not None
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """B×3×H×W float in [0, 1] → ImageNet-normalised input."""
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images B×3×H×W → unnormalised pixel embeddings B×D×h×w."""
+        low, high = self.backbone(images)
+        return self.head(low, high)
+
+    def classifier(self, class_embeddings: torch.Tensor, background_index: int | None = None) -> torch.Tensor:
+        """C×D text embeddings → C×D classifier; row ``background_index`` becomes the learned background."""
+        if background_index is None:
+            return class_embeddings
+        if self.bg_embedding is None:
+            raise ValueError("this student has no background embedding (it was trained without a background "
+                             "class); leave 'background' out of the vocabulary")
+        rows = list(class_embeddings.to(self.bg_embedding.dtype).unbind(0))
+        rows[background_index] = F.normalize(self.bg_embedding[0], dim=-1)
+        return torch.stack(rows)
+
+    def classify(self, features: torch.Tensor, class_embeddings: torch.Tensor,
+                 background_index: int | None = None) -> torch.Tensor:
+        """Features B×D×h×w and class embeddings C×D → logits B×C×h×w (plain dot products)."""
+        w = self.classifier(class_embeddings, background_index)
+        return torch.einsum("bdhw,cd->bchw", features, w.to(features.dtype))
+
+    def forward(self, images: torch.Tensor, class_embeddings: torch.Tensor,
+                background_index: int | None = None) -> torch.Tensor:
+        """Normalised images B×3×H×W → logits B×C×h×w (the loss upsamples them to the label size)."""
+        return self.classify(self.features(images), class_embeddings, background_index)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+@dataclass(frozen=True)
+class StudentMeta:
+    """The JSON sidecar of a student checkpoint."""
+
+    config: dict[str, Any]
+    clip_model: str
+    clip_pretrained: str | None
+    clip_fingerprint: str
+    embed_dim: int
+    text_width: int
+    prompts: dict[str, Any]  # {"kind": "learned", "meta": PromptMeta} or {"kind": "handcrafted", "name": …}
+    class_names: tuple[str, ...] = ()
+    background_index: int | None = None
+    unseen: tuple[int, ...] = ()
+    backbone_init: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+    version: int = FORMAT_VERSION
+
+
+@dataclass(frozen=True)
+class LoadedStudent:
+    net: StudentNet
+    prompts: PromptSet
+    meta: StudentMeta
+
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)  # a reader never sees a half-written file
+
+
+def _prompt_record(prompts: PromptSet, clip: FrozenCLIP) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if isinstance(prompts, LearnedPrompts):
+        meta = getattr(prompts, "meta", None) or PromptMeta(
+            clip.spec.model_name, clip.spec.pretrained, clip.fingerprint, clip.text_width, clip.embed_dim,
+            prompts.n_seg, prompts.n_ctx, prompts.use_global)
+        tensors = {"prompts.ctx": prompts.ctx.detach().float().cpu().contiguous(),
+                   "prompts.tau1": prompts.tau1_param.detach().float().cpu().reshape(()),
+                   "prompts.tau2": prompts.tau2_param.detach().float().cpu().reshape(())}
+        record = asdict(meta)
+        record["training_classes"] = list(record["training_classes"])
+        return {"kind": "learned", "meta": record}, tensors
+    return {"kind": "handcrafted", "name": prompts.name}, {}
+
+
+def save_student(path: str | os.PathLike, net: StudentNet, prompts: PromptSet, clip: FrozenCLIP,
+                 class_names: Sequence[str] = (), background_index: int | None = None,
+                 unseen: Sequence[int] = (), extra: dict[str, Any] | None = None) -> Path:
+    """Writes ``path`` (.safetensors) and its .json sidecar; returns the .safetensors path."""
+    st, js = _paths(path)
+    st.parent.mkdir(parents=True, exist_ok=True)
+    prompt_record, tensors = _prompt_record(prompts, clip)
+    state = {f"student.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    meta = StudentMeta(asdict(net.config), clip.spec.model_name, clip.spec.pretrained, clip.fingerprint,
+                       clip.embed_dim, clip.text_width, prompt_record, tuple(class_names), background_index,
+                       tuple(int(u) for u in unseen), net.backbone_init, dict(extra or {}))
+    _atomic(st, lambda t: save_file({**state, **tensors}, str(t),
+                                    metadata={"format": FORMAT, "version": str(FORMAT_VERSION)}))
+    _atomic(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
+    return st
+
+
+def read_student_meta(path: str | os.PathLike) -> StudentMeta:
+    _, js = _paths(path)
+    if not js.is_file():
+        raise CheckpointError(f"student metadata not found: {js} (a student checkpoint is a .safetensors file with "
+                              "a .json file of the same name beside it)")
+    try:
+        raw = json.loads(js.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"student metadata {js} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        fmt = raw.get("format") if isinstance(raw, dict) else None
+        raise CheckpointError(f"{js} is not an mvpseg student checkpoint (format={fmt!r})")
+    if int(raw.get("version", -1)) > FORMAT_VERSION:
+        raise CheckpointError(f"{js} has format version {raw['version']}; this mvpseg reads up to {FORMAT_VERSION}")
+    known = {f.name for f in fields(StudentMeta)}
+    try:
+        raw["class_names"] = tuple(raw.get("class_names", ()))
+        raw["unseen"] = tuple(raw.get("unseen", ()))
+        return StudentMeta(**{k: v for k, v in raw.items() if k in known})
+    except TypeError as e:
+        raise CheckpointError(f"student metadata {js} is incomplete: {e}") from e
+
+
+def _check_clip(meta: StudentMeta, clip: FrozenCLIP) -> None:
+    if meta.prompts.get("kind") == "learned":
+        check_compatible(_prompt_meta(meta), clip)  # learned prompts are tied to the exact text tower
+    problems = []
+    if meta.embed_dim != clip.embed_dim:
+        problems.append(f"embedding width {meta.embed_dim} vs {clip.embed_dim}")
+    if meta.clip_model != clip.spec.model_name:
+        problems.append(f"model '{meta.clip_model}' vs '{clip.spec.model_name}'")
+    elif meta.clip_fingerprint != clip.fingerprint:
+        problems.append(f"text-tower weights differ (fingerprint {meta.clip_fingerprint} vs {clip.fingerprint})")
+    if problems:
+        raise CheckpointError("this student was trained against another CLIP: " + "; ".join(problems) +
+                              f". Load {meta.clip_model} ({meta.clip_pretrained}) to use it.")
+
+
+def _prompt_meta(meta: StudentMeta) -> PromptMeta:
+    raw = dict(meta.prompts["meta"])
+    raw["training_classes"] = tuple(raw.get("training_classes", ()))
+    try:
+        return PromptMeta(**{k: v for k, v in raw.items() if k in {f.name for f in fields(PromptMeta)}})
+    except TypeError as e:
+        raise CheckpointError(f"student checkpoint has incomplete prompt metadata: {e}") from e
+
+
+def _rebuild_prompts(meta: StudentMeta, tensors: dict[str, torch.Tensor], st: Path) -> PromptSet:
+    kind = meta.prompts.get("kind")
+    if kind == "learned":
+        pm = _prompt_meta(meta)
+        prompts = LearnedPrompts(pm.text_width, pm.n_seg, pm.n_ctx, pm.use_global, name="mvp-seg")
+        sd = {"ctx": tensors["prompts.ctx"], "tau1_param": tensors["prompts.tau1"],
+              "tau2_param": tensors["prompts.tau2"]}
+        if tuple(sd["ctx"].shape) != tuple(prompts.ctx.shape):
+            raise CheckpointError(f"{st}: prompt vectors have shape {tuple(sd['ctx'].shape)}, metadata says "
+                                  f"{tuple(prompts.ctx.shape)}")
+        prompts.load_state_dict(sd, strict=True)
+        prompts.meta = pm
+        return prompts
+    if kind == "handcrafted":
+        from .builder import baseline_prompt_sets  # lazy: the builder imports the predictor
+
+        sets = baseline_prompt_sets()
+        if meta.prompts.get("name") not in sets:
+            raise CheckpointError(f"{st}: unknown handcrafted prompt set {meta.prompts.get('name')!r}")
+        return sets[meta.prompts["name"]]
+    raise CheckpointError(f"{st}: unknown prompt kind {kind!r}")
+
+
+def load_student(path: str | os.PathLike, clip: FrozenCLIP | None = None,
+                 device: str | torch.device | None = None) -> LoadedStudent:
+    """Reads a student checkpoint strictly (exact tensor names, shapes, finite values); with ``clip`` given,
+    refuses a student trained against another CLIP. Returns the network in eval mode and its prompts."""
+    st, _ = _paths(path)
+    meta = read_student_meta(path)
+    if clip is not None:
+        _check_clip(meta, clip)
+    if not st.is_file():
+        raise CheckpointError(f"student tensors not found: {st}")
+    try:
+        tensors = load_file(str(st))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{st} is not a readable safetensors file: {e}") from e
+    try:
+        config = StudentConfig.from_dict(meta.config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{st}: bad student config in the metadata: {e}") from e
+    net = StudentNet(config, backbone_weights=None)
+    own = net.state_dict()
+    state = {k.removeprefix("student."): v for k, v in tensors.items() if k.startswith("student.")}
+    prompt_keys = {"prompts.ctx", "prompts.tau1", "prompts.tau2"} if meta.prompts.get("kind") == "learned" else set()
+    extra = set(tensors) - {f"student.{k}" for k in own} - prompt_keys
+    missing = (set(own) - set(state)) | {k for k in prompt_keys if k not in tensors}
+    if missing or extra:
+        raise CheckpointError(f"{st} does not match its metadata: missing {sorted(missing)[:6]}, "
+                              f"unexpected {sorted(extra)[:6]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{st}: tensor 'student.{k}' has shape {tuple(v.shape)}, expected "
+                                  f"{tuple(own[k].shape)}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{st}: tensor 'student.{k}' contains NaN or infinite values")
+    net.load_state_dict(state, strict=True)
+    net.backbone_init = meta.backbone_init
+    prompts = _rebuild_prompts(meta, tensors, st)
+    dev = device if device is not None else (clip.device if clip is not None else "cpu")
+    return LoadedStudent(net.to(dev).eval(), prompts.to(dev).eval(), meta)

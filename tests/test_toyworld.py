@@ -1,0 +1,144 @@
+"""Toy world generator: determinism, labels that match what was drawn, the zero-shot split, captions."""
+from __future__ import annotations
+
+from dataclasses import replace
+from itertools import combinations
+
+import numpy as np
+import pytest
+
+from training import toyworld as tw
+
+
+def test_same_seed_same_arrays_from_two_instances():
+    a, b = tw.ToyWorld("val", 4, seed=7), tw.ToyWorld("val", 4, seed=7)
+    for i in range(4):
+        (ia, la), (ib, lb) = a[i], b[i]
+        assert ia.dtype == np.uint8 and ia.shape == (256, 256, 3)
+        assert la.dtype == np.int64 and la.shape == (256, 256)
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(la, lb)
+    # Access order does not matter (each sample has its own generator).
+    np.testing.assert_array_equal(tw.ToyWorld("val", 4, seed=7)[3][0], a[3][0])
+
+
+def test_seeds_splits_and_indices_give_different_scenes():
+    base = tw.ToyWorld("val", 2, seed=0)[0][0]
+    assert not np.array_equal(base, tw.ToyWorld("val", 2, seed=1)[0][0])
+    assert not np.array_equal(base, tw.ToyWorld("test", 2, seed=0)[0][0])
+    assert not np.array_equal(base, tw.ToyWorld("val", 2, seed=0)[1][0])
+
+
+def test_labels_match_painted_layers():
+    """Every pixel shows the colour of the layer painted last there and carries that layer's label."""
+    cfg = replace(tw.WorldConfig(), noise=0.0)
+    ds = tw.ToyWorld("val", 3, seed=3, config=cfg)
+    for i in range(3):
+        scene = ds.scene(i)
+        image, label = ds[i]
+        top = np.zeros(label.shape, np.int64)
+        for k, layer in enumerate(scene.layers):
+            top[layer.mask] = k
+        for k, layer in enumerate(scene.layers):
+            vis = top == k
+            assert (label[vis] == layer.label).all()
+            expect = np.clip(np.round(layer.pixels[vis]), 0, 255).astype(np.uint8)
+            np.testing.assert_array_equal(image[vis], expect)
+
+
+def test_object_label_is_exactly_the_drawn_pixels():
+    """One creature on a background: the pixels the drawing changed are exactly the labelled ones."""
+    cfg = replace(tw.WorldConfig(), objects=(1, 1), stuff=(0, 0), clutter=(0, 0), noise=0.0)
+    ds = tw.ToyWorld("val", 6, seed=11, config=cfg)
+    for i in range(6):
+        scene = ds.scene(i)
+        full = tw.render(scene)
+        bg_only = tw.render(replace(scene, layers=scene.layers[:1]))
+        changed = (full.image != bg_only.image).any(-1)
+        labelled = full.label != 0
+        assert labelled.sum() > 0 or not changed.any()  # object may lie outside the frame
+        assert not (changed & ~labelled).any()  # nothing drawn outside the label
+        # inside the label nearly every pixel differs from the background (equal colours are rare)
+        assert (labelled & ~changed).sum() <= max(2, 0.01 * labelled.sum())
+        objects = [layer.label for layer in scene.layers if layer.kind == "object"]
+        assert set(np.unique(full.label)) <= {0, *objects}
+
+
+def test_scenes_contain_stuff_objects_and_clutter():
+    ds = tw.ToyWorld("val", 20, seed=0)
+    kinds = [layer.kind for i in range(20) for layer in ds.scene(i).layers]
+    for k in ("background", "stuff", "object", "clutter"):
+        assert k in kinds
+    labels = np.concatenate([ds[i][1].ravel() for i in range(20)])
+    assert set(np.unique(labels)) <= set(range(len(tw.CLASS_NAMES)))
+    assert len(np.unique(labels)) >= 15  # most classes occur in a small sample
+
+
+def test_train_split_hides_unseen_classes():
+    full = tw.ToyWorld("train", 8, seed=5, hide_unseen=False)
+    hidden = tw.ToyWorld("train", 8, seed=5)
+    assert hidden.hide_unseen and not tw.ToyWorld("val", 1).hide_unseen
+    found = False
+    for i in range(8):
+        img_f, lab_f = full[i]
+        img_h, lab_h = hidden[i]
+        np.testing.assert_array_equal(img_f, img_h)
+        is_unseen = np.isin(lab_f, tw.UNSEEN)
+        found |= bool(is_unseen.any())
+        assert (lab_h[is_unseen] == 255).all()
+        np.testing.assert_array_equal(lab_h[~is_unseen], lab_f[~is_unseen])
+        assert not np.isin(lab_h, tw.UNSEEN).any()
+    assert found
+
+
+def test_class_vocabulary_and_zero_shot_split():
+    names = tw.ToyWorld.class_names
+    assert names[0] == "background" and len(names) == 21 and len(set(names)) == 21
+    assert tw.ToyWorld.ignore_index == 255
+    assert sorted(tw.SEEN + tw.UNSEEN) == list(range(21))
+    assert [names[i] for i in tw.UNSEEN] == list(tw.UNSEEN_NAMES)
+    seen_words = {w for i in tw.SEEN for w in names[i].split()}
+    unseen_objects = [names[i] for i in tw.UNSEEN if names[i] in tw.OBJECT_NAMES]
+    assert len(unseen_objects) == 4
+    for name in unseen_objects:  # compositional: every word of an unseen name is seen elsewhere
+        assert set(name.split()) <= seen_words
+    # unseen objects form a Latin square: each colour and each creature once
+    assert {n.split()[0] for n in unseen_objects} == set(tw.COLOURS)
+    assert {n.split()[1] for n in unseen_objects} == set(tw.CREATURES)
+
+
+def test_no_single_part_identifies_a_creature():
+    parts = list(tw.CREATURES.values())
+    for slot in range(3):
+        values = [p[slot] for p in parts]
+        assert all(values.count(v) >= 2 for v in values)
+    for a, b in combinations(range(3), 2):  # but any two parts do
+        pairs = [(p[a], p[b]) for p in parts]
+        assert len(set(pairs)) == len(pairs)
+
+
+def test_captions_name_visible_classes_only_and_are_deterministic():
+    ds = tw.CaptionedToyWorld(40, seed=2)
+    n_named = 0
+    for i in range(40):
+        image, text, classes = ds.item(i)
+        assert image.shape == (64, 64, 3)
+        assert text == ds.item(i)[1]
+        rendered_labels = set(np.unique(tw.render(tw.sample_scene(tw.sample_rng(2, "pretrain", i),
+                                                                  tw.PRETRAIN_CONFIG)).label))
+        assert set(classes) <= rendered_labels
+        for c in classes:
+            assert tw.CLASS_NAMES[c] in text
+        for c in set(range(1, len(tw.CLASS_NAMES))) - set(classes):
+            assert f" {tw.CLASS_NAMES[c]}" not in f" {text}"
+        n_named += len(classes)
+    assert n_named >= 40  # most captions name something
+    # unseen classes do occur in pretraining captions (like web captions)
+    assert any(set(ds.item(i)[2]) & set(tw.UNSEEN) for i in range(40))
+
+
+def test_index_out_of_range_and_bad_split():
+    with pytest.raises(IndexError):
+        tw.ToyWorld("val", 2)[2]
+    with pytest.raises(ValueError):
+        tw.ToyWorld("nope", 2)

@@ -1,0 +1,210 @@
+"""Prompt learning on a tiny random-weight CLIP: kill + resume == uninterrupted, variants, no leak."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fixtures_data import make_voc, write_tiny_clip
+from mvpseg.checkpoint import read_meta
+from training import evaluate, train_prompts
+from training.checkpointing import load_state
+from training.datasets import VOC20
+from training.runlog import read_jsonl
+from training.schedule import LRSchedule
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    make_voc(root / "data")
+    clip_args = write_tiny_clip(root / "clip")
+    return root, clip_args
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def base_args(root: Path, clip_args, out: str, *extra) -> list[str]:
+    return ["--dataset", "voc", "--data-root", str(root / "data" / "VOCdevkit"), "--out",
+            str(root / out), *clip_args, "--n-ctx", "8", "--crop-size", "64",
+            "--train-scale", "128", "64", "--global-batch", "2", "--max-iters", "6",
+            "--warmup-iters", "2", "--lr", "0.05", "--ckpt-every", "2", "--num-workers", "0",
+            "--cpu-threads", "1", "--device", "cpu", "--no-progress", *extra]
+
+
+def prompts_of(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def test_kill_and_resume_matches_uninterrupted(setup):
+    root, clip_args = setup
+    ref = train_prompts.main(base_args(root, clip_args, "ref"))
+    # A separate process is SIGKILLed right after iteration 3 (last checkpoint: iteration 2).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "training.train_prompts",
+                           *base_args(root, clip_args, "killed", "--simulate-kill-at", "3")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    killed = root / "killed"
+    assert not (killed / "prompts.safetensors").exists()
+    assert [p.name for p in sorted((killed / "checkpoints").glob("state_*.pt"))] == ["state_00000002.pt"]
+    assert max(r.get("iter") or 0 for r in read_jsonl(killed / "log.jsonl")) == 3
+
+    # Without --resume an existing run folder is refused rather than overwritten.
+    with pytest.raises(SystemExit, match="--resume"):
+        train_prompts.main(base_args(root, clip_args, "killed"))
+    resumed = train_prompts.main(base_args(root, clip_args, "killed", "--resume"))
+
+    a, b = prompts_of(ref), prompts_of(resumed)
+    assert set(a) == {"ctx", "tau1", "tau2"}
+    assert a["ctx"].shape == (4, 8, 64)  # 3 segmentation prompts + global, n_ctx 8, width 64
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit-identical, not merely close
+    log_ref = [r for r in read_jsonl(root / "ref" / "log.jsonl") if "iter" in r and "loss" in r]
+    log_res = [r for r in read_jsonl(killed / "log.jsonl") if "iter" in r and "loss" in r]
+    assert [r["iter"] for r in log_res] == [1, 2, 3, 4, 5, 6]  # iteration 3 logged once
+    assert [r["loss"] for r in log_ref] == [r["loss"] for r in log_res]
+    events = [r["event"] for r in read_jsonl(killed / "log.jsonl") if "event" in r]
+    assert events == ["start", "resume", "done"]
+
+    # the training state holds only tensors / primitives and loads with weights_only=True
+    state = load_state(killed / "checkpoints" / "state_00000006.pt")
+    assert state["iteration"] == 6 and "momentum_buffer" in str(state["optimizer"]["state"])
+    assert torch.load(killed / "checkpoints" / "state_00000006.pt", weights_only=True)
+
+    # ... and evaluating them gives the same numbers
+    ev = [evaluate.main(["--data", f"voc={root / 'data' / 'VOCdevkit'}", "--prompts", f"run={p}",
+                         "--baselines", "--eval-scale", "128", "64", *clip_args, "--num-workers",
+                         "0", "--cpu-threads", "1", "--device", "cpu", "--no-progress"])
+          for p in (ref, resumed)]
+    assert ev[0]["results"] == ev[1]["results"]
+    assert ev[0]["results"]["voc20"]["run"]["class_names"][0] == "aeroplane"
+
+    # a resume with different settings is refused with the differing key named
+    with pytest.raises(RuntimeError, match="lr: checkpoint 0.05 vs now 0.01"):
+        train_prompts.main(base_args(root, clip_args, "killed", "--resume", "--lr", "0.01"))
+
+
+def test_training_reduces_loss_and_records_vocabulary(setup):
+    root, clip_args = setup
+    out = train_prompts.main(base_args(root, clip_args, "learn", "--max-iters", "12",
+                                       "--ckpt-every", "100"))
+    meta = read_meta(out)
+    assert meta.training_classes == VOC20.seen_prompt_names  # seen names only
+    assert not set(meta.training_classes) & set(VOC20.unseen_prompt_names)
+    assert (meta.n_seg, meta.n_ctx, meta.use_global) == (3, 8, True)
+    recs = [r for r in read_jsonl(root / "learn" / "log.jsonl") if "loss" in r]
+    assert len(recs) == 12 and all(np.isfinite(r["loss"]) for r in recs)
+    assert np.mean([r["seg"] for r in recs[-3:]]) < np.mean([r["seg"] for r in recs[:3]])
+    assert recs[0]["lr"] == pytest.approx(0.05 * 1e-3)  # warmup starts at ratio 1e-3
+
+
+def test_unseen_pixels_do_not_influence_training(setup, tmp_path):
+    """Relabelling unseen-class pixels (sheep → sofa, tvmonitor → train) changes nothing."""
+    root, clip_args = setup
+    import shutil
+
+    shutil.copytree(root / "data", tmp_path / "data")
+    ann = tmp_path / "data" / "VOCdevkit" / "VOC2012"
+    changed = 0
+    for folder in ("SegmentationClass", "SegmentationClassAug"):
+        for p in (ann / folder).glob("*.png"):
+            im = Image.open(p)
+            arr = np.array(im)
+            new = arr.copy()
+            new[arr == 17], new[arr == 20] = 18, 19  # raw ids: sheep→sofa, tvmonitor→train
+            changed += int((new != arr).sum())
+            out = Image.fromarray(new, mode="L")
+            if im.mode == "P":
+                out = out.convert("P")
+                out.putpalette(im.getpalette())
+            out.save(p)
+    assert changed > 0
+    a = train_prompts.main(base_args(root, clip_args, "leak_a", "--max-iters", "3"))
+    b = train_prompts.main(base_args(tmp_path, clip_args, "leak_b", "--max-iters", "3"))
+    for k, v in prompts_of(a).items():
+        assert torch.equal(v, prompts_of(b)[k]), k
+
+
+@pytest.mark.parametrize("variant,shape0,glob,l_oc", [
+    ("single", 1, False, 0.0), ("multi", 3, False, 0.0), ("multi-oc", 3, False, 100.0),
+    ("mvpseg", 4, True, 100.0)])
+def test_table1_variants(variant, shape0, glob, l_oc):
+    args = train_prompts.build_parser().parse_args(
+        ["--dataset", "voc", "--data-root", "x", "--out", "y", "--variant", variant])
+    cfg = train_prompts.config_from_args(args)
+    assert cfg.n_seg + int(cfg.use_global) == shape0 and cfg.use_global is glob
+    assert cfg.lambda_oc == l_oc and cfg.loss_weights.cls == (3.0 if glob else 0.0)
+    # paper defaults
+    assert (cfg.lr, cfg.weight_decay, cfg.warmup_iters, cfg.warmup_ratio, cfg.max_iters,
+            cfg.global_batch, cfg.n_ctx, cfg.gamma) == (2e-4, 5e-4, 1000, 1e-3, 8000, 8, 32, 10.0)
+    sweep = train_prompts.config_from_args(train_prompts.build_parser().parse_args(
+        ["--dataset", "voc", "--data-root", "x", "--out", "y", "--variant", "multi-oc",
+         "--n-seg", "5"]))
+    assert sweep.n_seg == 5 and sweep.lambda_oc == 100.0
+
+
+def test_single_prompt_run(setup):
+    root, clip_args = setup
+    out = train_prompts.main(base_args(root, clip_args, "single", "--variant", "single",
+                                       "--max-iters", "2"))
+    t = prompts_of(out)
+    assert t["ctx"].shape == (1, 8, 64) and not read_meta(out).use_global
+
+
+def test_lr_schedule_mmcv_semantics():
+    s = LRSchedule(2e-4, 8000, warmup_iters=1000, warmup_ratio=1e-3)
+    assert s.lr_at(0) == pytest.approx(2e-4 * 1e-3)
+    assert s.lr_at(500) == pytest.approx(2e-4 * (1 - 500 / 8000) ** 0.9 * (1 - 0.5 * (1 - 1e-3)))
+    assert s.lr_at(1000) == pytest.approx(2e-4 * (1 - 1000 / 8000) ** 0.9)
+    assert s.lr_at(8000) == 0.0
+    c = LRSchedule(1.0, 10, warmup_iters=0, policy="constant")
+    assert [c.lr_at(i) for i in (0, 9)] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("use_global,ckpt", [(True, False), (False, True)])
+def test_shared_prefix_encoder_equals_core_encoder(tiny, use_global, ckpt):
+    from mvpseg.prompts import LearnedPrompts
+    from training.datasets import COCOSTUFF171
+    from training.shared_prefix import SharedPrefixEncoder, supports_shared_prefix
+
+    assert supports_shared_prefix(tiny)
+    torch.manual_seed(0)
+    prompts = LearnedPrompts(tiny.text_width, n_seg=3, n_ctx=8, use_global=use_global)
+    names = COCOSTUFF171.seen_prompt_names[:40]  # multi-token names of different lengths
+    enc = SharedPrefixEncoder(tiny, activation_checkpointing=ckpt)
+    grads, views = [], []
+    for fn in (lambda: prompts.encode(tiny, names), lambda: enc.encode(prompts, names)):
+        v = fn()
+        w = torch.linspace(-1, 1, v.seg.numel()).view_as(v.seg)
+        loss = (v.seg * w).sum() + (0 if v.glob is None else v.glob.square().sum())
+        grads.append(torch.autograd.grad(loss, prompts.ctx)[0])
+        views.append(v)
+    a, b = views
+    assert b.class_names == names and b.seg.shape == a.seg.shape == (3, 40, 64)
+    assert torch.allclose(a.seg, b.seg, atol=1e-5)
+    assert (a.glob is None) == (b.glob is None) and (a.glob is None or torch.allclose(a.glob, b.glob, atol=1e-5))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-4 * float(grads[0].abs().max()))
+
+
+def test_plain_encoder_run_matches_shared_prefix_run(setup):
+    root, clip_args = setup
+    a = prompts_of(train_prompts.main(base_args(root, clip_args, "enc_plain", "--max-iters", "3",
+                                                "--text-encoder", "plain")))
+    b = prompts_of(train_prompts.main(base_args(root, clip_args, "enc_shared", "--max-iters", "3")))
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k

@@ -1,0 +1,79 @@
+"""``toyworld`` behind the dataset interface (``training/toyworld.py`` renders the samples).
+
+The toy world has no files: ``--data-root`` is a spec such as ``"length=400,seed=0,image_size=256"``
+(empty or ``-`` for the defaults: 200 images, seed 0, 256 px).  Labels arrive with every class
+visible; the label space (full / seen) is applied here exactly as for the real datasets.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import IGNORE_INDEX
+from .classes import ClassSplit
+
+
+def parse_spec(spec) -> dict:
+    text = str(spec or "").strip()
+    if text in ("", "-", "."):
+        return {}
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in ("length", "seed", "image_size"):
+            raise ValueError(f"bad toyworld spec {text!r}: expected e.g. 'length=400,seed=0,image_size=256'")
+        out[key] = int(value)
+    return out
+
+
+class ToyWorldDataset:
+    def __init__(self, spec, split: str, label_space: str = "full") -> None:
+        from training import toyworld as tw
+
+        if label_space not in ("full", "seen"):
+            raise ValueError(f"label_space must be 'full' or 'seen', got {label_space!r}")
+        self.name = "toyworld"
+        self.world = tw.ToyWorld(split=split, hide_unseen=False, **parse_spec(spec))
+        names = tuple(tw.CLASS_NAMES)
+        self.split = ClassSplit(names, names, tuple(tw.UNSEEN))
+        self.label_space = label_space
+        self.ignore_index = IGNORE_INDEX
+        self.skipped = 0
+        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+        ids = self.split.seen if label_space == "seen" else range(len(names))
+        for new, old in enumerate(ids):
+            lut[old] = new
+        self._lut = lut
+
+    @property
+    def class_indices(self) -> tuple[int, ...]:
+        return self.split.seen if self.label_space == "seen" else tuple(range(self.split.num_classes))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.split.class_names[i] for i in self.class_indices)
+
+    prompt_names = class_names
+
+    @property
+    def unseen_indices(self) -> tuple[int, ...]:
+        return () if self.label_space == "seen" else self.split.unseen
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_indices)
+
+    def __len__(self) -> int:
+        return len(self.world)
+
+    def __getitem__(self, index: int):
+        image, label = self.world[index]
+        return np.ascontiguousarray(image, dtype=np.uint8), self._lut[label.astype(np.int64)]
+
+    def __repr__(self) -> str:
+        return (f"ToyWorldDataset({self.world.split}, {len(self)} images, {self.num_classes} classes, "
+                f"label_space={self.label_space})")
+
+
+def toyworld_dataset(spec, split: str, label_space: str = "full") -> ToyWorldDataset:
+    return ToyWorldDataset(spec, split, label_space)
