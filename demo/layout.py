@@ -33,8 +33,6 @@ USER_ERRORS = (mvpseg.ImageError, mvpseg.VocabularyError, mvpseg.CheckpointError
 CSS = """
 #notices { border-left: 4px solid #e8a33d; padding: 2px 12px; background: #fff8ec; }
 #summary p { margin: 4px 0; }
-#tsne img { max-width: 100%; height: auto; }  /* gr.Plot shows the figure at its natural size otherwise */
-#tsne .matplotlib { padding-top: 30px; }  /* keep the component's label off the figure */
 """
 
 
@@ -169,12 +167,13 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
         t = time.perf_counter()
         key = (tuple((r.name, service.slot_key(r.name)) for r in run.results), run.classes)
         groups = plots.embedding_groups([(r.name, r.text) for r in run.results])
-        fig, hit = service.cached(key, lambda: plots.tsne_figure(groups, run.classes, run.colors))
+        tsne_rgb, hit = service.cached(key, lambda: plots.figure_to_rgb(plots.tsne_figure(groups, run.classes,
+                                                                                      run.colors)))
         stages["t-SNE of prompt embeddings"] = (time.perf_counter() - t, "cached" if hit else f"{len(groups)} prompts")
 
         total = time.perf_counter() - t0
         student = f"**MVP-SEG+ student:** {models.student.status}"
-        return main, _summary(run, total), compare, student, grids, gpr, fig, _timings(run, stages, total)
+        return main, _summary(run, total), compare, student, grids, gpr, tsne_rgb, _timings(run, stages, total)
 
     @user_errors
     def check_upload(prompt_files: list[str] | None, prompt_sets: list[str]) -> tuple[str, list[str]]:
@@ -231,17 +230,18 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
                                    interactive=False, elem_id="overlay")
                 summary = gr.Markdown(elem_id="summary")
         gr.Markdown("### Handcrafted vs learned prompts — same image, same vocabulary, same colours")
-        compare = gr.Gallery(label="Prompt sets side by side", format="png", columns=3, object_fit="contain",
-                             elem_id="compare")
+        # height="auto": the whole grid shows (no inner scrolling); each item is a square, contained.
+        compare = gr.Gallery(label="Prompt sets side by side", format="png", object_fit="contain", height="auto",
+                             columns=4 if models.student.configured else 3, elem_id="compare")
         student_status = gr.Markdown(f"**MVP-SEG+ student:** {models.student.status}", elem_id="student-status")
         gr.Markdown("### What each prompt attends to (per class)")
         views = gr.Gallery(label="Per-prompt view masks (heat: blue = low, red = high)", format="png", columns=2,
-                           object_fit="contain", elem_id="views")
+                           object_fit="contain", height="auto", elem_id="views")
         with gr.Row(equal_height=False):
             gpr = gr.BarPlot(x="class", y="GPR score", color="class", y_lim=[0, 1], sort=None,
                              label="GPR class scores (Eq. 6): near 0 = suppressed, near 1 = kept", elem_id="gpr")
-            tsne = gr.Plot(label="Prompt text embeddings (t-SNE): colour = class, marker = prompt",
-                           format="png", elem_id="tsne")
+            tsne = gr.Image(label="Prompt text embeddings (t-SNE): colour = class, marker = prompt", format="png",
+                            show_label=False, interactive=False, elem_id="tsne")  # the title is in the figure
         with gr.Accordion("Time per stage", open=True):
             timings = gr.Dataframe(headers=["stage", "seconds", "note"], interactive=False, elem_id="timings")
 

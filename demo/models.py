@@ -113,7 +113,8 @@ def describe_prompts(prompts: mvpseg.PromptSet) -> str:
     if hasattr(prompts, "n_ctx"):
         text += f", {prompts.n_ctx} context tokens"
     if meta is not None:
-        text += f", learned for {meta.clip_model} ({meta.clip_pretrained or 'random weights'})"
+        weights = Path(meta.clip_pretrained).name if meta.clip_pretrained else "random weights"
+        text += f", learned for {meta.clip_model} ({weights})"
         if meta.training_classes:
             text += f" on {len(meta.training_classes)} classes"
     return text

@@ -129,8 +129,8 @@ def view_grid(image: np.ndarray, prediction: mvpseg.Prediction, colors: np.ndarr
     tw, th = max(1, round(w * scale)), max(1, round(h * scale))
     small = cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA)
     columns = list(prediction.view_names) + ["fused (Eq. 4)"] + ([] if glob is None else ["global prompt"])
-    f, fs = font(14), font(12)
-    gap, head_h, label_w = 4, 26, 132
+    f, fs = font(16), font(14)  # large enough to stay legible when the gallery shows the grid scaled down
+    gap, head_h, label_w = 4, 28, 150
     width = label_w + len(columns) * (tw + gap)
     canvas = Image.new("RGB", (width, head_h + len(order) * (th + gap)), BG)
     draw = ImageDraw.Draw(canvas)
@@ -140,11 +140,11 @@ def view_grid(image: np.ndarray, prediction: mvpseg.Prediction, colors: np.ndarr
     for r, c in enumerate(order):
         y = head_h + r * (th + gap)
         color = tuple(int(v) for v in colors[c])
-        draw.rectangle([4, y + 4, 18, y + 18], fill=color, outline=(90, 90, 90))
-        draw.text((24, y + 3), _fit(classes[c], label_w - 28, f), fill=TEXT, font=f)
-        draw.text((24, y + 22), f"area {shares[c]:.0%}", fill=MUTED, font=fs)
+        draw.rectangle([4, y + 4, 20, y + 20], fill=color, outline=(90, 90, 90))
+        draw.text((26, y + 3), _fit(classes[c], label_w - 30, f), fill=TEXT, font=f)
+        draw.text((26, y + 25), f"area {shares[c]:.0%}", fill=MUTED, font=fs)
         if scores is not None:
-            draw.text((24, y + 38), f"GPR {scores[c]:.2f}", fill=MUTED, font=fs)
+            draw.text((26, y + 44), f"GPR {scores[c]:.2f}", fill=MUTED, font=fs)
         row = [_resize(views[k, c], (tw, th)) for k in range(views.shape[0])]
         lo, hi = min(float(m.min()) for m in row), max(float(m.max()) for m in row)
         tiles = [visualize.heatmap(m, small, vmin=lo, vmax=hi) for m in row]

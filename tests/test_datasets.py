@@ -226,3 +226,27 @@ def test_stream_positions_resume_and_ranks(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(glob, split))
     plan = SamplePlan(5, seed=1)
     assert sorted(plan.index(p) for p in range(5)) == list(range(5))  # each epoch is a permutation
+
+
+def test_toyworld_plugs_into_the_same_interface():
+    from training import toyworld as tw
+
+    full = build_dataset("toyworld", "length=3,seed=1,image_size=96", "train", label_space="full")
+    seen = build_dataset("toyworld", "length=3,seed=1,image_size=96", "train", label_space="seen")
+    assert full.num_classes == len(tw.CLASS_NAMES) and full.unseen_indices == tuple(sorted(tw.UNSEEN))
+    assert seen.unseen_indices == () and not set(seen.prompt_names) & set(tw.UNSEEN_NAMES)
+    hidden = tw.ToyWorld(split="train", length=3, seed=1, image_size=96)  # hides unseen itself
+    for i in range(3):
+        img, lbl_full = full[i]
+        _, lbl_seen = seen[i]
+        _, ref = hidden[i]
+        assert img.shape == (96, 96, 3) and img.dtype == np.uint8
+        # same pixels ignored as the toy world's own hiding, seen ids renumbered into the seen vocabulary
+        assert np.array_equal(lbl_seen == 255, ref == 255)
+        keep = lbl_seen != 255
+        assert [seen.class_names[k] for k in lbl_seen[keep][:50]] == \
+               [full.class_names[k] for k in lbl_full[keep][:50]]
+    prof = get_profile("toyworld")
+    assert prof.photometric is False and prof.ratio_range == (1.0, 1.0)
+    with pytest.raises(ValueError, match="toyworld spec"):
+        build_dataset("toyworld", "size=3", "train")

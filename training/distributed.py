@@ -46,8 +46,8 @@ def setup_distributed(device: str = "auto") -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
-    if world <= 1:
-        return DistContext(device=dev)
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return DistContext(device=dev)  # plain single process: no process group
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -57,8 +57,9 @@ def setup_distributed(device: str = "auto") -> DistContext:
 
 
 def cleanup_distributed(ctx: DistContext) -> None:
-    if ctx.distributed and dist.is_initialized():
-        dist.barrier()
+    if ctx.backend is not None and dist.is_initialized():
+        if ctx.distributed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

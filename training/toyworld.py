@@ -64,16 +64,19 @@ class WorldConfig:
 
     image_size: int = 256
     object_size: tuple[float, float] = (14.0, 30.0)  # body length; a creature spans ~1.7× that
-    objects: tuple[int, int] = (3, 8)  # inclusive range of objects per image
+    objects: tuple[int, int] = (2, 6)  # inclusive range of objects per image
     stuff: tuple[int, int] = (1, 3)  # stuff regions (distinct classes)
     stuff_coverage: tuple[float, float] = (0.15, 0.45)  # fraction of the image per region
-    clutter: tuple[int, int] = (3, 10)  # loose parts / distractor shapes
+    clutter: tuple[int, int] = (2, 8)  # loose parts / distractor shapes
+    clutter_scale: tuple[float, float] = (0.5, 1.0)  # clutter size relative to object_size
+    centre_range: tuple[float, float] = (-0.1, 1.1)  # object centres, as a fraction of the image side
     colour_jitter: float = 30.0  # ± per channel, per instance
     max_angle: float = 0.4  # radians
     noise: float = 6.0  # std of additive Gaussian pixel noise
 
 
-PRETRAIN_CONFIG = WorldConfig(image_size=64, objects=(0, 2), stuff=(0, 2), clutter=(0, 2))
+# Pretraining crops: same pixel scale, fewer things, objects kept mostly inside the small frame.
+PRETRAIN_CONFIG = WorldConfig(image_size=64, objects=(0, 2), stuff=(0, 2), clutter=(0, 2), centre_range=(0.15, 0.85))
 
 
 @dataclass
@@ -112,7 +115,7 @@ def _creature_layer(rng: np.random.Generator, cfg: WorldConfig, label: int) -> L
     shape = (cfg.image_size, cfg.image_size)
     size = rng.uniform(*cfg.object_size)
     # Centre may lie near the border: objects are sometimes cut by the frame.
-    cx, cy = rng.uniform(-0.1, 1.1, 2) * cfg.image_size
+    cx, cy = rng.uniform(*cfg.centre_range, 2) * cfg.image_size
     angle, flip = rng.uniform(-cfg.max_angle, cfg.max_angle), bool(rng.random() < 0.5)
     base = draw.jitter_colour(rng, COLOURS[colour], cfg.colour_jitter)
     pixels = np.zeros((*shape, 3), np.float32)
@@ -137,7 +140,7 @@ def _clutter_layer(rng: np.random.Generator, cfg: WorldConfig) -> Layer:
     shape = (cfg.image_size, cfg.image_size)
     pool = {**draw.PART_POLYGONS, **draw.CLUTTER_POLYGONS}
     name = list(pool)[int(rng.integers(len(pool)))]
-    size = rng.uniform(*cfg.object_size) * rng.uniform(0.8, 1.5)
+    size = rng.uniform(*cfg.object_size) * rng.uniform(*cfg.clutter_scale)
     cx, cy = rng.uniform(0, 1, 2) * cfg.image_size
     poly = [p - p.mean(0) for p in pool[name]] if name in draw.PART_POLYGONS else pool[name]
     mask = draw.fill_polygons(shape, [draw.place(p, size, rng.uniform(0, 2 * np.pi), False, cx, cy) for p in poly])

@@ -1,0 +1,91 @@
+"""End to end in headless Chromium (Playwright, the system's Debian chromium; no browser download).
+
+A user's path: pick an example, upload an image, type a vocabulary, click Segment; the overlay, the view
+masks, the GPR chart and the t-SNE plot must render, and a bad input must show its message. A full-page
+screenshot is saved to ``test-artifacts/demo_browser.png``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+EXAMPLES = REPO / "demo" / "examples"
+CHROMIUM = next((p for p in (os.environ.get("CHROMIUM_PATH"), shutil.which("chromium"),
+                             shutil.which("chromium-browser"), "/usr/bin/chromium") if p and Path(p).is_file()), None)
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+if CHROMIUM is None:
+    pytest.skip("no chromium executable (apt-get install -y chromium; .ci/run installs it)", allow_module_level=True)
+
+from demo import build_demo  # noqa: E402
+from demo.testing import serve, small_models  # noqa: E402
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 90_000
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """A browser page on the demo (the bundled toy model when it exists: the screenshot then shows real
+    segmentations), with a random learned prompt set and a random student."""
+    models = small_models(tmp_path_factory.mktemp("browser_models"), toy=True, student=True, short_side=256)
+    with serve(build_demo(models)) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(url)
+        pg.wait_for_selector("#segment")
+        yield pg
+        browser.close()
+
+
+def rendered(page, selector: str, count: int = 1, min_width: int = 1) -> None:
+    """Waits until ``count`` images match ``selector`` and have loaded (scrolled into view first: Gradio's
+    images load lazily)."""
+    page.wait_for_function(f"() => document.querySelectorAll({selector!r}).length >= {count}")
+    images = page.locator(selector)
+    for i in range(images.count()):
+        images.nth(i).scroll_into_view_if_needed()
+    page.wait_for_function(f"""() => [...document.querySelectorAll({selector!r})]
+                                     .every(i => i.complete && i.naturalWidth >= {min_width})""")
+
+
+def test_example_upload_segment_and_every_panel_renders(page):
+    vocabulary = "background, red cat, red bird, yellow owl, yellow fox, brick, water"
+    page.get_by_text("background, red owl, red fox, water, green cat").first.click()  # clicking an example …
+    page.wait_for_function("() => document.querySelector('#vocabulary textarea').value.includes('red owl')")
+    page.locator("#image input[type=file]").set_input_files(str(EXAMPLES / "toy_test_294.png"))  # … or upload
+    page.locator("#vocabulary textarea").fill(vocabulary)
+    page.locator("#segment").click()
+
+    page.locator("#summary").get_by_text("Learned · learned").wait_for()
+    rendered(page, "#overlay img", min_width=512)  # toy images (256 px) are enlarged for display
+    rendered(page, "#compare img", count=4)  # learned, 85 templates, parts, student
+    rendered(page, "#views img", count=2)  # learned and part-based view grids
+    rendered(page, "#tsne img", min_width=500)
+    page.locator("#gpr").get_by_text("GPR class scores · Learned · learned").wait_for()
+    assert page.locator("#gpr canvas, #gpr svg").count() >= 1  # the Vega chart itself
+    for name in ("background", "red cat", "water"):
+        assert page.locator("#gpr").get_by_text(name).count() >= 1
+    assert page.locator("#timings").get_by_text("total").count() >= 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "demo_browser.png"), full_page=True)
+    assert (ARTIFACTS / "demo_browser.png").stat().st_size > 50_000
+
+
+def test_bad_input_shows_its_message_and_page_keeps_working(page):
+    page.locator("#vocabulary textarea").fill(" , ")
+    page.locator("#segment").click()
+    page.get_by_text("the vocabulary is empty").first.wait_for()
+    page.locator("#vocabulary textarea").fill("water, brick")  # a new vocabulary: its text is encoded
+    page.locator("#segment").click()
+    page.locator("#timings").get_by_text("2 classes").first.wait_for()
