@@ -10,10 +10,12 @@
     encoders, with and without activation checkpointing (``--text-checkpointing``).
 
 Every variant runs in a fresh subprocess; on CPU peak memory is the process's resident set size
-sampled every 2 ms during the measured step minus the RSS just before it (model weights don't
-count; glibc is told to return large blocks at once, so RSS follows live memory); on CUDA it is the allocator's peak above what was allocated before the step.
+sampled every 2 ms during the first step minus the RSS just before it (model weights don't count;
+later steps reuse memory the allocator kept, so their RSS growth understates the need); on CUDA it
+is the allocator's peak above what was allocated before the step.  Times are the median of the
+steps after the first.
 
-    python benchmarks/train_step.py [--steps 3] [--threads 2] [--skip-text-memory] [--out FILE.json]
+    python benchmarks/train_step.py [--steps 2] [--rounds 2] [--threads 2] [--skip-text-memory] [--out FILE.json]
     python benchmarks/train_step.py --device cuda --batch 8      # the same on a GPU (allocator peaks)
 """
 from __future__ import annotations
@@ -118,8 +120,13 @@ def worker(variant: str, steps: int, batch: int, crop: int, device: str = "cpu")
             opt.step()
 
     cuda = device.startswith("cuda")
-    step()  # warm-up (token cache, allocator, kernels)
     times, peaks = [], []
+    if not cuda:
+        with RSSPeak() as mem:
+            step()  # first step: memory (the allocator is still empty), not timed
+        peaks.append(mem.delta_mb)
+    else:
+        step()  # warm-up (token cache, allocator, kernels)
     for _ in range(steps):
         if cuda:  # exact allocator peak above what is allocated before the step
             torch.cuda.synchronize()
@@ -131,11 +138,9 @@ def worker(variant: str, steps: int, batch: int, crop: int, device: str = "cpu")
             times.append(time.perf_counter() - t0)
             peaks.append((torch.cuda.max_memory_allocated() - base) / 2**20)
             continue
-        with RSSPeak() as mem:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        peaks.append(mem.delta_mb)
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
     n_prompts = len(vocab) * 4
     longest = int(clip.tokenize([f"{'X ' * 32}{n}." for n in vocab]).argmax(-1).max()) + 1
     if variant == "step-coop":
@@ -153,10 +158,7 @@ def worker(variant: str, steps: int, batch: int, crop: int, device: str = "cpu")
 def run_variant(variant: str, args) -> dict:
     steps = args.text_steps if variant.startswith("text") else args.steps
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    # Large blocks straight from mmap, returned to the OS on free: RSS then follows live memory instead
-    # of what glibc keeps cached from the warm-up step.
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": path,
-           "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": path}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--steps", str(steps),
            "--batch", str(args.batch), "--crop", str(args.crop), "--threads", str(args.threads),
            "--device", args.device]
@@ -168,7 +170,8 @@ def run_variant(variant: str, args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3, help="measured steps per variant (after one warm-up)")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per process for (a) (after one untimed)")
+    ap.add_argument("--rounds", type=int, default=2, help="processes per (a) variant, run alternately")
     ap.add_argument("--text-steps", type=int, default=1, help="measured steps for (b) (slow on CPU)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--crop", type=int, default=512)
@@ -187,11 +190,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     load = os.getloadavg()[0]
     variants = VARIANTS[:3] if args.skip_text_memory else VARIANTS
-    res = {}
-    for v in variants:
-        res[v] = run_variant(v, args)
-        print(f"  {v}: median {res[v]['median_s']:.2f} s (runs {[round(t, 2) for t in res[v]['times_s']]}), "
-              f"peak +{res[v]['peak_mb']:.0f} MB, {res[v]['token_positions']} text token positions", flush=True)
+    res: dict[str, dict] = {}
+    # (a) variants alternate over --rounds fresh processes so that load from other jobs hits all alike
+    order = [v for _ in range(args.rounds) for v in variants[:3]] + list(variants[3:])
+    for v in order:
+        r = run_variant(v, args)
+        if v in res:
+            res[v]["times_s"] += r["times_s"]
+            res[v]["peak_mb"] = max(res[v]["peak_mb"], r["peak_mb"])
+            res[v]["median_s"] = statistics.median(res[v]["times_s"])
+        else:
+            res[v] = r
+        print(f"  {v}: step times {[round(t, 2) for t in r['times_s']]} s, peak +{r['peak_mb']:.0f} MB, "
+              f"{r['token_positions']} text token positions", flush=True)
     ours, plain, coop = res["step-mvpseg"], res["step-plain"], res["step-coop"]
     speedup = coop["median_s"] / ours["median_s"]
     print(f"(a) one step, RN50 random weights, batch {args.batch} × {args.crop}², {ours['prompts']} prompts, "

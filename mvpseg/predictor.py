@@ -101,7 +101,9 @@ class Prediction:
         """H×W int32 index into ``classes``: argmax of the final masks, bilinear logits at the work size and a
         nearest-neighbour upscale beyond it (memory stays bounded for huge images)."""
         logits = self.output.log_final(self.work_size)  # 1×C×h×w, monotone in m_c
-        labels = logits.argmax(1, keepdim=True).float()
+        # max(dim).indices == argmax(dim) (first maximum on ties), but on CPU argmax over the channel dim of
+        # an NCHW tensor is ~20× slower (measured: 221 ms vs 9 ms for 10×512×683).
+        labels = logits.max(1, keepdim=True).indices.float()
         if tuple(self.work_size) != tuple(self.image_size):
             labels = F.interpolate(labels, size=self.image_size, mode="nearest")
         return labels[0, 0].to(torch.int32).cpu().numpy()

@@ -63,7 +63,7 @@ class WorldConfig:
     image show objects at the same scale (the dense path has no positional embedding)."""
 
     image_size: int = 256
-    object_size: tuple[float, float] = (14.0, 30.0)  # body length; a creature spans ~1.7× that
+    object_size: tuple[float, float] = (22.0, 42.0)  # body length in px; a creature spans ~2× that
     objects: tuple[int, int] = (2, 6)  # inclusive range of objects per image
     stuff: tuple[int, int] = (1, 3)  # stuff regions (distinct classes)
     stuff_coverage: tuple[float, float] = (0.15, 0.45)  # fraction of the image per region
