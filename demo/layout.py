@@ -140,13 +140,15 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
         stages: dict[str, tuple[float, str]] = {}
 
         t = time.perf_counter()
-        main = render.segmentation_panel(run.image.rgb, run.primary.prediction.label_map, run.classes, run.colors)
-        compare = [(render.segmentation_panel(run.image.rgb, r.prediction.label_map, run.classes, run.colors),
-                    r.label) for r in run.results]
+        panels = [(render.segmentation_panel(run.image.rgb, r.prediction.label_map, run.classes, run.colors),
+                   r.label) for r in run.results]
         if run.student_map is not None:
-            compare.append((render.segmentation_panel(run.image.rgb, run.student_map, run.classes, run.colors),
-                            "MVP-SEG+ student"))
-        stages["render overlays"] = (time.perf_counter() - t, f"{len(compare)} panels")
+            panels.append((render.segmentation_panel(run.image.rgb, run.student_map, run.classes, run.colors),
+                           "MVP-SEG+ student (distilled)"))
+        main = panels[0][0]
+        # One composed picture rather than a gallery: the page shows every panel whole, at one scale.
+        compare = render.side_by_side(panels, per_row=2 if len(panels) == 4 else 3)
+        stages["render overlays"] = (time.perf_counter() - t, f"{len(panels)} panels")
 
         t = time.perf_counter()
         grids = []
@@ -155,6 +157,7 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
                 grid, shown = render.view_grid(run.image.rgb, r.prediction, run.colors)
                 more = "" if len(shown) == len(run.classes) else f" (largest {len(shown)} of {len(run.classes)})"
                 grids.append((grid, f"{r.label}: rows = classes{more}, columns = prompts"))
+        views = render.stacked(grids) if grids else None
         stages["per-prompt view masks"] = (time.perf_counter() - t, f"{len(grids)} grids")
 
         g = run.gpr_result
@@ -173,7 +176,10 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
 
         total = time.perf_counter() - t0
         student = f"**MVP-SEG+ student:** {models.student.status}"
-        return main, _summary(run, total), compare, student, grids, gpr, tsne_rgb, _timings(run, stages, total)
+        if views is None:
+            student += ("\n\n_Per-prompt view masks: tick a multi-view prompt set (learned or part-based) to see "
+                        "what each prompt attends to._")
+        return main, _summary(run, total), compare, student, views, gpr, tsne_rgb, _timings(run, stages, total)
 
     @user_errors
     def check_upload(prompt_files: list[str] | None, prompt_sets: list[str]) -> tuple[str, list[str]]:
@@ -203,14 +209,21 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
         gr.Markdown(f"**Model:** {models.clip_description} on `{models.device}` · **learned prompts:** {learned} · "
                     f"**MVP-SEG+ student:** {'configured' if models.student.configured else 'not configured'}",
                     elem_id="model-status")
-        if models.notices:
-            gr.Markdown("\n\n".join(models.notices), elem_id="notices")
+        if models.notices:  # the first paragraph of each notice is shown, the how-to below it on demand
+            heads = [n.split("\n\n", 1) for n in models.notices]
+            gr.Markdown("\n\n".join(h[0] for h in heads), elem_id="notices")
+            details = "\n\n".join(h[1] for h in heads if len(h) > 1)
+            if details:
+                with gr.Accordion("Why, and how to provide the weights", open=False, elem_id="notice-details"):
+                    gr.Markdown(details)
         with gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=320):
                 image = ValidatedImage(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                        height=340, elem_id="image")
                 vocabulary = gr.Textbox(label=f"Vocabulary (comma-separated, up to {models.max_classes} classes)",
-                                        placeholder="cat, dog, grass, sky", lines=2, max_length=4000,
+                                        placeholder=("background, red cat, blue bird, grass, water"
+                                                     if models.mode == "toy" else "cat, dog, grass, sky"),
+                                        lines=2, max_length=4000,
                                         elem_id="vocabulary")
                 prompt_sets = gr.CheckboxGroup(choices=service.choices(), value=service.default_selection(),
                                                label="Prompt sets (the topmost ticked one is the main result)",
@@ -231,12 +244,12 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
                 summary = gr.Markdown(elem_id="summary")
         gr.Markdown("### Handcrafted vs learned prompts — same image, same vocabulary, same colours")
         # height="auto": the whole grid shows (no inner scrolling); each item is a square, contained.
-        compare = gr.Gallery(label="Prompt sets side by side", format="png", object_fit="contain", height="auto",
-                             columns=4 if models.student.configured else 3, elem_id="compare")
+        compare = gr.Image(label="Prompt sets side by side", format="png", interactive=False, show_label=False,
+                           elem_id="compare")
         student_status = gr.Markdown(f"**MVP-SEG+ student:** {models.student.status}", elem_id="student-status")
-        gr.Markdown("### What each prompt attends to (per class)")
-        views = gr.Gallery(label="Per-prompt view masks (heat: blue = low, red = high)", format="png", columns=2,
-                           object_fit="contain", height="auto", elem_id="views")
+        gr.Markdown("### What each prompt attends to, per class (heat: blue = low, red = high)")
+        views = gr.Image(label="Per-prompt view masks", format="png", interactive=False, show_label=False,
+                         elem_id="views")
         with gr.Row(equal_height=False):
             gpr = gr.BarPlot(x="class", y="GPR score", color="class", y_lim=[0, 1], sort=None,
                              label="GPR class scores (Eq. 6): near 0 = suppressed, near 1 = kept", elem_id="gpr")

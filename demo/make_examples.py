@@ -23,7 +23,7 @@ TOY_SCENES = (
     (165, "background, red bird, yellow bird, blue owl, green owl, grass, water, brick, sand"),
     (42, "background, red owl, red fox, water, green cat"),
 )
-PHOTO_VOCABULARY = "person, military uniform, necktie, flag, wall"
+PHOTO_VOCABULARY = "face, hat, glasses, uniform, flag, sky, dog"
 
 
 def main() -> None:

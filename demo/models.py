@@ -146,7 +146,7 @@ def _load_clip(config: DemoConfig, device: torch.device,
             clip, mode = random_clip(spec, device), "random"
             now = (f"Running on **{clip.spec.model_name} with random weights** instead: the page works end to "
                    "end, but the segmentations are meaningless.")
-        log.warning("CLIP weights unavailable, falling back to %s: %s", mode, e)
+        log.info("CLIP weights unavailable, falling back to the %s model", mode)  # the app logs the notice
         return clip, mode, [f"⚠️ **The CLIP weights {spec.describe()} are missing.** {now}\n\n{how}"]
     if spec.pretrained is None:
         return clip, "random", [f"⚠️ **{spec.model_name} runs with random weights** (`--pretrained none`): "

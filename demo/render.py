@@ -154,3 +154,44 @@ def view_grid(image: np.ndarray, prediction: mvpseg.Prediction, colors: np.ndarr
         for j, t in enumerate(tiles):
             canvas.paste(Image.fromarray(t), (label_w + j * (tw + gap), y))
     return np.asarray(canvas), [classes[c] for c in order]
+
+
+def titled(image: np.ndarray, title: str, size: int = 17) -> np.ndarray:
+    """``image`` with a white title strip above it (the title shortened to the image's width)."""
+    f = font(size)
+    strip = Image.new("RGB", (image.shape[1], size + 14), BG)
+    ImageDraw.Draw(strip).text((4, 6), _fit(title, image.shape[1] - 8, f), fill=TEXT, font=f)
+    return np.concatenate([np.asarray(strip), image], axis=0)
+
+
+def _pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    out = np.full((height, width, 3), BG, np.uint8)
+    out[: image.shape[0], : image.shape[1]] = image
+    return out
+
+
+def side_by_side(panels: Sequence[tuple[np.ndarray, str]], per_row: int = 3, gap: int = 12) -> np.ndarray:
+    """Titled panels in rows of ``per_row``, top-aligned on white (one picture: the page shows it whole)."""
+    items = [titled(p, t) for p, t in panels]
+    rows = []
+    for i in range(0, len(items), per_row):
+        row = items[i:i + per_row]
+        h = max(r.shape[0] for r in row)
+        parts = []
+        for j, r in enumerate(row):
+            parts.append(_pad(r, h, r.shape[1]))
+            if j < len(row) - 1:
+                parts.append(np.full((h, gap, 3), BG, np.uint8))
+        rows.append(np.concatenate(parts, axis=1))
+    width = max(r.shape[1] for r in rows)
+    out = []
+    for i, r in enumerate(rows):
+        out.append(_pad(r, r.shape[0], width))
+        if i < len(rows) - 1:
+            out.append(np.full((gap, width, 3), BG, np.uint8))
+    return np.concatenate(out, axis=0)
+
+
+def stacked(panels: Sequence[tuple[np.ndarray, str]], gap: int = 16) -> np.ndarray:
+    """Titled panels one below the other, left-aligned on white."""
+    return side_by_side(panels, per_row=1, gap=gap)

@@ -153,6 +153,7 @@ class StudentMeta:
     background_index: int | None = None
     unseen: tuple[int, ...] = ()
     backbone_init: str = ""
+    clip_model_config: str | None = None  # the JSON config of a custom CLIP (e.g. the toy model)
     extra: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     version: int = FORMAT_VERSION
@@ -201,7 +202,7 @@ def save_student(path: str | os.PathLike, net: StudentNet, prompts: PromptSet, c
     state = {f"student.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     meta = StudentMeta(asdict(net.config), clip.spec.model_name, clip.spec.pretrained, clip.fingerprint,
                        clip.embed_dim, clip.text_width, prompt_record, tuple(class_names), background_index,
-                       tuple(int(u) for u in unseen), net.backbone_init, dict(extra or {}))
+                       tuple(int(u) for u in unseen), net.backbone_init, clip.spec.model_config, dict(extra or {}))
     _atomic(st, lambda t: save_file({**state, **tensors}, str(t),
                                     metadata={"format": FORMAT, "version": str(FORMAT_VERSION)}))
     _atomic(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))

@@ -65,7 +65,8 @@ class StudentPredictor:
             from .student import read_student_meta
 
             meta = read_student_meta(path)
-            clip = ClipSpec(model_name=meta.clip_model, pretrained=meta.clip_pretrained)
+            clip = ClipSpec(model_name=meta.clip_model, pretrained=meta.clip_pretrained,
+                            model_config=meta.clip_model_config)
         frozen = clip if isinstance(clip, FrozenCLIP) else load_clip(clip, device)
         loaded: LoadedStudent = load_student(path, frozen)
         return cls(loaded.net, frozen, loaded.prompts, **kwargs)

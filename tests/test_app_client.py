@@ -90,20 +90,19 @@ def test_segment_renders_every_panel_from_the_prediction(app):
     region = main[: image.shape[0] * k: k, : image.shape[1] * k: k]
     np.testing.assert_array_equal(region, visualize.overlay(image, expected["learned"].label_map, colors))
     assert "Learned · learned" in summary
-    # 5./6. every prompt set and the student side by side, same colours
-    assert [c["caption"] for c in compare] == ["Learned · learned", "Handcrafted · 85 templates (MaskCLIP baseline)",
-                                               "Handcrafted · part-based views (head / leg / tail)", "MVP-SEG+ student"]
-    for item, name in zip(compare, SETS):
-        np.testing.assert_array_equal(rgb(item["image"]), render.segmentation_panel(
-            image, expected[name].label_map, classes, colors))
+    # 5./6. every prompt set and the student side by side (2×2 for four panels), same colours
+    student = demo.service.models.student.predictor.predict(VOCAB)  # the student has the image cached too
+    labels = ["Learned · learned", "Handcrafted · 85 templates (MaskCLIP baseline)",
+              "Handcrafted · part-based views (head / leg / tail)", "MVP-SEG+ student (distilled)"]
+    maps = [expected[name].label_map for name in SETS] + [student.label_map]
+    panels = [(render.segmentation_panel(image, m, classes, colors), t) for m, t in zip(maps, labels)]
+    np.testing.assert_array_equal(rgb(compare), render.side_by_side(panels, per_row=2))
     assert "MVP-SEG+ student from" in student_md
-    # 2. per-prompt view grids for the multi-view sets only (learned, parts), with K+2 / K+1 tile columns
-    assert [v["caption"].split(":")[0] for v in views] == ["Learned · learned",
-                                                          "Handcrafted · part-based views (head / leg / tail)"]
-    grid = rgb(views[0]["image"])
-    want_grid, shown = render.view_grid(image, expected["learned"], colors)
-    np.testing.assert_array_equal(grid, want_grid)
-    assert set(shown) == set(classes)
+    # 2. per-prompt view grids for the multi-view sets only (learned, parts), stacked
+    grids = [render.view_grid(image, expected[name], colors) for name in ("learned", "parts")]
+    assert all(set(shown) == set(classes) for _, shown in grids)
+    captions = [f"{labels[0]}: rows = classes, columns = prompts", f"{labels[2]}: rows = classes, columns = prompts"]
+    np.testing.assert_array_equal(rgb(views), render.stacked([(g, c) for (g, _), c in zip(grids, captions)]))
     # 3. the bar chart's values are the GPR scores, coloured like the overlay
     data = gpr["value"]["data"]
     assert [row[0] for row in data] == list(classes)
@@ -234,8 +233,8 @@ def test_uploaded_checkpoint_is_checked_and_used(app, tmp_path):
     status, selected = client.predict(files, ["parts"], api_name="/check_upload")
     assert "fits" in status and "2 views + global prompt" in status
     assert selected == ["parts", "uploaded"]
-    _, summary, compare, *_ = segment(client, sets=["uploaded", "parts"], files=[st, st.with_suffix(".json")])
-    assert compare[0]["caption"] == "Learned · your uploaded checkpoint"
+    _, summary, *_ = segment(client, sets=["uploaded", "parts"], files=[st, st.with_suffix(".json")])
+    assert summary.startswith("**Learned · your uploaded checkpoint**")
     assert demo.service.predictor.prompt_set("uploaded").n_seg == 2
     with pytest.raises(AppError, match="learned for another CLIP"):
         client.predict([handle_file(str(p)) for p in _foreign_checkpoint(tmp_path)], [], api_name="/check_upload")

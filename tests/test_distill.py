@@ -189,6 +189,11 @@ def test_context_run_outputs_and_predictor(env):
     pred.set_image(np.random.default_rng(0).integers(0, 255, (36, 48, 3), dtype=np.uint8))
     r = pred.predict(["background", "cat", "sofa"])
     assert r.label_map.shape == (36, 48) and set(np.unique(r.label_map)) <= {0, 1, 2}
+    # without a CLIP given, the one recorded in the checkpoint (custom config included) is loaded
+    again = StudentPredictor.from_checkpoint(path, short_side=40)
+    assert again.clip.fingerprint == clip.fingerprint
+    again.set_image(np.random.default_rng(0).integers(0, 255, (36, 48, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(again.predict(["background", "cat", "sofa"]).label_map, r.label_map)
 
 
 @pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.is_gloo_available(), reason="needs torchrun")
@@ -205,3 +210,36 @@ def test_torchrun_two_processes(env):
     assert start["world_size"] == 2
     assert [r["iter"] for r in logged(root / "ddp" / "log.jsonl")] == [1, 2]
     assert (root / "ddp" / "student.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ toy world
+TOYCLIP = REPO / "assets" / "toyclip"
+TOY_PROMPTS = os.environ.get("MVPSEG_TOY_PROMPTS")  # learned toy-world prompts, if any; else MaskCLIP's templates
+
+
+@pytest.mark.skipif(not (TOYCLIP / "toyclip.safetensors").is_file(), reason="needs the bundled toy CLIP")
+@pytest.mark.skipif(os.environ.get("MVPSEG_TOY_TESTS") != "1",
+                    reason="a few minutes of CPU: opt in with MVPSEG_TOY_TESTS=1")
+def test_student_improves_over_its_pseudo_labels_on_the_toy_world(tmp_path):
+    """100 iterations of distillation from the toy CLIP (10 teacher-guided), scored on held-out images against
+    the teacher that produced the pseudo labels. The unseen class *sand* is learned from pseudo labels only,
+    yet the student segments it better than its teacher; background and stuff improve far more (ground truth).
+    Measured (2-core CPU): sand 77.0 vs 68.6 IoU, background 85.2 vs 38.1, non-object mean 78.1 vs 56.6.
+    Small creatures need far longer schedules (docs/distill.md)."""
+    out = tmp_path / "toy"
+    distill.main(["--dataset", "toyworld", "--data-root", "length=64,image_size=128", "--out", str(out),
+                  "--prompts", TOY_PROMPTS or "maskclip-85", "--clip", "toyclip",
+                  "--model-config", str(TOYCLIP / "toyclip.json"), "--pretrained", str(TOYCLIP / "toyclip.safetensors"),
+                  "--backbone", "resnet-tiny", "--backbone-weights", "none", "--global-batch", "8",
+                  "--max-iters", "100", "--switch-iter", "10", "--crop-size", "128", "--train-scale", "128", "128",
+                  "--eval-scale", "128", "128", "--eval-limit", "24", "--ckpt-every", "1000", "--cache-samples",
+                  "--num-workers", "0", "--cpu-threads", "2", "--device", "cpu", "--no-progress"])
+    results = json.loads((out / "eval.json").read_text())["results"]
+    student_key = next(k for k in results if "student" in k)
+    teacher_key = next(k for k in results if "teacher" in k)
+    iou = {k: {c["class"]: c["iou"] for c in v["per_class"]} for k, v in results.items()}
+    s, t = iou[student_key], iou[teacher_key]
+    assert s["sand"] > t["sand"] + 3, (s["sand"], t["sand"])  # unseen: pseudo labels only
+    assert s["background"] > t["background"] + 20
+    non_object = ["background", "grass", "water", "sand", "brick"]
+    assert np.mean([s[c] for c in non_object]) > np.mean([t[c] for c in non_object]) + 10

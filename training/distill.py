@@ -298,7 +298,7 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
     for images, labels in loader:
         t0 = time.perf_counter()
         phase = phase_at(it, cfg.switch_iter)
-        if it == cfg.switch_iter and it > 0:
+        if it == cfg.switch_iter and it > start:  # (a run resumed exactly here logged it before)
             logger.log({"event": "self-training", "iter": it})
         lr = sched.apply(opt, it)
         images = images.to(ctx.device, non_blocking=True)
@@ -332,7 +332,7 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
             save_state(it)
         if args.stop_after is not None and it >= args.stop_after:
             bar.close()
-            return None  # simulated interruption: the state of iteration ``it`` is on disk
+            return None  # simulated crash (tests): only the checkpoints written so far survive
     bar.close()
 
     evals: dict[str, SegScores] = {}

@@ -204,6 +204,16 @@ _STUFF_T = ("a photo of {s}.", "{s}.", "a patch of {s}.", "a texture of {s}.", "
 _BG_T = ("a photo of the background.", "a plain background.", "an empty background.")
 
 
+# Class-free filler words. Real captions have every length up to the context size, so CLIP's text
+# tower learns all positions; ours are short, so a random preamble sometimes moves the names as far
+# right as a learned 32-token context will (without it positions > ~21 stay at their random init).
+_FILLER = ("a", "the", "photo", "picture", "image", "of", "this", "is", "in", "scene", "bright", "dark",
+           "small", "large", "nice", "cool", "clean", "dirty", "blurry", "cropped", "good", "bad", "drawing",
+           "rendering", "sketch", "painting", "cartoon", "toy", "art", "one", "my", "here", "there", "we",
+           "see", "look", "at", "with", "some", "view", "shot", "simple", "old", "new", "little", "big")
+_MAX_WORDS = 42  # ≈ tokens: stays inside a 48-token context with SOT, EOT and punctuation
+
+
 def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -237,6 +247,10 @@ def caption(classes: list[int], rng: np.random.Generator, background_share: floa
         return pick(_BG_T)
     if background_share > 0.3 and rng.random() < 0.5:
         text = text[:-1] + " on a plain background."
+    room = _MAX_WORDS - len(text.replace(",", " ,").split())
+    if room > 0 and rng.random() < 0.5:
+        words = rng.choice(_FILLER, size=int(rng.integers(1, room + 1)))
+        text = " ".join(words) + ": " + text
     return text
 
 
