@@ -29,6 +29,7 @@ log = logging.getLogger("mvpseg.demo")
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MAX_FILE_SIZE = "25mb"
 QUEUE_MAX_SIZE = 16
+HUB_CACHE_SIZE = 8
 USER_ERRORS = (mvpseg.ImageError, mvpseg.VocabularyError, mvpseg.CheckpointError, DemoInputError)
 CSS = """
 #notices { border-left: 4px solid #e8a33d; padding: 2px 12px; background: #fff8ec; }
@@ -93,7 +94,8 @@ def _summary(run: SegmentRun, total: float) -> str:
     return "\n\n".join(lines + [f"_{n}_" for n in run.notes])
 
 
-def _timings(run: SegmentRun, stages: dict[str, float], total: float) -> pd.DataFrame:
+def _timings(run: SegmentRun, stages: dict[str, tuple[float, str]], total: float) -> pd.DataFrame:
+    """The 'Time per stage' table: the service's stages, then the rendering stages, then the total."""
     rows = [("check + decode image", run.load_seconds, f"{run.image.rgb.shape[1]}×{run.image.rgb.shape[0]}")]
     rows.append(("image features (CLIP image tower)", run.image_seconds,
                  "cached: same image as before" if run.image_cached else
@@ -122,9 +124,13 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
     def hub_source(ref: str | None) -> PromptSource | None:
         if not ref or not ref.strip():
             return None
-        if ref.strip() not in hub_cache:
-            hub_cache[ref.strip()] = prompts_from_hub(ref, clip)
-        return hub_cache[ref.strip()]
+        key = ref.strip()
+        if key not in hub_cache:
+            source = prompts_from_hub(key, clip)  # only successes are kept, at most HUB_CACHE_SIZE of them
+            while len(hub_cache) >= HUB_CACHE_SIZE:
+                hub_cache.pop(next(iter(hub_cache)))
+            hub_cache[key] = source
+        return hub_cache[key]
 
     def upload_source(files: Sequence[str] | None) -> PromptSource | None:
         return prompts_from_upload(files, clip) if files else None
