@@ -34,6 +34,8 @@ USER_ERRORS = (mvpseg.ImageError, mvpseg.VocabularyError, mvpseg.CheckpointError
 CSS = """
 #notices { border-left: 4px solid #e8a33d; padding: 2px 12px; background: #fff8ec; }
 #summary p { margin: 4px 0; }
+/* composed pictures: natural size (never enlarged), shrunk only to fit the width */
+#compare img, #views img { width: auto !important; height: auto !important; max-width: 100%; }
 """
 
 

@@ -105,8 +105,8 @@ def _resize(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
 
 
-def view_grid(image: np.ndarray, prediction: mvpseg.Prediction, colors: np.ndarray, max_rows: int = 6,
-              tile: int = 168) -> tuple[np.ndarray, list[str]]:
+def view_grid(image: np.ndarray, prediction: mvpseg.Prediction, colors: np.ndarray, max_rows: int = 5,
+              tile: int = 160) -> tuple[np.ndarray, list[str]]:
     """What each prompt attends to, per class (the paper's Fig. 1): rows = classes, columns = the K views,
     the fused mask m^f (Eq. 4) and, with GPR, the global prompt's mask m^0.
 

@@ -61,9 +61,9 @@ def test_loads_through_mvpseg_like_rn50():
 def test_zero_shot_classification_is_far_above_chance():
     """Held-out single-object crops, 16 object classes, prompt "a photo of a {}.": chance is 6.25 %.
 
-    The shipped model measured 44.7 % on 512 crops (assets/toyclip/training_record.json); 128 crops
-    have a binomial standard error of ~4.4 points, so ≥ 25 % (4× chance) fails only if the weights
-    or the loading path are broken.
+    The shipped model measured 79.9 % on 512 crops (assets/toyclip/training_record.json); on 128 crops
+    the binomial standard error is ~3.5 points, so ≥ 50 % (8× chance, ~8 standard errors below the
+    measurement) fails only if the weights, the tokenizer or the loading path are broken.
     """
     import open_clip
 
@@ -72,7 +72,7 @@ def test_zero_shot_classification_is_far_above_chance():
     open_clip.add_model_config(CONFIG)
     model = open_clip.create_model("toyclip", pretrained=str(WEIGHTS))
     acc = zero_shot_accuracy(model, open_clip.get_tokenizer("toyclip"), "cpu", n=128)
-    assert acc["n"] == 128 and acc["all"] >= 0.25
+    assert acc["n"] == 128 and acc["all"] >= 0.5
 
 
 def test_pretraining_script_is_seeded_and_writes_loadable_files(tmp_path):
