@@ -20,4 +20,4 @@ if [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 export HF_HUB_OFFLINE=1 MVPSEG_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
-exec "$VENV/bin/python" -m pytest "$@"
+exec "$VENV/bin/python" -m pytest -q "$@"
