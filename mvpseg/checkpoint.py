@@ -45,22 +45,56 @@ class PromptMeta:
     version: int = FORMAT_VERSION
 
 
-def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+def sidecar_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """'x', 'x.safetensors' or 'x.json' → (x.safetensors, x.json)."""
     p = Path(path)
     stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Calls ``write(tmp_path)`` then renames: readers never see a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
-    os.replace(tmp, path)  # readers never see a half-written file
+    os.replace(tmp, path)
+
+
+def read_sidecar(js: Path, fmt: str, what: str, max_version: int = FORMAT_VERSION) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint of format ``fmt``; CheckpointError says what is wrong with it."""
+    if not js.is_file():
+        raise CheckpointError(f"{what} metadata not found: {js} (a {what} checkpoint is a .safetensors file "
+                              "with a .json file of the same name beside it)")
+    try:
+        raw = json.loads(js.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what} metadata {js} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict) or raw.get("format") != fmt:
+        found = raw.get("format") if isinstance(raw, dict) else None
+        raise CheckpointError(f"{js} is not an mvpseg {what} checkpoint (format={found!r})")
+    if int(raw.get("version", -1)) > max_version:
+        raise CheckpointError(f"{js} has format version {raw['version']}; this mvpseg reads up to {max_version}")
+    return raw
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], fmt: str, version: int = FORMAT_VERSION) -> None:
+    """Atomic safetensors write with the format name and version in the header."""
+    atomic_write(path, lambda t: save_file(tensors, str(t), metadata={"format": fmt, "version": str(version)}))
+
+
+def load_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Reads tensors (never a pickle); CheckpointError for a missing or unreadable file."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} tensors not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
 
 
 def save_prompts(path: str | os.PathLike, prompts: LearnedPrompts, clip: FrozenCLIP, gamma: float = 10.0,
                  training_classes: Sequence[str] = (), extra: dict[str, Any] | None = None) -> Path:
     """Writes ``path`` (.safetensors) and its .json sidecar; returns the .safetensors path."""
-    st, js = _paths(path)
+    st, js = sidecar_paths(path)
     st.parent.mkdir(parents=True, exist_ok=True)
     meta = PromptMeta(clip.spec.model_name, clip.spec.pretrained, clip.fingerprint, clip.text_width, clip.embed_dim,
                       prompts.n_seg, prompts.n_ctx, prompts.use_global, float(gamma), tuple(training_classes),
@@ -68,24 +102,14 @@ def save_prompts(path: str | os.PathLike, prompts: LearnedPrompts, clip: FrozenC
     tensors = {"ctx": prompts.ctx.detach().float().cpu().contiguous(),
                "tau1": prompts.tau1_param.detach().float().cpu().reshape(()),
                "tau2": prompts.tau2_param.detach().float().cpu().reshape(())}
-    _atomic_write(st, lambda t: save_file(tensors, str(t), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)}))
-    _atomic_write(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
+    save_safetensors(st, tensors, FORMAT)
+    atomic_write(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
     return st
 
 
 def read_meta(path: str | os.PathLike) -> PromptMeta:
-    _, js = _paths(path)
-    if not js.is_file():
-        raise CheckpointError(f"checkpoint metadata not found: {js} (a prompt checkpoint is a .safetensors file "
-                              "with a .json file of the same name beside it)")
-    try:
-        raw = json.loads(js.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint metadata {js} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise CheckpointError(f"{js} is not an mvpseg prompt checkpoint (format={raw.get('format') if isinstance(raw, dict) else None!r})")
-    if int(raw.get("version", -1)) > FORMAT_VERSION:
-        raise CheckpointError(f"{js} has format version {raw['version']}; this mvpseg reads up to {FORMAT_VERSION}")
+    _, js = sidecar_paths(path)
+    raw = read_sidecar(js, FORMAT, "prompt")
     known = set(PromptMeta.__dataclass_fields__)
     try:
         raw["training_classes"] = tuple(raw.get("training_classes", ()))
@@ -113,16 +137,11 @@ def check_compatible(meta: PromptMeta, clip: FrozenCLIP) -> None:
 
 def load_prompts(path: str | os.PathLike, clip: FrozenCLIP | None = None, name: str | None = None) -> LearnedPrompts:
     """Reads a prompt checkpoint; with ``clip`` given, refuses one that was learned for another CLIP."""
-    st, _ = _paths(path)
+    st, _ = sidecar_paths(path)
     meta = read_meta(path)
     if clip is not None:
         check_compatible(meta, clip)
-    if not st.is_file():
-        raise CheckpointError(f"checkpoint tensors not found: {st}")
-    try:
-        tensors = load_file(str(st))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{st} is not a readable safetensors file: {e}") from e
+    tensors = load_safetensors(st, "prompt")
     expected = {"ctx": (meta.n_seg + int(meta.use_global), meta.n_ctx, meta.text_width), "tau1": (), "tau2": ()}
     if set(tensors) != set(expected):
         raise CheckpointError(f"{st} holds tensors {sorted(tensors)}, expected {sorted(expected)}")

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
@@ -105,3 +107,17 @@ def resize_short_side(w: int, h: int, short_side: int, max_long_side: int) -> tu
     """Target (w, h): short side = ``short_side`` unless that makes the long side exceed ``max_long_side``."""
     scale = min(short_side / min(w, h), max_long_side / max(w, h))
     return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def prepare_image(image: ImageLike, short_side: int, max_long_side: int, device: torch.device | str
+                  ) -> tuple[np.ndarray, torch.Tensor, tuple[int, int]]:
+    """Loads an image and resizes it for a network: returns (RGB uint8 H×W×3, 1×3×h×w float in [0, 1] on
+    ``device``, (h, w)) with the short side at ``short_side`` unless the long side would pass ``max_long_side``."""
+    rgb = load_image(image)
+    h, w = rgb.shape[:2]
+    tw, th = resize_short_side(w, h, short_side, max_long_side)
+    x = torch.from_numpy(rgb).to(device).permute(2, 0, 1)[None].float() / 255.0
+    if (th, tw) != (h, w):
+        # antialias: downscaling a big photo without it aliases fine textures into the features
+        x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    return rgb, x, (th, tw)

@@ -18,11 +18,16 @@ import torch.nn.functional as F
 
 from .clip_backbone import FrozenCLIP
 from .heads import MVPSegOutput, segment
-from .image_io import ImageLike, load_image, resize_short_side
+from .image_io import ImageLike, prepare_image
 from .prompts import PromptSet, TextViews
 
 MAX_CLASSES = 200
 MAX_NAME_CHARS = 60
+
+
+def amp_autocast(device: torch.device, enabled: bool = True):
+    """bfloat16 autocast on CUDA (frozen towers at inference), a no-op context elsewhere."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 class VocabularyError(ValueError):
@@ -159,23 +164,14 @@ class Predictor:
             del self._text_cache[key]
 
     # ----------------------------------------------------------------- image
-    def _autocast(self):
-        enabled = self.amp and self.clip.device.type == "cuda"
-        return torch.autocast(device_type=self.clip.device.type, dtype=torch.bfloat16, enabled=enabled)
-
     @torch.no_grad()
     def set_image(self, image: ImageLike) -> None:
         """Loads (any size or mode), resizes to the work size and caches the dense features 1×D×h×w."""
         t0 = time.perf_counter()
-        rgb = load_image(image)
-        h, w = rgb.shape[:2]
-        tw, th = resize_short_side(w, h, self.short_side, self.max_long_side)
-        x = torch.from_numpy(rgb).to(self.clip.device).permute(2, 0, 1)[None].float() / 255.0
-        if (th, tw) != (h, w):
-            x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
-        with self._autocast():
-            feats = self.clip.dense_features(self.clip.normalize(x.clamp(0, 1)))
-        self._features, self._image_size, self._work_size = feats.float(), (h, w), (th, tw)
+        rgb, x, work_size = prepare_image(image, self.short_side, self.max_long_side, self.clip.device)
+        with amp_autocast(self.clip.device, self.amp):
+            feats = self.clip.dense_features(self.clip.normalize(x))
+        self._features, self._image_size, self._work_size = feats.float(), rgb.shape[:2], work_size
         self.stats["image_encodes"] += 1
         self.image_seconds = time.perf_counter() - t0
 
@@ -197,7 +193,7 @@ class Predictor:
         if key in self._text_cache:
             self._text_cache.move_to_end(key)
             return self._text_cache[key]
-        with self._autocast():
+        with amp_autocast(self.clip.device, self.amp):
             views = self.prompt_set(prompts).encode(self.clip, vocabulary).detach()
         self.stats["text_encodes"] += 1
         self._text_cache[key] = views

@@ -26,10 +26,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, PromptMeta, check_compatible
+from .checkpoint import (CheckpointError, PromptMeta, atomic_write, check_compatible, load_safetensors, read_sidecar,
+                         save_safetensors, sidecar_paths)
 from .clip_backbone import NORMALIZATIONS, FrozenCLIP
 from .prompts import LearnedPrompts, PromptSet, TextViews
 from .student_heads import HEADS, ResNetBackbone, load_backbone_weights, make_head, make_resnet
@@ -166,18 +165,6 @@ class LoadedStudent:
     meta: StudentMeta
 
 
-def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    p = Path(path)
-    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)  # a reader never sees a half-written file
-
-
 def _prompt_record(prompts: PromptSet, clip: FrozenCLIP) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if isinstance(prompts, LearnedPrompts):
         meta = getattr(prompts, "meta", None) or PromptMeta(
@@ -196,33 +183,21 @@ def save_student(path: str | os.PathLike, net: StudentNet, prompts: PromptSet, c
                  class_names: Sequence[str] = (), background_index: int | None = None,
                  unseen: Sequence[int] = (), extra: dict[str, Any] | None = None) -> Path:
     """Writes ``path`` (.safetensors) and its .json sidecar; returns the .safetensors path."""
-    st, js = _paths(path)
+    st, js = sidecar_paths(path)
     st.parent.mkdir(parents=True, exist_ok=True)
     prompt_record, tensors = _prompt_record(prompts, clip)
     state = {f"student.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     meta = StudentMeta(asdict(net.config), clip.spec.model_name, clip.spec.pretrained, clip.fingerprint,
                        clip.embed_dim, clip.text_width, prompt_record, tuple(class_names), background_index,
                        tuple(int(u) for u in unseen), net.backbone_init, clip.spec.model_config, dict(extra or {}))
-    _atomic(st, lambda t: save_file({**state, **tensors}, str(t),
-                                    metadata={"format": FORMAT, "version": str(FORMAT_VERSION)}))
-    _atomic(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
+    save_safetensors(st, {**state, **tensors}, FORMAT, FORMAT_VERSION)
+    atomic_write(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
     return st
 
 
 def read_student_meta(path: str | os.PathLike) -> StudentMeta:
-    _, js = _paths(path)
-    if not js.is_file():
-        raise CheckpointError(f"student metadata not found: {js} (a student checkpoint is a .safetensors file with "
-                              "a .json file of the same name beside it)")
-    try:
-        raw = json.loads(js.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"student metadata {js} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        fmt = raw.get("format") if isinstance(raw, dict) else None
-        raise CheckpointError(f"{js} is not an mvpseg student checkpoint (format={fmt!r})")
-    if int(raw.get("version", -1)) > FORMAT_VERSION:
-        raise CheckpointError(f"{js} has format version {raw['version']}; this mvpseg reads up to {FORMAT_VERSION}")
+    _, js = sidecar_paths(path)
+    raw = read_sidecar(js, FORMAT, "student", FORMAT_VERSION)
     known = {f.name for f in fields(StudentMeta)}
     try:
         raw["class_names"] = tuple(raw.get("class_names", ()))
@@ -283,16 +258,11 @@ def load_student(path: str | os.PathLike, clip: FrozenCLIP | None = None,
                  device: str | torch.device | None = None) -> LoadedStudent:
     """Reads a student checkpoint strictly (exact tensor names, shapes, finite values); with ``clip`` given,
     refuses a student trained against another CLIP. Returns the network in eval mode and its prompts."""
-    st, _ = _paths(path)
+    st, _ = sidecar_paths(path)
     meta = read_student_meta(path)
     if clip is not None:
         _check_clip(meta, clip)
-    if not st.is_file():
-        raise CheckpointError(f"student tensors not found: {st}")
-    try:
-        tensors = load_file(str(st))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{st} is not a readable safetensors file: {e}") from e
+    tensors = load_safetensors(st, "student")
     try:
         config = StudentConfig.from_dict(meta.config)
     except (TypeError, ValueError) as e:

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .clip_backbone import ClipSpec, FrozenCLIP, load_clip
 from .heads import MVPSegOutput
-from .image_io import ImageLike, load_image, resize_short_side
-from .predictor import Prediction, parse_vocabulary
+from .image_io import ImageLike, prepare_image
+from .predictor import Prediction, amp_autocast, parse_vocabulary
 from .prompts import PromptSet
 from .student import LoadedStudent, StudentNet, fuse_views, load_student
 
@@ -79,23 +78,14 @@ class StudentPredictor:
     def has_image(self) -> bool:
         return self._features is not None
 
-    def _autocast(self):
-        enabled = self.amp and self.clip.device.type == "cuda"
-        return torch.autocast(device_type=self.clip.device.type, dtype=torch.bfloat16, enabled=enabled)
-
     @torch.no_grad()
     def set_image(self, image: ImageLike) -> None:
         """Loads (any size or mode), resizes to the work size and caches the student features 1×D×h×w."""
         t0 = time.perf_counter()
-        rgb = load_image(image)
-        h, w = rgb.shape[:2]
-        tw, th = resize_short_side(w, h, self.short_side, self.max_long_side)
-        x = torch.from_numpy(rgb).to(self.student.device).permute(2, 0, 1)[None].float() / 255.0
-        if (th, tw) != (h, w):
-            x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
-        with self._autocast():
-            feats = self.student.features(self.student.normalize(x.clamp(0, 1)))
-        self._features, self._image_size, self._work_size = feats.float(), (h, w), (th, tw)
+        rgb, x, work_size = prepare_image(image, self.short_side, self.max_long_side, self.student.device)
+        with amp_autocast(self.student.device, self.amp):
+            feats = self.student.features(self.student.normalize(x))
+        self._features, self._image_size, self._work_size = feats.float(), rgb.shape[:2], work_size
         self.stats["image_encodes"] += 1
         self.image_seconds = time.perf_counter() - t0
 
@@ -105,7 +95,7 @@ class StudentPredictor:
         if vocabulary in self._text_cache:
             self._text_cache.move_to_end(vocabulary)
             return self._text_cache[vocabulary]
-        with self._autocast():
+        with amp_autocast(self.clip.device, self.amp):
             emb = fuse_views(self.prompts.encode(self.clip, vocabulary).detach())
         self.stats["text_encodes"] += 1
         self._text_cache[vocabulary] = emb

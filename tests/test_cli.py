@@ -1,7 +1,6 @@
 import json
 
 import numpy as np
-import torch
 from PIL import Image
 from safetensors.torch import save_file
 
