@@ -26,7 +26,7 @@ from .sources import MAX_PIXELS, DemoInputError, PromptSource, prompts_from_hub,
 
 log = logging.getLogger("mvpseg.demo")
 
-EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 MAX_FILE_SIZE = "25mb"
 QUEUE_MAX_SIZE = 16
 HUB_CACHE_SIZE = 8
@@ -75,7 +75,7 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def load_examples(mode: str) -> list[list[str]]:
-    """[image path, vocabulary] pairs from ``demo/examples/examples.json``, those for ``mode`` first."""
+    """[image path, vocabulary] pairs from ``assets/examples/examples.json``, those for ``mode`` first."""
     index = EXAMPLES_DIR / "examples.json"
     if not index.is_file():
         return []

@@ -1,4 +1,4 @@
-"""Writes the demo's example images into ``demo/examples/`` (run once; the outputs are committed).
+"""Writes the demo's example images into ``assets/examples/`` (run once; the outputs are committed).
 
 * Toy-world scenes (``training.toyworld``, test split, seed 0) for the bundled toy model, each with a
   vocabulary of its visible classes plus one class that is absent (to show what GPR suppresses).
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-OUT = Path(__file__).resolve().parent / "examples"
+OUT = Path(__file__).resolve().parent.parent / "assets" / "examples"
 # (test-split index, vocabulary): scenes with several creatures, chosen by eye for variety.
 TOY_SCENES = (
     (294, "background, red cat, red bird, yellow owl, yellow fox, brick, water"),

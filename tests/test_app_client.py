@@ -33,7 +33,7 @@ from mvpseg import visualize  # noqa: E402
 from mvpseg.testing import tiny_clip, tiny_config_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "demo" / "examples" / "toy_test_294.png"
+EXAMPLE = REPO / "assets" / "examples" / "toy_test_294.png"
 VOCAB = "background, red cat, brick, water"
 SETS = ["learned", "maskclip-85", "parts"]
 
