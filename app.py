@@ -19,17 +19,15 @@ import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported anywhere
 
+from mvpseg.clip_backbone import ClipSpec, add_clip_args  # noqa: E402  (after `spaces`, which must precede torch)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (cuda when available)")
-    p.add_argument("--clip", default="RN50",
-                   help="open_clip model name, hf-hub:org/repo, a custom config's name, or 'toy' (bundled toy model)")
-    p.add_argument("--pretrained", default="openai",
-                   help="open_clip tag, local checkpoint file, or 'none' for random weights")
-    p.add_argument("--model-config", default=None, help="JSON open_clip config of a custom model")
-    p.add_argument("--cache-dir", default=None, help="where pretrained CLIP weights are cached")
+    add_clip_args(p, clip_help="open_clip model name, hf-hub:org/repo, a custom config's name, or 'toy' "
+                                "(the bundled toy model)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="[NAME=]PATH",
                    help="learned prompts (.safetensors with its .json); repeatable")
     p.add_argument("--no-discover", action="store_true",
@@ -64,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     from demo.sources import MAX_PIXELS
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow refuses bigger images before decoding them
-    pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
-    config = DemoConfig(clip=args.clip, pretrained=pretrained, model_config=args.model_config,
-                        cache_dir=args.cache_dir, device=args.device,
+    spec = ClipSpec.from_args(args)
+    config = DemoConfig(clip=spec.model_name, pretrained=spec.pretrained, model_config=spec.model_config,
+                        cache_dir=spec.cache_dir, normalization=spec.normalization, device=args.device,
                         checkpoints=tuple(_checkpoint(c) for c in args.checkpoint), discover=not args.no_discover,
                         student=args.student, short_side=args.short_side, max_classes=args.max_classes,
                         fallback=args.fallback)

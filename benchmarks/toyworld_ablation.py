@@ -86,10 +86,10 @@ def table(rows: list[tuple[str, dict]]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/toyworld_ablation")
-    p.add_argument("--iters", type=int, default=300, help="prompt-learning iterations per run")
+    p.add_argument("--iters", type=int, default=400, help="prompt-learning iterations per run")
     p.add_argument("--batch", type=int, default=8, help="global batch (paper: 8)")
     p.add_argument("--lr", type=float, default=2e-3, help="SGD lr (paper: 2e-4 for 8k iterations)")
-    p.add_argument("--warmup", type=int, default=30, help="linear warmup iterations")
+    p.add_argument("--warmup", type=int, default=40, help="linear warmup iterations")
     p.add_argument("--train-images", type=int, default=400)
     p.add_argument("--val-images", type=int, default=200, help="fixed validation set (split 'val')")
     p.add_argument("--seed", type=int, default=0)

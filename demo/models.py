@@ -53,6 +53,7 @@ class DemoConfig:
     short_side: int | None = None
     max_classes: int = 30
     fallback: Literal["auto", "random", "none"] = "auto"
+    normalization: str | None = None
 
 
 StudentRunner = Callable[[np.ndarray, str, tuple[str, ...]], np.ndarray]
@@ -127,7 +128,8 @@ def _load_clip(config: DemoConfig, device: torch.device,
             return mvpseg.load_clip(toy_spec, device), "toy", []
         spec = toy_spec
     else:
-        spec = mvpseg.ClipSpec(config.clip, config.pretrained, config.cache_dir, config.model_config)
+        spec = mvpseg.ClipSpec(config.clip, config.pretrained, config.cache_dir, config.model_config,
+                               config.normalization)
     try:
         if spec is toy_spec and not toy_available(toy_spec):
             raise mvpseg.ClipWeightsUnavailable(

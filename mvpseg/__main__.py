@@ -11,32 +11,15 @@ from PIL import Image
 
 from .builder import build_predictor
 from .checkpoint import CheckpointError
-from .clip_backbone import ClipSpec, ClipWeightsUnavailable
+from .clip_backbone import ClipSpec, ClipWeightsUnavailable, add_clip_args
 from .image_io import ImageError, load_image
 from .predictor import VocabularyError
 from .visualize import legend_entries, overlay, palette
 
 
-def add_clip_args(p: argparse.ArgumentParser) -> None:
-    """CLIP selection flags shared by every entry point."""
-    p.add_argument("--clip", default="RN50", help="open_clip model name, hf-hub:org/repo, or a custom config's name")
-    p.add_argument("--pretrained", default="openai",
-                   help="open_clip tag, a local checkpoint file, or 'none' for random weights")
-    p.add_argument("--model-config", default=None, help="JSON open_clip config for a custom model (e.g. the toy model)")
-    p.add_argument("--cache-dir", default=None, help="where pretrained weights are cached")
-    p.add_argument("--normalization", default=None, choices=["imagenet", "clip"],
-                   help="input normalisation (default: imagenet, as MaskCLIP)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
-
-
-def clip_spec_from_args(args: argparse.Namespace) -> ClipSpec:
-    pre = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
-    return ClipSpec(args.clip, pre, args.cache_dir, args.model_config, args.normalization)
-
-
 def _segment(args: argparse.Namespace) -> int:
     baselines = args.baseline is not None or args.prompts is None
-    pred = build_predictor(clip_spec_from_args(args), checkpoints={"learned": args.prompts} if args.prompts else None,
+    pred = build_predictor(ClipSpec.from_args(args), checkpoints={"learned": args.prompts} if args.prompts else None,
                            baselines=baselines, device=args.device, short_side=args.short_side)
     prompt_set = "learned" if args.prompts else (args.baseline or "maskclip-85")
     image = load_image(args.image)
@@ -72,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     seg.add_argument("--short-side", type=int, default=512)
     seg.add_argument("--out", default="overlay.png", help="overlay PNG; the label map and a legend JSON go beside it")
     add_clip_args(seg)
+    seg.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
     args = parser.parse_args(argv)
     try:
         return _segment(args)

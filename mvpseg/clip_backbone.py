@@ -7,6 +7,7 @@ for a minute.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -60,6 +61,25 @@ class ClipSpec:
 
     def describe(self) -> str:
         return f"{self.model_name} ({self.pretrained or 'random weights'})"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ClipSpec":
+        """From the flags of ``add_clip_args`` ('none' / 'random' as --pretrained mean random weights)."""
+        pre = None if str(args.pretrained).lower() in ("none", "random", "") else args.pretrained
+        return cls(args.clip, pre, args.cache_dir, args.model_config, getattr(args, "normalization", None))
+
+
+def add_clip_args(parser: argparse.ArgumentParser, clip_help: str = "") -> None:
+    """The CLIP-selection flags shared by the CLI, the training scripts and the demo."""
+    g = parser.add_argument_group("CLIP")
+    g.add_argument("--clip", default="RN50", help=clip_help or
+                   "open_clip model name (RN50, RN101, RN50x4, ViT-B-16, …), hf-hub:org/repo, or a custom config's name")
+    g.add_argument("--pretrained", default="openai",
+                   help="open_clip tag, a local checkpoint file, or 'none' for random weights")
+    g.add_argument("--model-config", default=None, help="JSON open_clip config of a custom model (e.g. the toy model)")
+    g.add_argument("--cache-dir", default=None, help="where pretrained CLIP weights are (or will be) cached")
+    g.add_argument("--normalization", default=None, choices=sorted(NORMALIZATIONS),
+                   help="input mean/std (default: imagenet, as MaskCLIP's configs)")
 
 
 def _read_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:

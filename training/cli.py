@@ -3,24 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from mvpseg.clip_backbone import ClipSpec
-
-
-def add_clip_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("CLIP")
-    g.add_argument("--clip", default="RN50", help="open_clip model name (default RN50)")
-    g.add_argument("--pretrained", default="openai",
-                   help="open_clip tag, local checkpoint file, or 'none' for random weights")
-    g.add_argument("--cache-dir", default=None, help="folder with downloaded CLIP weights")
-    g.add_argument("--model-config", default=None, help="JSON open_clip config for a custom model")
-    g.add_argument("--normalization", default=None, choices=["imagenet", "clip"],
-                   help="pixel mean/std (default: imagenet, as MaskCLIP's configs)")
+from mvpseg.clip_backbone import ClipSpec, add_clip_args  # noqa: F401  (re-exported for the scripts)
 
 
 def clip_spec(args: argparse.Namespace) -> ClipSpec:
-    pre = None if str(args.pretrained).lower() in ("none", "random", "") else args.pretrained
-    return ClipSpec(model_name=args.clip, pretrained=pre, cache_dir=args.cache_dir,
-                    model_config=args.model_config, normalization=args.normalization)
+    return ClipSpec.from_args(args)
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
