@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
         rows2 = [(f"k = {k}" + (" (= single)" if k == 1 else ""), res[name]) for k, (name, _) in SWEEP.items()]
         md += ["", "## Number of segmentation prompts (OCLoss, no GPR)", "", table(rows2)]
     wall = round(time.perf_counter() - t0, 1)
-    md += ["", f"Wall time: {wall} s ({sum(train_s.values()):.0f} s prompt learning over {len(runs)} runs, "
-               f"{eval_s} s evaluation of {a.val_images} images); {a.iters} iterations × batch {a.batch}, "
-               f"SGD lr {a.lr}, {a.train_images} training images, device {a.device}, {a.threads} threads."]
+    md += ["", (f"Wall time: {wall} s ({sum(train_s.values()):.0f} s prompt learning over {len(runs)} runs, "
+                f"{eval_s} s evaluation of {a.val_images} images); {a.iters} iterations × batch {a.batch}, "
+                f"SGD lr {a.lr}, {a.train_images} training images, device {a.device}, {a.threads} threads.")]
     text = "\n".join(md) + "\n"
     print(text)
     out = Path(a.out)

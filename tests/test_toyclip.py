@@ -104,3 +104,36 @@ def test_demo_examples_exist(name):
 
     with Image.open(ROOT / "assets" / "examples" / name) as im:
         assert im.mode == "RGB" and im.size == (256, 256)
+
+
+def test_ci_sized_prompt_learning_on_seen_classes_keeps_zero_shot_transfer(tmp_path):
+    """A 60-iteration single-prompt run through ``train_prompts`` + ``evaluate`` on the toy world.
+
+    Measured (seeds 0/1/2, 64 training images, SGD lr 5e-3, 48 validation images of seed 1): L_seg
+    falls from 5.6–7.8 at the first step to 0.47–0.82 (mean of the last 10 steps); the learned prompt,
+    trained on the 16 seen classes only, scores mIoU(U) 22.2 / 23.0 / 23.4 on the 5 unseen classes —
+    chance (random weights) is 0.0 — while the 85 handcrafted templates score 35.7 on the same images.
+    So at CI scale learned prompts do **not** beat the handcrafted baseline on unseen classes; nor do
+    they in the full 400-iteration ablation (26.1 vs 31.1, docs/toyworld.md: the pixel-averaged L_seg
+    is dominated by background and stuff, which improve, while small object classes lose).  This test
+    pins what holds: the loss drops ≥ 3× (measured ≥ 8×), no unseen name reaches the training
+    vocabulary, and zero-shot transfer survives (mIoU(U) ≥ 15: 7 points below the lowest measurement,
+    far above chance); the baseline must stay in its measured window.
+    """
+    from training.evaluate import main as eval_main
+    from training.train_prompts import main as train_main
+
+    clip = ["--clip", "toyclip", "--model-config", str(CONFIG), "--pretrained", str(WEIGHTS), "--device", "cpu",
+            "--num-workers", "0", "--cpu-threads", "2", "--no-progress"]
+    ckpt = train_main(["--dataset", "toyworld", "--data-root", "length=64,seed=0", "--out", str(tmp_path / "run"),
+                       "--variant", "single", "--max-iters", "60", "--lr", "5e-3", "--warmup-iters", "5",
+                       "--seed", "0", "--ckpt-every", "60", *clip])
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    seg = [r["seg"] for r in log if "seg" in r and "iter" in r]
+    assert seg[0] >= 3 * np.mean(seg[-10:])
+    report = eval_main(["--data", "toyworld=length=48,seed=1", "--baselines", "maskclip-85",
+                        "--prompts", f"learned={ckpt}", *clip])
+    res = report["results"]["toyworld"]
+    assert report["datasets"]["toyworld"]["unseen_in_training_vocabulary"]["learned"] == []
+    assert res["learned"]["miou_unseen"] >= 15.0
+    assert 30.0 <= res["maskclip-85"]["miou_unseen"] <= 42.0  # measured 35.7

@@ -5,8 +5,8 @@ The result stands in for OpenAI's RN50 where no pretrained weights can be downlo
 text transformer over open_clip's real BPE tokenizer (context 48: SOT + 32 learned context tokens +
 a class name + EOT fit). Run once, not in CI::
 
-    python -m training.pretrain_toyclip --device cpu      # ~35 min on 2 CPU cores (measured: docs/toyworld.md)
-    python -m training.pretrain_toyclip --device cuda --workers 14
+    python -m training.pretrain_toyclip --device cpu      # ≈ 32 min on 2 idle CPU cores (docs/toyworld.md)
+    python -m training.pretrain_toyclip --device cuda --workers 15   # ≈ 100 s on an H200
 
 Outputs in ``--out`` (default ``assets/toyclip``):
 
@@ -27,8 +27,9 @@ import json
 import math
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -36,7 +37,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from training.toyworld import CLASS_NAMES, OBJECT_NAMES, PRETRAIN_CONFIG, UNSEEN, CaptionedToyWorld
+from training.toyworld import (
+    CLASS_NAMES,
+    OBJECT_NAMES,
+    PRETRAIN_CONFIG,
+    UNSEEN,
+    CaptionedToyWorld,
+)
 
 MODEL_NAME = "toyclip"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

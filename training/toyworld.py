@@ -128,7 +128,7 @@ def _creature_layer(rng: np.random.Generator, cfg: WorldConfig, label: int) -> L
         mask |= m
     pixels[draw.outline(mask)] *= 0.45  # dark contour, as in a drawing
     eye = draw.place(np.array([[0.68 if head == "round" else 0.5, -0.34]]), size, angle, flip, cx, cy)[0]
-    ex, ey = int(round(eye[0])), int(round(eye[1]))
+    ex, ey = round(float(eye[0])), round(float(eye[1]))
     r = max(1, int(size / 14))
     ys, xs = np.ogrid[: shape[0], : shape[1]]
     eye_mask = ((xs - ex) ** 2 + (ys - ey) ** 2 <= r * r) & mask
@@ -225,9 +225,9 @@ def visible_classes(scene: Scene, rendered: Rendered, min_fraction: float = 0.4,
     counts = np.bincount(rendered.owner.ravel(), minlength=len(scene.layers))
     out: set[int] = set()
     for i, layer in enumerate(scene.layers):
-        if layer.kind == "object" and counts[i] >= min_pixels and counts[i] >= min_fraction * layer.mask.sum():
-            out.add(layer.label)
-        elif layer.kind == "stuff" and counts[i] >= min_stuff * rendered.owner.size:
+        big_object = layer.kind == "object" and counts[i] >= max(min_pixels, min_fraction * layer.mask.sum())
+        big_stuff = layer.kind == "stuff" and counts[i] >= min_stuff * rendered.owner.size
+        if big_object or big_stuff:
             out.add(layer.label)
     return sorted(out)
 
@@ -236,7 +236,9 @@ def caption(classes: list[int], rng: np.random.Generator, background_share: floa
     """A caption naming ``classes`` (indices into CLASS_NAMES) in a random order and template."""
     objs = [f"a {CLASS_NAMES[c]}" for c in rng.permutation([c for c in classes if c in range(1, 1 + len(OBJECT_NAMES))])]
     stuff = [CLASS_NAMES[c] for c in rng.permutation([c for c in classes if c > len(OBJECT_NAMES)])]
-    pick = lambda ts: ts[int(rng.integers(len(ts)))]  # noqa: E731
+    def pick(ts: tuple[str, ...]) -> str:
+        return ts[int(rng.integers(len(ts)))]
+
     if objs and stuff:
         text = pick(_MIX_T).format(o=_join(objs), s=_join(stuff))
     elif objs:
