@@ -137,3 +137,19 @@ def test_ci_sized_prompt_learning_on_seen_classes_keeps_zero_shot_transfer(tmp_p
     assert report["datasets"]["toyworld"]["unseen_in_training_vocabulary"]["learned"] == []
     assert res["learned"]["miou_unseen"] >= 15.0
     assert 30.0 <= res["maskclip-85"]["miou_unseen"] <= 42.0  # measured 35.7
+
+
+def test_shipped_learned_prompts_fit_the_toy_clip_and_never_saw_unseen_classes():
+    """The demo's learned prompt set (assets/prompts) loads strictly for the toy CLIP, has the paper's shape
+    (3 views + global, 32 context tokens) and was learned on seen classes only."""
+    import mvpseg
+    from mvpseg.clip_backbone import ClipSpec, load_clip
+
+    clip = load_clip(ClipSpec("toyclip", pretrained=str(WEIGHTS), model_config=str(CONFIG)))
+    path = ROOT / "assets" / "prompts" / "toyworld-mvpseg.safetensors"
+    prompts = mvpseg.load_prompts(path, clip)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert (meta["n_seg"], meta["n_ctx"], meta["use_global"]) == (3, 32, True)
+    assert tuple(prompts.ctx.shape) == (4, 32, clip.text_width)
+    unseen = {tw.CLASS_NAMES[i] for i in tw.UNSEEN}
+    assert set(meta["training_classes"]) == set(tw.CLASS_NAMES) - unseen
