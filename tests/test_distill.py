@@ -218,8 +218,6 @@ TOY_PROMPTS = os.environ.get("MVPSEG_TOY_PROMPTS")  # learned toy-world prompts,
 
 
 @pytest.mark.skipif(not (TOYCLIP / "toyclip.safetensors").is_file(), reason="needs the bundled toy CLIP")
-@pytest.mark.skipif(os.environ.get("MVPSEG_TOY_TESTS") != "1",
-                    reason="a few minutes of CPU: opt in with MVPSEG_TOY_TESTS=1")
 def test_student_improves_over_its_pseudo_labels_on_the_toy_world(tmp_path):
     """100 iterations of distillation from the toy CLIP (10 teacher-guided), scored on held-out images against
     the teacher that produced the pseudo labels. The unseen class *sand* is learned from pseudo labels only,
