@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import IGNORE_INDEX
+from .base import IGNORE_INDEX, LabelSpace
 from .classes import ClassSplit
 
 
@@ -26,7 +26,9 @@ def parse_spec(spec) -> dict:
     return out
 
 
-class ToyWorldDataset:
+class ToyWorldDataset(LabelSpace):
+    """The procedural toy world (no files) in the full or seen label space."""
+
     def __init__(self, spec, split: str, label_space: str = "full") -> None:
         from training import toyworld as tw
 
@@ -39,29 +41,11 @@ class ToyWorldDataset:
         self.label_space = label_space
         self.ignore_index = IGNORE_INDEX
         self.skipped = 0
-        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-        ids = self.split.seen if label_space == "seen" else range(len(names))
-        for new, old in enumerate(ids):
-            lut[old] = new
-        self._lut = lut
-
-    @property
-    def class_indices(self) -> tuple[int, ...]:
-        return self.split.seen if self.label_space == "seen" else tuple(range(self.split.num_classes))
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return tuple(self.split.class_names[i] for i in self.class_indices)
-
-    prompt_names = class_names
-
-    @property
-    def unseen_indices(self) -> tuple[int, ...]:
-        return () if self.label_space == "seen" else self.split.unseen
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_indices)
+        if label_space == "seen":
+            self._lut = self.split.seen_label_map(IGNORE_INDEX)
+        else:
+            self._lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+            self._lut[: len(names)] = np.arange(len(names))
 
     def __len__(self) -> int:
         return len(self.world)

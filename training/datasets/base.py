@@ -101,7 +101,36 @@ def build_lut(raw_to_class: dict[int, int], ignore_index: int = IGNORE_INDEX) ->
     return lut
 
 
-class SegmentationDataset:
+class LabelSpace:
+    """The vocabulary of a dataset in its label space; needs ``split`` (ClassSplit) and ``label_space``."""
+
+    split: ClassSplit
+    label_space: str
+
+    @property
+    def class_indices(self) -> tuple[int, ...]:
+        """Indices into ``split.class_names`` of this label space's classes."""
+        return self.split.seen if self.label_space == "seen" else tuple(range(self.split.num_classes))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.split.class_names[i] for i in self.class_indices)
+
+    @property
+    def prompt_names(self) -> tuple[str, ...]:
+        return tuple(self.split.prompt_names[i] for i in self.class_indices)
+
+    @property
+    def unseen_indices(self) -> tuple[int, ...]:
+        """Unseen classes in this label space (none in the seen space)."""
+        return () if self.label_space == "seen" else self.split.unseen
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_indices)
+
+
+class SegmentationDataset(LabelSpace):
     """A list of (image, label) files with a raw-id → class-id mapping and a label space.
 
     ``label_space="full"``: labels index ``split.class_names``.  ``label_space="seen"`` (prompt
@@ -153,29 +182,6 @@ class SegmentationDataset:
         log.warning("%s; skipping them", msg)
         bad = {id(s) for s in missing}
         return [s for s in samples if id(s) not in bad], len(missing)
-
-    # -- vocabulary ---------------------------------------------------------------------------
-    @property
-    def class_indices(self) -> tuple[int, ...]:
-        """Indices into ``split.class_names`` of this label space's classes."""
-        return self.split.seen if self.label_space == "seen" else tuple(range(self.split.num_classes))
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return tuple(self.split.class_names[i] for i in self.class_indices)
-
-    @property
-    def prompt_names(self) -> tuple[str, ...]:
-        return tuple(self.split.prompt_names[i] for i in self.class_indices)
-
-    @property
-    def unseen_indices(self) -> tuple[int, ...]:
-        """Unseen classes in this label space (none in the seen space)."""
-        return () if self.label_space == "seen" else self.split.unseen
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_indices)
 
     # -- items --------------------------------------------------------------------------------
     def __len__(self) -> int:
