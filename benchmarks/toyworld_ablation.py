@@ -24,6 +24,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
@@ -71,16 +72,11 @@ def train_run(a: argparse.Namespace, name: str, extra: list[str]) -> Path:
     return Path(train_main(argv))
 
 
-def fmt(v: float | None) -> str:
-    return "–" if v is None else f"{v:.1f}"
-
-
 def table(rows: list[tuple[str, dict]]) -> str:
-    out = ["| method | mIoU(U) | mIoU(S) | mIoU | hIoU |", "|---|---:|---:|---:|---:|"]
-    for label, r in rows:
-        out.append(f"| {label} | {fmt(r['miou_unseen'])} | {fmt(r['miou_seen'])} | {fmt(r['miou'])} | "
-                   f"{fmt(r['hiou'])} |")
-    return "\n".join(out)
+    """The evaluator's summary table, from the rows of its JSON report."""
+    from training.metrics import summary_table
+
+    return summary_table([(label, SimpleNamespace(**r)) for label, r in rows])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -43,8 +43,8 @@ from .checkpointing import CheckpointManager, atomic_write_text, check_config_co
 from .cli import add_clip_args, add_runtime_args, amp_dtype, apply_runtime, clip_spec
 from .data import EvalShard, TrainStream, eval_loader, train_loader
 from .datasets import build_dataset, get_profile
-from .distributed import (DistContext, all_reduce_sum, barrier, cleanup_distributed, rng_state,
-                          seed_everything, set_rng_state, setup_distributed)
+from .distributed import (DistContext, all_reduce_sum, barrier, distributed_session, rng_state,
+                          seed_everything, set_rng_state)
 from .evaluate import evaluate_dataset, render_markdown
 from .metrics import ConfusionMatrix, SegScores, dumps, summarize
 from .pseudo_labels import (IGNORE_INDEX, TEACHER, UNLABELED, HideUnseen, assign_unseen, check_no_leak,
@@ -371,11 +371,8 @@ def main(argv=None) -> Path | None:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     apply_runtime(args)
-    ctx = setup_distributed(args.device)
-    try:
+    with distributed_session(args.device) as ctx:
         return distill(cfg, args, ctx)
-    finally:
-        cleanup_distributed(ctx)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +63,16 @@ def cleanup_distributed(ctx: DistContext) -> None:
         if ctx.distributed:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed_session(device: str = "auto") -> Iterator[DistContext]:
+    """``setup_distributed`` on entry, ``cleanup_distributed`` on exit (also after an error or a kill test)."""
+    ctx = setup_distributed(device)
+    try:
+        yield ctx
+    finally:
+        cleanup_distributed(ctx)
 
 
 def barrier(ctx: DistContext) -> None:

@@ -36,7 +36,7 @@ from .cli import (add_clip_args, add_runtime_args, amp_dtype, apply_runtime, cli
                   parse_pairs)
 from .data import EvalShard, eval_loader
 from .datasets import build_dataset, get_profile
-from .distributed import DistContext, cleanup_distributed, seed_everything, setup_distributed
+from .distributed import DistContext, distributed_session, seed_everything
 from .metrics import (ConfusionMatrix, SegScores, cross_table, dumps, per_class_table, summarize,
                       summary_table)
 from .runlog import Progress
@@ -138,8 +138,7 @@ def main(argv=None) -> dict:
     apply_runtime(args)
     datasets = parse_pairs(args.data, "--data")
     prompt_paths = parse_pairs(args.prompts, "--prompts")
-    ctx = setup_distributed(args.device)
-    try:
+    with distributed_session(args.device) as ctx:
         seed_everything(args.seed)
         clip = load_clip(clip_spec(args), ctx.device)
         methods = build_methods(clip, prompt_paths, args.baselines)
@@ -180,8 +179,6 @@ def main(argv=None) -> dict:
                 atomic_write_text(out / "results.json", dumps(report))
                 log.info("wrote %s/results.{md,json}", out)
         return report
-    finally:
-        cleanup_distributed(ctx)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,7 @@ from .cli import add_clip_args, add_runtime_args, amp_dtype, apply_runtime, clip
 from .data import TrainStream, train_loader
 from .datasets import build_dataset, get_profile
 from .distributed import (DistContext, all_reduce_sum, average_gradients, barrier,
-                          cleanup_distributed, rng_state, seed_everything, set_rng_state,
-                          setup_distributed)
+                          distributed_session, rng_state, seed_everything, set_rng_state)
 from .runlog import JsonlLogger, Progress
 from .schedule import LRSchedule
 from .shared_prefix import SharedPrefixEncoder, supports_shared_prefix
@@ -316,11 +315,8 @@ def main(argv=None) -> Path:
     if cfg.n_seg < 1:
         raise SystemExit("--n-seg must be >= 1")
     apply_runtime(args)
-    ctx = setup_distributed(args.device)
-    try:
+    with distributed_session(args.device) as ctx:
         return train(cfg, args, ctx)
-    finally:
-        cleanup_distributed(ctx)
 
 
 if __name__ == "__main__":
