@@ -187,6 +187,7 @@ def test_eval_sizes_follow_mmcv_rule():
     img = np.zeros((30, 40, 3), np.uint8)
     t, lbl = EvalTransform(scale=(2048, 512))(img, np.zeros((30, 40), np.uint8))
     assert t.shape == (3, 512, 683) and lbl.shape == (30, 40) and lbl.dtype == torch.int64
+    assert EvalTransform(scale=None)(img, np.zeros((30, 40), np.uint8))[0].shape == (3, 30, 40)
 
 
 def test_train_transform_deterministic_and_padded():
@@ -248,5 +249,13 @@ def test_toyworld_plugs_into_the_same_interface():
                [full.class_names[k] for k in lbl_full[keep][:50]]
     prof = get_profile("toyworld")
     assert prof.photometric is False and prof.ratio_range == (1.0, 1.0)
-    with pytest.raises(ValueError, match="toyworld spec"):
-        build_dataset("toyworld", "size=3", "train")
+    # object sizes are in pixels: train and eval transforms keep every world's native size
+    img, lbl = full[0]
+    x, y = prof.train_transform(crop_size=128)(img, lbl, np.random.default_rng(0))
+    assert x.shape == (3, 128, 128) and (y[96:] == 255).all() and (y[:96, :96] != 255).any()
+    assert prof.eval_transform()(img, lbl)[0].shape == (3, 96, 96)
+    crowded = build_dataset("toyworld", "length=2, seed=1, world=crowded", "val")
+    assert crowded[0][0].shape == (128, 128, 3) and crowded.world.config == tw.WORLDS["crowded"]
+    for bad in ("size=3", "world=busy", "length=x", "length"):
+        with pytest.raises(ValueError, match="toyworld spec"):
+            build_dataset("toyworld", bad, "train")

@@ -142,3 +142,49 @@ def test_index_out_of_range_and_bad_split():
         tw.ToyWorld("val", 2)[2]
     with pytest.raises(ValueError):
         tw.ToyWorld("nope", 2)
+
+
+def test_world_presets_set_the_pixel_shares_they_were_chosen_for():
+    """"crowded" was picked for its label statistics (objects ≈ 30 % of pixels against ≈ 4 % in
+    "sparse", docs/toyworld.md); 40 val images reproduce the 100-image shares within a few points."""
+
+    def shares(world: str) -> np.ndarray:
+        ds = tw.ToyWorld("val", 40, seed=0, config=world)
+        counts = sum(np.bincount(ds[i][1].ravel(), minlength=len(tw.CLASS_NAMES)) for i in range(40))
+        n_obj = len(tw.OBJECT_NAMES)
+        return np.array([counts[0], counts[1:1 + n_obj].sum(), counts[1 + n_obj:].sum()]) / counts.sum()
+
+    bg, obj, stuff = shares("crowded")
+    assert tw.ToyWorld("val", 1, config="crowded")[0][0].shape == (128, 128, 3)
+    assert 0.24 <= obj <= 0.36 and 0.3 <= bg <= 0.46 and 0.24 <= stuff <= 0.4
+    assert shares("sparse")[1] < 0.08
+    assert tw.WORLDS["sparse"] == tw.WorldConfig()  # the default world is the sparse one
+    # same parts, pixel scale and clutter as the pretraining crops: only the layout differs
+    crowded = tw.WORLDS["crowded"]
+    assert crowded.object_size == tw.PRETRAIN_CONFIG.object_size and crowded.noise == tw.PRETRAIN_CONFIG.noise
+    with pytest.raises(ValueError, match="unknown toy world"):
+        tw.ToyWorld("val", 1, config="busy")
+
+
+def test_label_only_oracle_of_the_probes_matches_its_definition():
+    """benchmarks/toyworld_probes.py (a): argmax of bilinearly upsampled per-cell class shares."""
+    import torch
+
+    from benchmarks.toyworld_probes import oracle
+
+    labels = torch.from_numpy(np.stack([tw.ToyWorld("val", 2, seed=3, image_size=64)[i][1] for i in range(2)]))
+    assert oracle(labels, 1)["mIoU"] == pytest.approx(100.0)  # 1 px cells: the labels themselves
+    # one cell per image: every pixel gets the image's majority class, by hand
+    cells = oracle(labels, 64)
+    tp = np.zeros(len(tw.CLASS_NAMES))
+    fp, fn = tp.copy(), tp.copy()
+    for lb in labels.numpy():
+        major = np.bincount(lb.ravel()).argmax()
+        counts = np.bincount(lb.ravel(), minlength=len(tw.CLASS_NAMES))
+        tp[major] += counts[major]
+        fp[major] += lb.size - counts[major]
+        fn += counts
+        fn[major] -= counts[major]
+    present = (tp + fn) > 0
+    iou = 100 * tp[present] / (tp + fp + fn)[present]
+    assert cells["mIoU"] == pytest.approx(iou.mean(), abs=1e-4)

@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
             unseen_names = {ds.prompt_names[i] for i in ds.unseen_indices}
             meta[prof.name] = {
                 "root": str(root), "images": n, "skipped_missing": getattr(ds, "skipped", 0),
-                "eval_scale": list(tf.scale), "classes": len(ds.class_names),
+                "eval_scale": list(tf.scale) if tf.scale else "native", "classes": len(ds.class_names),
                 "unseen": [ds.class_names[i] for i in ds.unseen_indices],
                 # names of this dataset's unseen classes that a learned set saw in training
                 # (expected only across datasets, Table 3; never for the dataset it learned on)

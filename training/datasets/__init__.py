@@ -27,9 +27,9 @@ class DatasetProfile:
     factory: Callable[..., object]
     train_split: str
     eval_split: str
-    train_scale: tuple[int, int]  # mmcv img_scale for the random resize
+    train_scale: tuple[int, int] | None  # mmcv img_scale for the random resize (None: native size)
     crop_size: int
-    eval_scale: tuple[int, int]  # mmcv img_scale for whole-image inference
+    eval_scale: tuple[int, int] | None  # mmcv img_scale for whole-image inference (None: native size)
     classes: ClassSplit | None = None
     ratio_range: tuple[float, float] = (0.5, 2.0)
     photometric: bool = True
@@ -62,8 +62,9 @@ PROFILES: dict[str, DatasetProfile] = {
         "cocostuff171", cocostuff171, "train", "val", (2048, 512), 512, (2048, 512), COCOSTUFF171
     ),
     # Toy world: colour names classes ("red cat"), so no photometric distortion; object sizes are in
-    # pixels (matched to the toy CLIP's pretraining crops), so no rescaling either.
-    "toyworld": DatasetProfile("toyworld", _toyworld, "train", "val", (256, 256), 128, (256, 256),
+    # pixels (matched to the toy CLIP's pretraining crops), so images keep their native size whatever
+    # the world's image_size.
+    "toyworld": DatasetProfile("toyworld", _toyworld, "train", "val", None, 128, None,
                                ratio_range=(1.0, 1.0), photometric=False),
 }
 ALIASES = {"voc": "voc20", "context": "context60", "pascal_context": "context60",

@@ -1,7 +1,8 @@
 """``toyworld`` behind the dataset interface (``training/toyworld.py`` renders the samples).
 
-The toy world has no files: ``--data-root`` is a spec such as ``"length=400,seed=0,image_size=256"``
-(empty or ``-`` for the defaults: 200 images, seed 0, 256 px).  Labels arrive with every class
+The toy world has no files: ``--data-root`` is a spec such as ``"length=400,seed=0,world=crowded"``
+(keys ``length``, ``seed``, ``image_size``, ``world`` = a name in ``training.toyworld.WORLDS``; empty or
+``-`` for the defaults: 200 images, seed 0, the 256 px "sparse" world).  Labels arrive with every class
 visible; the label space (full / seen) is applied here exactly as for the real datasets.
 """
 from __future__ import annotations
@@ -16,13 +17,18 @@ def parse_spec(spec) -> dict:
     text = str(spec or "").strip()
     if text in ("", "-", "."):
         return {}
-    out = {}
+    from training.toyworld import WORLDS
+
+    out: dict = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep or key not in ("length", "seed", "image_size"):
-            raise ValueError(f"bad toyworld spec {text!r}: expected e.g. 'length=400,seed=0,image_size=256'")
-        out[key] = int(value)
+        key, value = key.strip(), value.strip()
+        ok = sep and (key in ("length", "seed", "image_size") and value.isdigit()
+                      or key == "world" and value in WORLDS)
+        if not ok:
+            raise ValueError(f"bad toyworld spec {text!r} at {part!r}: expected e.g. "
+                             f"'length=400,seed=0,world=crowded' (worlds: {', '.join(sorted(WORLDS))})")
+        out["config" if key == "world" else key] = value if key == "world" else int(value)
     return out
 
 

@@ -42,6 +42,9 @@ def resize_pair(image, label, size: tuple[int, int]):
 
 
 def random_resize(image, label, rng: np.random.Generator, scale, ratio_range=(0.5, 2.0)):
+    """Keep-ratio resize to ``scale × ratio``; ``scale=None`` keeps the native size × ratio."""
+    if scale is None:
+        scale = image.shape[:2]
     ratio = rng.random() * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
     target = (int(scale[0] * ratio), int(scale[1] * ratio))
     return resize_pair(image, label, rescale_size(*image.shape[:2], target))
@@ -107,7 +110,10 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TrainTransform:
-    scale: tuple[int, int] = (2048, 512)
+    """``scale=None``: no img_scale, the random resize starts from the image's own size (the toy
+    world, whose object sizes are in pixels)."""
+
+    scale: tuple[int, int] | None = (2048, 512)
     crop_size: int = 512
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
@@ -135,11 +141,12 @@ class TrainTransform:
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """Whole-image, single-scale: keep-ratio resize to ``scale`` (mmcv rule), label untouched."""
+    """Whole-image, single-scale: keep-ratio resize to ``scale`` (mmcv rule), label untouched;
+    ``scale=None`` keeps the native size."""
 
-    scale: tuple[int, int] = (2048, 512)
+    scale: tuple[int, int] | None = (2048, 512)
 
     def __call__(self, image: np.ndarray, label: np.ndarray):
-        size = rescale_size(*image.shape[:2], self.scale)
+        size = image.shape[:2] if self.scale is None else rescale_size(*image.shape[:2], self.scale)
         image, _ = resize_pair(image, None, size)
         return to_tensor(image), torch.from_numpy(label.astype(np.int64))
