@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,29 @@ MAX_NAME_CHARS = 60
 def amp_autocast(device: torch.device, enabled: bool = True):
     """bfloat16 autocast on CUDA (frozen towers at inference), a no-op context elsewhere."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+class LRUCache:
+    """At most ``size`` values, least recently used dropped first (text embeddings per vocabulary)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, key, compute: Callable[[], object]):
+        """The cached value of ``key``, or ``compute()`` stored under it."""
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = self._items[key] = compute()
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+    def drop(self, keep: Callable[[object], bool]) -> None:
+        """Forget every key for which ``keep(key)`` is false."""
+        for key in [k for k in self._items if not keep(k)]:
+            del self._items[key]
 
 
 class VocabularyError(ValueError):
@@ -137,8 +160,7 @@ class Predictor:
         self.short_side, self.max_long_side = short_side, max_long_side
         self.amp = amp
         self._prompt_sets: dict[str, PromptSet] = {}
-        self._text_cache: OrderedDict[tuple, TextViews] = OrderedDict()
-        self._text_cache_size = text_cache_size
+        self._text_cache = LRUCache(text_cache_size)  # (prompt set, vocabulary) → TextViews
         for name, ps in prompt_sets.items():
             self.add_prompt_set(name, ps)
         self._features: torch.Tensor | None = None
@@ -160,8 +182,7 @@ class Predictor:
     def add_prompt_set(self, name: str, prompts: PromptSet) -> None:
         """Registers (or replaces) a prompt set; cached text of a replaced set is dropped."""
         self._prompt_sets[name] = prompts.to(self.clip.device).eval()
-        for key in [k for k in self._text_cache if k[0] == name]:
-            del self._text_cache[key]
+        self._text_cache.drop(keep=lambda key: key[0] != name)
 
     # ----------------------------------------------------------------- image
     @torch.no_grad()
@@ -189,17 +210,13 @@ class Predictor:
     @torch.no_grad()
     def text_features(self, vocabulary: tuple[str, ...], prompts: str) -> TextViews:
         """Cached per (prompt set, vocabulary)."""
-        key = (prompts, vocabulary)
-        if key in self._text_cache:
-            self._text_cache.move_to_end(key)
-            return self._text_cache[key]
-        with amp_autocast(self.clip.device, self.amp):
-            views = self.prompt_set(prompts).encode(self.clip, vocabulary).detach()
-        self.stats["text_encodes"] += 1
-        self._text_cache[key] = views
-        while len(self._text_cache) > self._text_cache_size:
-            self._text_cache.popitem(last=False)
-        return views
+        def encode() -> TextViews:
+            with amp_autocast(self.clip.device, self.amp):
+                views = self.prompt_set(prompts).encode(self.clip, vocabulary).detach()
+            self.stats["text_encodes"] += 1
+            return views
+
+        return self._text_cache.get((prompts, vocabulary), encode)
 
     # ----------------------------------------------------------------- predict
     @torch.no_grad()

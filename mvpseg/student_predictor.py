@@ -11,7 +11,6 @@ The name "background" in a vocabulary selects the student's learned background e
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +19,7 @@ import torch
 from .clip_backbone import ClipSpec, FrozenCLIP, load_clip
 from .heads import MVPSegOutput
 from .image_io import ImageLike, prepare_image
-from .predictor import Prediction, amp_autocast, parse_vocabulary
+from .predictor import LRUCache, Prediction, amp_autocast, parse_vocabulary
 from .prompts import PromptSet
 from .student import LoadedStudent, StudentNet, fuse_views, load_student
 
@@ -48,8 +47,7 @@ class StudentPredictor:
         self.name = name
         self.short_side, self.max_long_side = short_side, max_long_side
         self.amp = amp
-        self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
-        self._text_cache_size = text_cache_size
+        self._text_cache = LRUCache(text_cache_size)  # vocabulary → C×D fused embeddings
         self._features: torch.Tensor | None = None
         self._image_size: tuple[int, int] | None = None
         self._work_size: tuple[int, int] | None = None
@@ -92,16 +90,13 @@ class StudentPredictor:
     @torch.no_grad()
     def class_embeddings(self, vocabulary: tuple[str, ...]) -> torch.Tensor:
         """C×D fused text embeddings of ``vocabulary`` (cached)."""
-        if vocabulary in self._text_cache:
-            self._text_cache.move_to_end(vocabulary)
-            return self._text_cache[vocabulary]
-        with amp_autocast(self.clip.device, self.amp):
-            emb = fuse_views(self.prompts.encode(self.clip, vocabulary).detach())
-        self.stats["text_encodes"] += 1
-        self._text_cache[vocabulary] = emb
-        while len(self._text_cache) > self._text_cache_size:
-            self._text_cache.popitem(last=False)
-        return emb
+        def encode() -> torch.Tensor:
+            with amp_autocast(self.clip.device, self.amp):
+                emb = fuse_views(self.prompts.encode(self.clip, vocabulary).detach())
+            self.stats["text_encodes"] += 1
+            return emb
+
+        return self._text_cache.get(vocabulary, encode)
 
     def background_index(self, names: Sequence[str]) -> int | None:
         if not self.student.has_background:

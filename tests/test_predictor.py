@@ -73,3 +73,23 @@ def test_vocabulary_validation():
 def test_constructor_needs_prompt_sets(tiny):
     with pytest.raises(ValueError):
         Predictor(tiny, {})
+
+
+def test_lru_cache_keeps_the_most_recently_used_and_computes_once():
+    from mvpseg.predictor import LRUCache
+
+    calls: list[str] = []
+    cache = LRUCache(2)
+
+    def make(key: str):
+        return lambda: calls.append(key) or key.upper()
+
+    assert cache.get("a", make("a")) == "A" and cache.get("b", make("b")) == "B"
+    assert cache.get("a", make("a")) == "A"  # hit: "a" becomes the most recent
+    cache.get("c", make("c"))  # evicts "b", the least recently used
+    cache.get("a", make("a"))
+    cache.get("b", make("b"))
+    assert calls == ["a", "b", "c", "b"]
+    cache.drop(keep=lambda key: key != "b")
+    cache.get("b", make("b"))
+    assert calls[-1] == "b" and len(calls) == 5

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .distributed import set_rng_state
+
 STATE_VERSION = 1
 
 
@@ -101,3 +103,20 @@ def check_config_compatible(saved: dict, current: dict, keys) -> None:
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise RuntimeError(f"cannot resume: settings differ from the checkpoint ({lines})")
+
+
+def restore_state(path: Path, config: dict, keys, modules: dict, optimizer, scaler, schedule: dict) -> int:
+    """``--resume``: read the state at ``path``, refuse it when a setting in ``keys`` or the LR schedule
+    differs from ``config`` / ``schedule``, load ``modules`` (state-dict key → module), optimiser,
+    AMP scaler and RNG states. Returns the iteration to continue from."""
+    state = load_state(path)
+    check_config_compatible(state["config"], config, keys)
+    if state.get("scheduler") != schedule:
+        raise RuntimeError(f"cannot resume: LR schedule differs from {path}")
+    for key, module in modules.items():
+        module.load_state_dict(state[key])
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return int(state["iteration"])

@@ -39,12 +39,12 @@ from mvpseg.model import MVPSeg
 from mvpseg.prompts import PromptSet
 from mvpseg.student import StudentConfig, StudentNet, fuse_views, save_student
 
-from .checkpointing import CheckpointManager, atomic_write_text, check_config_compatible, load_state
+from .checkpointing import CheckpointManager, atomic_write_text, restore_state
 from .cli import add_clip_args, add_runtime_args, amp_dtype, apply_runtime, clip_spec
 from .data import EvalShard, TrainStream, eval_loader, train_loader
 from .datasets import build_dataset, get_profile
 from .distributed import (DistContext, all_reduce_sum, barrier, distributed_session, rng_state,
-                          seed_everything, set_rng_state)
+                          seed_everything)
 from .evaluate import evaluate_dataset, render_markdown
 from .metrics import ConfusionMatrix, SegScores, dumps, summarize
 from .pseudo_labels import (IGNORE_INDEX, TEACHER, UNLABELED, HideUnseen, assign_unseen, check_no_leak,
@@ -259,16 +259,8 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     sched = cfg.schedule
 
-    start = 0
-    if resume_path is not None:
-        state = load_state(resume_path)
-        check_config_compatible(state["config"], _config_record(cfg), RESUME_KEYS)
-        student.load_state_dict(state["student"])
-        opt.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start = int(state["iteration"])
+    start = 0 if resume_path is None else restore_state(
+        resume_path, _config_record(cfg), RESUME_KEYS, {"student": student}, opt, scaler, sched.state_dict())
 
     overrides: dict = {"crop_size": cfg.crop_size} if cfg.crop_size else {}
     if cfg.train_scale:

@@ -35,12 +35,12 @@ from mvpseg.losses import LossWeights
 from mvpseg.model import MVPSeg
 from mvpseg.prompts import LearnedPrompts
 
-from .checkpointing import CheckpointManager, check_config_compatible, load_state
+from .checkpointing import CheckpointManager, restore_state
 from .cli import add_clip_args, add_runtime_args, amp_dtype, apply_runtime, clip_spec
 from .data import TrainStream, train_loader
 from .datasets import build_dataset, get_profile
 from .distributed import (DistContext, all_reduce_sum, average_gradients, barrier,
-                          distributed_session, rng_state, seed_everything, set_rng_state)
+                          distributed_session, rng_state, seed_everything)
 from .runlog import JsonlLogger, Progress
 from .schedule import LRSchedule
 from .shared_prefix import SharedPrefixEncoder, supports_shared_prefix
@@ -58,7 +58,7 @@ VARIANTS = {
 RESUME_KEYS = ("dataset", "split", "n_seg", "n_ctx", "use_global", "gamma", "lambda_seg", "text_encoder",
                "lambda_cls", "lambda_oc", "cls_mode", "lr", "momentum", "weight_decay",
                "warmup_iters", "warmup_ratio", "lr_policy", "max_iters", "global_batch", "seed",
-               "crop_size", "clip", "pretrained")
+               "crop_size", "train_scale", "clip", "pretrained")
 
 
 @dataclass(frozen=True)
@@ -209,18 +209,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     dtype = amp_dtype(args.amp, ctx.device.type)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
-    start = 0
-    if resume_path is not None:
-        state = load_state(resume_path)
-        check_config_compatible(state["config"], _config_record(cfg), RESUME_KEYS)
-        prompts.load_state_dict(state["prompts"])
-        opt.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if state["scheduler"] != cfg.schedule.state_dict():
-            raise RuntimeError(f"cannot resume: LR schedule differs from {resume_path}")
-        set_rng_state(state["rng"])
-        start = int(state["iteration"])
+    start = 0 if resume_path is None else restore_state(
+        resume_path, _config_record(cfg), RESUME_KEYS, {"prompts": prompts}, opt, scaler, cfg.schedule.state_dict())
 
     profile = get_profile(cfg.dataset)
     data = build_dataset(cfg.dataset, cfg.data_root, cfg.split, label_space="seen", train=True,
