@@ -10,6 +10,14 @@ def clip_spec(args: argparse.Namespace) -> ClipSpec:
     return ClipSpec.from_args(args)
 
 
+def add_data_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    """The training dataset and run folder, shared by the training scripts."""
+    p.add_argument("--dataset", required=True, help="voc | context | cocostuff | toyworld")
+    p.add_argument("--data-root", required=True, help="dataset folder (toyworld: a spec, docs/training.md)")
+    p.add_argument("--split", default=None, help="training split (default: the dataset's)")
+    p.add_argument("--out", required=True, help=out_help)
+
+
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: one GPU per process)")

@@ -40,7 +40,7 @@ from mvpseg.prompts import PromptSet
 from mvpseg.student import StudentConfig, StudentNet, fuse_views, save_student
 
 from .checkpointing import CheckpointManager, atomic_write_text, restore_state
-from .cli import add_clip_args, add_runtime_args, amp_dtype, apply_runtime, clip_spec
+from .cli import add_clip_args, add_data_args, add_runtime_args, amp_dtype, apply_runtime, clip_spec
 from .data import EvalShard, TrainStream, eval_loader, train_loader
 from .datasets import build_dataset, get_profile
 from .distributed import (DistContext, all_reduce_sum, barrier, distributed_session, rng_state,
@@ -110,10 +110,7 @@ class DistillConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, help="voc | context | cocostuff | toyworld")
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--split", default=None, help="training split (default: the dataset's)")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, log.jsonl, student, eval)")
+    add_data_args(p, "run folder (checkpoints, log.jsonl, student, eval)")
     p.add_argument("--prompts", required=True,
                    help="MVP-SEG prompt checkpoint (.safetensors + .json from training.train_prompts), or a "
                         "handcrafted set (maskclip-85 | parts | a-photo-of) for a MaskCLIP+ baseline")

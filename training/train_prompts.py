@@ -36,7 +36,7 @@ from mvpseg.model import MVPSeg
 from mvpseg.prompts import LearnedPrompts
 
 from .checkpointing import CheckpointManager, restore_state
-from .cli import add_clip_args, add_runtime_args, amp_dtype, apply_runtime, clip_spec
+from .cli import add_clip_args, add_data_args, add_runtime_args, amp_dtype, apply_runtime, clip_spec
 from .data import TrainStream, train_loader
 from .datasets import build_dataset, get_profile
 from .distributed import (DistContext, all_reduce_sum, average_gradients, barrier,
@@ -108,10 +108,7 @@ class TrainConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, help="voc | context | cocostuff | toyworld")
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--split", default=None, help="default: the dataset's training split")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, log.jsonl, prompts)")
+    add_data_args(p, "run folder (checkpoints, log.jsonl, prompts)")
     p.add_argument("--variant", default="mvpseg", choices=sorted(VARIANTS),
                    help="Table 1 row: single | multi | multi-oc | mvpseg (multi-oc + GPR)")
     p.add_argument("--n-seg", type=int, default=None, help="k segmentation prompts (Fig. 3 sweep)")
