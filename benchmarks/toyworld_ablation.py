@@ -53,6 +53,11 @@ def clip_args(a: argparse.Namespace) -> list[str]:
             "--no-progress"]
 
 
+def world_spec(a: argparse.Namespace, length: int) -> str:
+    """The toyworld ``--data-root`` spec shared by training and evaluation."""
+    return f"length={length},seed={a.seed},world={a.world},background={a.background}"
+
+
 def train_run(a: argparse.Namespace, name: str, extra: list[str]) -> Path:
     """One prompt-learning run (``training.train_prompts.main``); returns its prompt checkpoint."""
     from training.train_prompts import main as train_main
@@ -65,7 +70,7 @@ def train_run(a: argparse.Namespace, name: str, extra: list[str]) -> Path:
         import shutil
 
         shutil.rmtree(out)  # a stale partial run: start it again from scratch
-    argv = ["--dataset", "toyworld", "--data-root", f"length={a.train_images},seed={a.seed},world={a.world}",
+    argv = ["--dataset", "toyworld", "--data-root", world_spec(a, a.train_images),
             "--out", str(out), "--max-iters", str(a.iters), "--global-batch", str(a.batch),
             "--lr", str(a.lr), "--warmup-iters", str(a.warmup), "--seed", str(a.seed),
             "--ckpt-every", str(a.iters), *extra, *clip_args(a)]
@@ -84,6 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/toyworld_ablation")
     p.add_argument("--world", default="sparse", help="scene layout, a name in training.toyworld.WORLDS "
                    "(crowded: objects ≈ 30 %% of pixels; sparse: ≈ 4 %%, the first Table 1)")
+    p.add_argument("--background", default="class", choices=("class", "ignore"),
+                   help="class: background scored as class 0 (PASCAL Context's protocol); ignore: "
+                   "background pixels ignored and not in the vocabulary (the paper's Table 1 on VOC)")
     p.add_argument("--iters", type=int, default=400, help="prompt-learning iterations per run")
     p.add_argument("--batch", type=int, default=8, help="global batch (paper: 8)")
     p.add_argument("--lr", type=float, default=2e-3, help="SGD lr (paper: 2e-4 for 8k iterations)")
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     from training.evaluate import main as eval_main
 
     t = time.perf_counter()
-    report = eval_main(["--data", f"toyworld=length={a.val_images},seed={a.seed},world={a.world}", "--baselines", "maskclip-85",
+    report = eval_main(["--data", "toyworld=" + world_spec(a, a.val_images), "--baselines", "maskclip-85",
                         *[x for name, path in ckpts.items() for x in ("--prompts", f"{name}={path}")],
                         "--out", str(Path(a.out) / "eval"), *clip_args(a)])
     eval_s = round(time.perf_counter() - t, 1)
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     wall = round(time.perf_counter() - t0, 1)
     md += ["", (f"Wall time: {wall} s ({sum(train_s.values()):.0f} s prompt learning over {len(runs)} runs, "
                 f"{eval_s} s evaluation of {a.val_images} images); {a.iters} iterations × batch {a.batch}, "
-                f"SGD lr {a.lr}, {a.train_images} training images, world {a.world!r}, device {a.device}, "
+                f"SGD lr {a.lr}, {a.train_images} training images, world {a.world!r}, background {a.background}, device {a.device}, "
                 f"{a.threads} threads.")]
     text = "\n".join(md) + "\n"
     print(text)

@@ -256,6 +256,31 @@ def test_toyworld_plugs_into_the_same_interface():
     assert prof.eval_transform()(img, lbl)[0].shape == (3, 96, 96)
     crowded = build_dataset("toyworld", "length=2, seed=1, world=crowded", "val")
     assert crowded[0][0].shape == (128, 128, 3) and crowded.world.config == tw.WORLDS["crowded"]
-    for bad in ("size=3", "world=busy", "length=x", "length"):
+    for bad in ("size=3", "world=busy", "length=x", "length", "background=drop", "seed=1,seed=2"):
         with pytest.raises(ValueError, match="toyworld spec"):
             build_dataset("toyworld", bad, "train")
+
+
+def test_toyworld_background_ignore_is_vocs_reduce_zero_label():
+    """``background=ignore``: world class 0 -> 255, every other class id shifts down by one, the
+    unseen set is the same five names, in both label spaces."""
+    from training import toyworld as tw
+
+    raw = tw.ToyWorld(split="val", length=3, seed=2, hide_unseen=False)
+    spec = "length=3,seed=2,background=ignore"
+    full = build_dataset("toyworld", spec, "val", label_space="full")
+    seen = build_dataset("toyworld", spec, "val", label_space="seen")
+    assert full.class_names == tuple(tw.CLASS_NAMES[1:]) and "background" not in seen.prompt_names
+    assert [full.class_names[u] for u in full.unseen_indices] == sorted(tw.UNSEEN_NAMES, key=tw.CLASS_NAMES.index)
+    assert seen.num_classes == len(tw.CLASS_NAMES) - 1 - len(tw.UNSEEN) and seen.unseen_indices == ()
+    for i in range(3):
+        _, world = raw[i]
+        _, f = full[i]
+        _, s = seen[i]
+        assert (world == 0).any() and np.array_equal(f == 255, world == 0)
+        names = np.array(tw.CLASS_NAMES)
+        keep = world != 0
+        assert (np.array(full.class_names)[f[keep]] == names[world[keep]]).all()
+        unseen = np.isin(world, tw.UNSEEN)
+        assert np.array_equal(s == 255, (world == 0) | unseen)
+        assert (np.array(seen.class_names)[s[s != 255]] == names[world[s != 255]]).all()

@@ -1,9 +1,15 @@
 """``toyworld`` behind the dataset interface (``training/toyworld.py`` renders the samples).
 
 The toy world has no files: ``--data-root`` is a spec such as ``"length=400,seed=0,world=crowded"``
-(keys ``length``, ``seed``, ``image_size``, ``world`` = a name in ``training.toyworld.WORLDS``; empty or
-``-`` for the defaults: 200 images, seed 0, the 256 px "sparse" world).  Labels arrive with every class
-visible; the label space (full / seen) is applied here exactly as for the real datasets.
+(keys ``length``, ``seed``, ``image_size``, ``world`` = a name in ``training.toyworld.WORLDS``,
+``background`` = ``class`` | ``ignore``; empty or ``-`` for the defaults: 200 images, seed 0, the 256 px
+"sparse" world, background scored as class 0).  Labels arrive with every class visible; the label space
+(full / seen) is applied here exactly as for the real datasets.
+
+``background=ignore`` is the protocol of the paper's Table 1 on PASCAL VOC (sec. 4.1: "we ignore the
+background class"; mmseg's ``reduce_zero_label``): background pixels become 255 (neither trained on nor
+scored), "background" leaves the vocabulary and the other 20 classes shift down by one.  The default
+keeps background as class 0, as PASCAL Context does.
 """
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ import numpy as np
 
 from .base import IGNORE_INDEX, LabelSpace
 from .classes import ClassSplit
+
+BACKGROUND_MODES = ("class", "ignore")
 
 
 def parse_spec(spec) -> dict:
@@ -23,12 +31,16 @@ def parse_spec(spec) -> dict:
     for part in text.split(","):
         key, sep, value = part.partition("=")
         key, value = key.strip(), value.strip()
-        ok = sep and (key in ("length", "seed", "image_size") and value.isdigit()
-                      or key == "world" and value in WORLDS)
+        ok = sep and key not in out and (
+            key in ("length", "seed", "image_size") and value.isdigit()
+            or key == "world" and value in WORLDS
+            or key == "background" and value in BACKGROUND_MODES)
         if not ok:
             raise ValueError(f"bad toyworld spec {text!r} at {part!r}: expected e.g. "
-                             f"'length=400,seed=0,world=crowded' (worlds: {', '.join(sorted(WORLDS))})")
-        out["config" if key == "world" else key] = value if key == "world" else int(value)
+                             f"'length=400,seed=0,world=crowded,background=ignore' (worlds: "
+                             f"{', '.join(sorted(WORLDS))}; background: {' | '.join(BACKGROUND_MODES)}; "
+                             f"each key once)")
+        out[key] = value if key in ("world", "background") else int(value)
     return out
 
 
@@ -40,18 +52,22 @@ class ToyWorldDataset(LabelSpace):
 
         if label_space not in ("full", "seen"):
             raise ValueError(f"label_space must be 'full' or 'seen', got {label_space!r}")
+        opts = parse_spec(spec)
+        self.background = opts.pop("background", "class")
+        if "world" in opts:
+            opts["config"] = opts.pop("world")
         self.name = "toyworld"
-        self.world = tw.ToyWorld(split=split, hide_unseen=False, **parse_spec(spec))
-        names = tuple(tw.CLASS_NAMES)
-        self.split = ClassSplit(names, names, tuple(tw.UNSEEN))
+        self.world = tw.ToyWorld(split=split, hide_unseen=False, **opts)
+        # World class id -> full-label-space id; background (world id 0) drops out when ignored.
+        first = 1 if self.background == "ignore" else 0
+        names = tuple(tw.CLASS_NAMES[first:])
+        full = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+        full[first: len(tw.CLASS_NAMES)] = np.arange(len(names))
+        self.split = ClassSplit(names, names, tuple(u - first for u in tw.UNSEEN))
         self.label_space = label_space
         self.ignore_index = IGNORE_INDEX
         self.skipped = 0
-        if label_space == "seen":
-            self._lut = self.split.seen_label_map(IGNORE_INDEX)
-        else:
-            self._lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-            self._lut[: len(names)] = np.arange(len(names))
+        self._lut = full if label_space == "full" else self.split.seen_label_map(IGNORE_INDEX)[full]
 
     def __len__(self) -> int:
         return len(self.world)
@@ -62,7 +78,7 @@ class ToyWorldDataset(LabelSpace):
 
     def __repr__(self) -> str:
         return (f"ToyWorldDataset({self.world.split}, {len(self)} images, {self.num_classes} classes, "
-                f"label_space={self.label_space})")
+                f"label_space={self.label_space}, background={self.background})")
 
 
 def toyworld_dataset(spec, split: str, label_space: str = "full") -> ToyWorldDataset:
