@@ -1,4 +1,4 @@
-"""Two diagnostics for the toy-world ablation: how far can *any* text side go with the toy CLIP?
+"""Three diagnostics for the toy-world ablation: how far can *any* text side go with the toy CLIP?
 
 (a) **Label-only oracle at the feature stride.** Knows the true class share of every ``stride``-px cell
     (what a perfectly calibrated head on the dense features could know at best), upsamples the shares
@@ -10,6 +10,12 @@
     unseen classes keep their handcrafted embeddings. If this does not beat the handcrafted baseline
     on the seen classes, no learned prompt (whose embeddings pass through the frozen text tower and
     share one context) can.
+
+(c) **Class-agnostic corrections.** What a prompt shared by all classes could at best transfer: a shared
+    bias ``normalize(t_c + b)`` or a shared linear map ``normalize(A t_c + b)`` on the template
+    embeddings, learned with L_seg on the seen classes (with a learnable log temperature), then applied
+    to *every* class, unseen included. If none of these lifts mIoU(U) above the templates, the features
+    hold no class-agnostic correction that transfers to unseen names.
 
 Both on the fixed validation set of ``benchmarks/toyworld_ablation.py`` (split ``val``, seed 0).
 
@@ -68,6 +74,27 @@ def evaluate(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, t
     return scores(cm.mat)
 
 
+def agnostic(kind: str, lr: float, e0: torch.Tensor, f_tr: torch.Tensor, l_tr: torch.Tensor, f_va: torch.Tensor,
+             l_va: torch.Tensor, a: argparse.Namespace) -> dict[str, float]:
+    """(c): learn one correction shared by all classes on the seen ones (e0: C×D templates), score all."""
+    dim = e0.shape[1]
+    weight = torch.eye(dim, requires_grad="linear" in kind)
+    bias = torch.zeros(dim, requires_grad=True)
+    log_tau = torch.tensor(float(np.log(100.0)), requires_grad=True)
+    opt = torch.optim.Adam([t for t in (weight, bias, log_tau) if t.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(a.seed)
+    seen_names = tuple(CLASS_NAMES[i] for i in SEEN)
+    for _ in range(a.iters):
+        idx = torch.randint(0, len(f_tr), (a.batch,), generator=g)
+        text = TextViews(F.normalize(e0[SEEN] @ weight.T + bias, dim=-1)[None], None, ("shared",), seen_names)
+        loss = seg_loss(segment(f_tr[idx], text, log_tau.exp(), None), l_tr[idx], IGNORE_INDEX)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return evaluate(f_va, l_va, e0 @ weight.T + bias, float(log_tau.exp()))
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world", default="sparse", help="a name in training.toyworld.WORLDS")
@@ -76,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iters", type=int, default=400)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4, help="Adam lr of the free embeddings")
+    p.add_argument("--agnostic-lr", type=float, nargs="+", default=[1e-3, 1e-2],
+                   help="Adam lrs of the class-agnostic corrections (c)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model-config", default=str(REPO / "assets/toyclip/toyclip.json"))
@@ -123,6 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
     text = e0.clone()
     text[SEEN] = free.detach()
     rows[f"free seen-class embeddings (L_seg, Adam lr {a.lr:g}, {a.iters} it)"] = evaluate(f_va, l_va, text, tau)
+
+    for kind in ("shared bias", "shared linear map + bias"):
+        for lr in a.agnostic_lr:
+            rows[f"{kind} (L_seg, Adam lr {lr:g}, {a.iters} it)"] = agnostic(kind, lr, e0, f_tr, l_tr, f_va, l_va, a)
 
     cols = list(next(iter(rows.values())))
     md = [f"world {a.world!r}, {a.val_images} val images; L_seg of the free embeddings "

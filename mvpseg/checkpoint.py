@@ -99,10 +99,7 @@ def save_prompts(path: str | os.PathLike, prompts: LearnedPrompts, clip: FrozenC
     meta = PromptMeta(clip.spec.model_name, clip.spec.pretrained, clip.fingerprint, clip.text_width, clip.embed_dim,
                       prompts.n_seg, prompts.n_ctx, prompts.use_global, float(gamma), tuple(training_classes),
                       dict(extra or {}))
-    tensors = {"ctx": prompts.ctx.detach().float().cpu().contiguous(),
-               "tau1": prompts.tau1_param.detach().float().cpu().reshape(()),
-               "tau2": prompts.tau2_param.detach().float().cpu().reshape(())}
-    save_safetensors(st, tensors, FORMAT)
+    save_safetensors(st, prompts.checkpoint_tensors(), FORMAT)
     atomic_write(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
     return st
 
@@ -151,8 +148,10 @@ def load_prompts(path: str | os.PathLike, clip: FrozenCLIP | None = None, name: 
         if not torch.isfinite(tensors[key]).all():
             raise CheckpointError(f"{st}: tensor '{key}' contains NaN or infinite values")
     prompts = LearnedPrompts(meta.text_width, meta.n_seg, meta.n_ctx, meta.use_global, name=name or st.stem)
-    prompts.load_state_dict({"ctx": tensors["ctx"], "tau1_param": tensors["tau1"], "tau2_param": tensors["tau2"]},
-                            strict=True)
+    try:
+        prompts.load_checkpoint_tensors(tensors)
+    except ValueError as e:
+        raise CheckpointError(f"{st}: {e}") from e
     prompts.meta = meta
     if clip is not None:
         prompts.to(clip.device)

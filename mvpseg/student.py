@@ -170,9 +170,7 @@ def _prompt_record(prompts: PromptSet, clip: FrozenCLIP) -> tuple[dict[str, Any]
         meta = getattr(prompts, "meta", None) or PromptMeta(
             clip.spec.model_name, clip.spec.pretrained, clip.fingerprint, clip.text_width, clip.embed_dim,
             prompts.n_seg, prompts.n_ctx, prompts.use_global)
-        tensors = {"prompts.ctx": prompts.ctx.detach().float().cpu().contiguous(),
-                   "prompts.tau1": prompts.tau1_param.detach().float().cpu().reshape(()),
-                   "prompts.tau2": prompts.tau2_param.detach().float().cpu().reshape(())}
+        tensors = {f"prompts.{k}": v for k, v in prompts.checkpoint_tensors().items()}
         record = asdict(meta)
         record["training_classes"] = list(record["training_classes"])
         return {"kind": "learned", "meta": record}, tensors
@@ -236,12 +234,11 @@ def _rebuild_prompts(meta: StudentMeta, tensors: dict[str, torch.Tensor], st: Pa
     if kind == "learned":
         pm = _prompt_meta(meta)
         prompts = LearnedPrompts(pm.text_width, pm.n_seg, pm.n_ctx, pm.use_global, name="mvp-seg")
-        sd = {"ctx": tensors["prompts.ctx"], "tau1_param": tensors["prompts.tau1"],
-              "tau2_param": tensors["prompts.tau2"]}
-        if tuple(sd["ctx"].shape) != tuple(prompts.ctx.shape):
-            raise CheckpointError(f"{st}: prompt vectors have shape {tuple(sd['ctx'].shape)}, metadata says "
-                                  f"{tuple(prompts.ctx.shape)}")
-        prompts.load_state_dict(sd, strict=True)
+        try:
+            prompts.load_checkpoint_tensors({k: tensors.get(f"prompts.{k}") for k in ("ctx", "tau1", "tau2")
+                                             if f"prompts.{k}" in tensors})
+        except ValueError as e:
+            raise CheckpointError(f"{st}: {e} (metadata: n_seg={pm.n_seg}, n_ctx={pm.n_ctx})") from e
         prompts.meta = pm
         return prompts
     if kind == "handcrafted":

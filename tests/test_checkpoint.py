@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ def _saved(tiny, tmp_path, **kw):
     torch.manual_seed(0)
     p = LearnedPrompts(tiny.text_width, n_seg=2, n_ctx=6, **kw)
     with torch.no_grad():
-        p.tau1_param.fill_(12.5)
-        p.tau2_param.fill_(0.3)
+        p.log_tau1.fill_(math.log(12.5))
+        p.log_tau2.fill_(math.log(0.3))
     path = save_prompts(tmp_path / "prompts.safetensors", p, tiny, training_classes=["cat", "dog"])
     return p, path
 
@@ -24,7 +25,7 @@ def test_round_trip(tiny, tmp_path):
     assert meta["n_seg"] == 2 and meta["n_ctx"] == 6 and meta["training_classes"] == ["cat", "dog"]
     assert meta["clip_model"] == "mvpseg-tiny" and meta["text_width"] == 64 and meta["version"] == 1
     q = load_prompts(path, tiny)
-    assert torch.equal(q.ctx, p.ctx) and float(q.tau1().detach()) == 12.5 and float(q.tau2().detach()) == pytest.approx(0.3)
+    assert torch.equal(q.ctx, p.ctx) and float(q.tau1().detach()) == pytest.approx(12.5) and float(q.tau2().detach()) == pytest.approx(0.3)
     a, b = p.encode(tiny, ["sky", "car"]), q.encode(tiny, ["sky", "car"])
     torch.testing.assert_close(a.seg, b.seg)
     torch.testing.assert_close(a.glob, b.glob)
@@ -46,7 +47,7 @@ def test_refuses_other_weights_and_other_width(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["no_json", "bad_json", "not_ours", "garbage_tensors", "wrong_shape",
-                                    "extra_tensor", "nan"])
+                                    "extra_tensor", "nan", "negative_temperature", "zero_temperature"])
 def test_bad_checkpoints_are_refused_clearly(tiny, tmp_path, damage):
     _, path = _saved(tiny, tmp_path)
     js = path.with_suffix(".json")
@@ -66,6 +67,23 @@ def test_bad_checkpoints_are_refused_clearly(tiny, tmp_path, damage):
             t["evil"] = torch.zeros(1)
         if damage == "nan":
             t["ctx"][0, 0, 0] = float("nan")
+        if damage == "negative_temperature":
+            t["tau1"] = torch.tensor(-2.0)
+        if damage == "zero_temperature":
+            t["tau2"] = torch.tensor(0.0)
         save_file(t, str(path))
-    with pytest.raises(CheckpointError):
+    match = "positive finite" if damage.endswith("temperature") else None
+    with pytest.raises(CheckpointError, match=match):
         load_prompts(path, tiny)
+
+
+def test_temperatures_are_learned_in_log_space(tiny):
+    """tau = exp(log_tau): d loss / d log_tau = tau * d loss / d tau, so SGD moves a temperature by a
+    fraction of itself (a raw scalar of ~100 barely moved at prompt-learning rates)."""
+    p = LearnedPrompts(tiny.text_width, n_seg=2, n_ctx=4)
+    assert float(p.tau1().detach()) == pytest.approx(50.0) and float(p.tau2().detach()) == pytest.approx(0.07)
+    (p.tau1() ** 2 + p.tau2() ** 3).backward()
+    assert float(p.log_tau1.grad) == pytest.approx(2 * 50.0 * 50.0, rel=1e-5)
+    assert float(p.log_tau2.grad) == pytest.approx(3 * 0.07 ** 3, rel=1e-4)
+    with pytest.raises(ValueError, match="positive"):
+        LearnedPrompts(tiny.text_width, tau1_init=0.0)

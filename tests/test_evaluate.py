@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def env(tmp_path_factory):
     torch.manual_seed(3)
     prompts = LearnedPrompts(clip.text_width, n_seg=3, n_ctx=8, use_global=True)
     with torch.no_grad():
-        prompts.tau2_param.fill_(0.05)
+        prompts.log_tau2.fill_(math.log(0.05))
     ckpt = save_prompts(root / "p" / "voc.safetensors", prompts, clip, gamma=10.0,
                         training_classes=VOC20.seen_prompt_names)
     return root, clip_args, clip, prompts, ckpt

@@ -48,7 +48,7 @@ def test_only_prompt_vectors_and_temperatures_get_gradients(tiny):
     out = model(images, ["cat", "dog", "sky"])
     model.losses(out, labels)["total"].backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    trainable = {"prompts.ctx", "prompts.tau1_param", "prompts.tau2_param"}
+    trainable = {"prompts.ctx", "prompts.log_tau1", "prompts.log_tau2"}
     assert {n for n, g in grads.items() if g is not None} == trainable
     assert all(float(grads[n].abs().sum()) > 0 for n in trainable)
 

@@ -188,3 +188,30 @@ def test_label_only_oracle_of_the_probes_matches_its_definition():
     present = (tp + fn) > 0
     iou = 100 * tp[present] / (tp + fp + fn)[present]
     assert cells["mIoU"] == pytest.approx(iou.mean(), abs=1e-4)
+
+
+def test_class_agnostic_probe_starts_from_the_templates_and_learns_on_seen_classes_only():
+    """benchmarks/toyworld_probes.py (c): with lr 0 the shared correction is the identity (the templates'
+    scores, to the digit); with learning, gradients reach it from seen-class pixels alone."""
+    import argparse
+
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.toyworld_probes import agnostic, evaluate
+
+    torch.manual_seed(0)
+    c, d = len(tw.CLASS_NAMES), 16
+    e0 = F.normalize(torch.randn(c, d), dim=-1)
+    feats = F.normalize(torch.randn(6, d, 2, 2), dim=1)
+    labels = torch.randint(0, c, (6, 64, 64))
+    seen_labels = torch.full((256,), 255, dtype=torch.long)
+    seen_labels[torch.tensor(tw.SEEN)] = torch.arange(len(tw.SEEN))
+    a = argparse.Namespace(iters=3, batch=2, seed=0)
+    for kind in ("shared bias", "shared linear map + bias"):
+        assert agnostic(kind, 0.0, e0, feats, seen_labels[labels], feats, labels, a) == evaluate(feats, labels, e0, 100.0)
+        moved = agnostic(kind, 0.5, e0, feats, seen_labels[labels], feats, labels, a)
+        assert moved != evaluate(feats, labels, e0, 100.0)
+    # no labelled seen pixel: nothing to learn from, the correction stays the identity
+    none = torch.full_like(labels, 255)
+    assert agnostic("shared bias", 0.5, e0, feats, none, feats, labels, a) == evaluate(feats, labels, e0, 100.0)

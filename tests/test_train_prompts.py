@@ -98,6 +98,15 @@ def test_kill_and_resume_matches_uninterrupted(setup):
     with pytest.raises(RuntimeError, match="lr: checkpoint 0.05 vs now 0.01"):
         train_prompts.main(base_args(root, clip_args, "killed", "--resume", "--lr", "0.01"))
 
+    # a state whose prompt tensors do not fit this code (older parameter names) is refused clearly
+    latest = sorted((root / "killed" / "checkpoints").glob("state_*.pt"))[-1]
+    state = torch.load(latest, weights_only=True)
+    key = next(k for k in state if isinstance(state[k], dict) and "ctx" in state[k])
+    state[key] = {("tau1_param" if k == "log_tau1" else k): v for k, v in state[key].items()}
+    torch.save(state, latest)
+    with pytest.raises(RuntimeError, match=f"cannot resume from .*'{key}' state does not match"):
+        train_prompts.main(base_args(root, clip_args, "killed", "--resume"))
+
 
 def test_training_reduces_loss_and_records_vocabulary(setup):
     root, clip_args = setup

@@ -114,7 +114,12 @@ def restore_state(path: Path, config: dict, keys, modules: dict, optimizer, scal
     if state.get("scheduler") != schedule:
         raise RuntimeError(f"cannot resume: LR schedule differs from {path}")
     for key, module in modules.items():
-        module.load_state_dict(state[key])
+        try:
+            module.load_state_dict(state[key])
+        except (KeyError, RuntimeError) as e:  # e.g. a state written before a parameter was renamed
+            raise RuntimeError(f"cannot resume from {path}: its '{key}' state does not match this version of "
+                               f"the code ({str(e).splitlines()[0]}); resume with the version that wrote it, "
+                               f"or start a new run folder") from e
     optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
