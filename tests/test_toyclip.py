@@ -94,6 +94,10 @@ def test_pretraining_script_is_seeded_and_writes_loadable_files(tmp_path):
     assert record["unseen"] == tw.UNSEEN
     open_clip.add_model_config(tmp_path / "a" / "toyclip.json")
     open_clip.create_model("toyclip", pretrained=str(tmp_path / "a" / "toyclip.safetensors"))
+    # --image-size sizes the crops with the model (its attention pool has a fixed positional embedding)
+    rec_c = main(common + ["--out", str(tmp_path / "c"), "--image-size", "96"])
+    assert json.loads((tmp_path / "c" / "toyclip.json").read_text())["vision_cfg"]["image_size"] == 96
+    assert np.isfinite(rec_c["final_loss"]) and rec_c["zero_shot_accuracy"]["n"] == 8
     # re-register the shipped config so later tests in this session see the shipped architecture
     open_clip.add_model_config(CONFIG)
 

@@ -28,6 +28,7 @@ import math
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,9 @@ def zero_shot_accuracy(model: torch.nn.Module, tokenizer: Any, device: str, n: i
                        seed: int = 12345) -> dict[str, float]:
     """Top-1 accuracy of classifying held-out single-object crops among the 16 object classes with
     the prompt "a photo of a {}." (split "test", never used in training)."""
-    cfg = PRETRAIN_CONFIG.__class__(**{**PRETRAIN_CONFIG.__dict__, "objects": (1, 1), "stuff": (0, 1)})
+    # crops at the model's input size (its attention pool has a fixed positional embedding)
+    size = int(getattr(model.visual, "image_size", PRETRAIN_CONFIG.image_size))
+    cfg = replace(PRETRAIN_CONFIG, objects=(1, 1), stuff=(0, 1), image_size=size)
     ds = CaptionedToyWorld(n * 2, seed=seed, config=cfg, split="test")
     images, labels = [], []
     for i in range(len(ds)):
@@ -147,7 +150,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=64, help="model input and pretraining crop size (px, a "
+                   "multiple of 32); objects keep their pixel scale, so larger crops show more context")
     p.add_argument("--vision-width", type=int, default=24)
     p.add_argument("--text-width", type=int, default=64)
     p.add_argument("--text-layers", type=int, default=4)
@@ -179,7 +183,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup)
                                               * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
-    data = CaptionedToyWorld(args.steps * args.batch_size, seed=args.seed, config=PRETRAIN_CONFIG)
+    # --image-size sets the crop size with the model's (same objects, parts and pixel scale per crop)
+    data = CaptionedToyWorld(args.steps * args.batch_size, seed=args.seed,
+                             config=replace(PRETRAIN_CONFIG, image_size=args.image_size))
     loader = torch.utils.data.DataLoader(_Items(data), batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.workers, collate_fn=collate, drop_last=True,
                                          persistent_workers=args.workers > 0)
