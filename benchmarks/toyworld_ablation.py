@@ -89,7 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/toyworld_ablation")
     p.add_argument("--world", default="sparse", help="scene layout, a name in training.toyworld.WORLDS "
                    "(crowded: objects ≈ 30 %% of pixels; sparse: ≈ 4 %%, the first Table 1)")
-    p.add_argument("--background", default="class", choices=("class", "ignore"),
+    from training.datasets._toyworld_adapter import BACKGROUND_MODES
+
+    p.add_argument("--background", default="class", choices=BACKGROUND_MODES,
                    help="class: background scored as class 0 (PASCAL Context's protocol); ignore: "
                    "background pixels ignored and not in the vocabulary (the paper's Table 1 on VOC)")
     p.add_argument("--iters", type=int, default=400, help="prompt-learning iterations per run")

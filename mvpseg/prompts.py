@@ -109,18 +109,21 @@ class LearnedPrompts(PromptSet):
                 "tau2": self.log_tau2.detach().float().cpu().exp().reshape(())}
 
     def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Inverse of ``checkpoint_tensors``; raises ValueError on missing keys, a wrong ``ctx`` shape or a
-        temperature that is not a positive finite number."""
-        if set(tensors) != {"ctx", "tau1", "tau2"}:
-            raise ValueError(f"expected tensors ctx, tau1, tau2, got {sorted(tensors)}")
-        if tuple(tensors["ctx"].shape) != tuple(self.ctx.shape):
-            raise ValueError(f"prompt vectors have shape {tuple(tensors['ctx'].shape)}, expected {tuple(self.ctx.shape)}")
-        taus = {k: tensors[k].detach().float().reshape(()) for k in ("tau1", "tau2")}
-        for k, v in taus.items():
-            if not (torch.isfinite(v) and v > 0):
-                raise ValueError(f"temperature {k} must be a positive finite number, got {float(v)}")
-        self.load_state_dict({"ctx": tensors["ctx"], "log_tau1": taus["tau1"].log(),
-                              "log_tau2": taus["tau2"].log()}, strict=True)
+        """Inverse of ``checkpoint_tensors``, strict: exactly ``ctx`` (this set's shape) and 0-d ``tau1``,
+        ``tau2``, all finite, temperatures positive; raises ValueError naming the first problem."""
+        expected = {"ctx": tuple(self.ctx.shape), "tau1": (), "tau2": ()}
+        if set(tensors) != set(expected):
+            raise ValueError(f"holds tensors {sorted(tensors)}, expected {sorted(expected)}")
+        for key, shape in expected.items():
+            if tuple(tensors[key].shape) != shape:
+                raise ValueError(f"tensor '{key}' has shape {tuple(tensors[key].shape)}, metadata says {shape}")
+            if not torch.isfinite(tensors[key]).all():
+                raise ValueError(f"tensor '{key}' contains NaN or infinite values")
+        for key in ("tau1", "tau2"):
+            if not tensors[key] > 0:
+                raise ValueError(f"temperature {key} must be a positive finite number, got {float(tensors[key])}")
+        self.load_state_dict({"ctx": tensors["ctx"], "log_tau1": tensors["tau1"].float().log(),
+                              "log_tau2": tensors["tau2"].float().log()}, strict=True)
 
     def _frozen_tokens(self, clip: FrozenCLIP, class_names: tuple[str, ...]):
         """(prefix C×1×W, suffix C×(L-1-n_ctx)×W, eot C) for the vocabulary, cached per (names, device)."""

@@ -235,10 +235,10 @@ def _rebuild_prompts(meta: StudentMeta, tensors: dict[str, torch.Tensor], st: Pa
         pm = _prompt_meta(meta)
         prompts = LearnedPrompts(pm.text_width, pm.n_seg, pm.n_ctx, pm.use_global, name="mvp-seg")
         try:
-            prompts.load_checkpoint_tensors({k: tensors.get(f"prompts.{k}") for k in ("ctx", "tau1", "tau2")
-                                             if f"prompts.{k}" in tensors})
+            # load_student has checked that exactly these three keys are present
+            prompts.load_checkpoint_tensors({k: tensors[f"prompts.{k}"] for k in ("ctx", "tau1", "tau2")})
         except ValueError as e:
-            raise CheckpointError(f"{st}: {e} (metadata: n_seg={pm.n_seg}, n_ctx={pm.n_ctx})") from e
+            raise CheckpointError(f"{st}: prompts: {e}") from e
         prompts.meta = pm
         return prompts
     if kind == "handcrafted":

@@ -140,6 +140,16 @@ def test_load_is_strict(tmp_path, tiny, prompts):
         load_student(tmp_path / "shape", tiny)
     with pytest.raises(CheckpointError, match="NaN"):
         load_student(tmp_path / "nan", tiny)
+    # the prompt tensors get the same checks as a prompt checkpoint (LearnedPrompts.load_checkpoint_tensors)
+    broken("tau_shape", lambda t: t.update({"prompts.tau1": torch.ones(2)}))
+    broken("tau_negative", lambda t: t.update({"prompts.tau2": torch.tensor(-1.0)}))
+    broken("ctx_nan", lambda t: t.update({"prompts.ctx": torch.full_like(tensors["prompts.ctx"], float("nan"))}))
+    with pytest.raises(CheckpointError, match="prompts: tensor 'tau1' has shape"):
+        load_student(tmp_path / "tau_shape", tiny)
+    with pytest.raises(CheckpointError, match="prompts: temperature tau2 must be a positive"):
+        load_student(tmp_path / "tau_negative", tiny)
+    with pytest.raises(CheckpointError, match="prompts: tensor 'ctx' contains NaN"):
+        load_student(tmp_path / "ctx_nan", tiny)
     with pytest.raises(CheckpointError, match="another CLIP"):
         load_student(path, tiny_clip(seed=1))
     (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a pickle is not read
