@@ -78,9 +78,9 @@ def agnostic(kind: str, lr: float, e0: torch.Tensor, f_tr: torch.Tensor, l_tr: t
              l_va: torch.Tensor, a: argparse.Namespace) -> dict[str, float]:
     """(c): learn one correction shared by all classes on the seen ones (e0: C×D templates), score all."""
     dim = e0.shape[1]
-    weight = torch.eye(dim, requires_grad="linear" in kind)
-    bias = torch.zeros(dim, requires_grad=True)
-    log_tau = torch.tensor(float(np.log(100.0)), requires_grad=True)
+    weight = torch.eye(dim, device=e0.device, requires_grad="linear" in kind)
+    bias = torch.zeros(dim, device=e0.device, requires_grad=True)
+    log_tau = torch.tensor(float(np.log(100.0)), device=e0.device, requires_grad=True)
     opt = torch.optim.Adam([t for t in (weight, bias, log_tau) if t.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(a.seed)
     seen_names = tuple(CLASS_NAMES[i] for i in SEEN)
@@ -98,6 +98,8 @@ def agnostic(kind: str, lr: float, e0: torch.Tensor, f_tr: torch.Tensor, l_tr: t
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world", default="sparse", help="a name in training.toyworld.WORLDS")
+    p.add_argument("--zoom", type=int, default=1, help="pixel magnification of the world (WorldConfig.zoom)")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--train-images", type=int, default=400)
     p.add_argument("--val-images", type=int, default=200)
     p.add_argument("--iters", type=int, default=400)
@@ -113,21 +115,22 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     t0 = time.perf_counter()
-    clip = load_clip(ClipSpec("toyclip", pretrained=a.weights, model_config=a.model_config))
+    clip = load_clip(ClipSpec(Path(a.model_config).stem, pretrained=a.weights, model_config=a.model_config), device=a.device)
 
     def load(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = ToyWorld(split, n, a.seed, config=a.world)  # train split: unseen pixels are IGNORE_INDEX
+        ds = ToyWorld(split, n, a.seed, config=a.world, zoom=a.zoom)  # train split: unseen pixels are IGNORE_INDEX
         images, labels = zip(*(ds[i] for i in range(n)))
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
         with torch.no_grad():
-            f = torch.cat([clip.dense_features(clip.normalize(x[i:i + 32])) for i in range(0, n, 32)])
-        return f, torch.from_numpy(np.stack(labels)).long()
+            f = torch.cat([clip.dense_features(clip.normalize(x[i:i + 32].to(a.device).float() / 255))
+                           for i in range(0, n, 32)])
+        return f, torch.from_numpy(np.stack(labels)).long().to(a.device)
 
     f_tr, l_tr = load("train", a.train_images)
     f_va, l_va = load("val", a.val_images)
     to_seen = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
     to_seen[torch.tensor(SEEN)] = torch.arange(len(SEEN))
-    l_tr = to_seen[l_tr]
+    l_tr = to_seen.to(a.device)[l_tr]
 
     rows = {f"oracle, {s} px cells": oracle(l_va, s) for s in (32, 16, 8)}
     base = TemplatePrompts.maskclip85()
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows[f"{kind} (L_seg, Adam lr {lr:g}, {a.iters} it)"] = agnostic(kind, lr, e0, f_tr, l_tr, f_va, l_va, a)
 
     cols = list(next(iter(rows.values())))
-    md = [f"world {a.world!r}, {a.val_images} val images; L_seg of the free embeddings "
+    md = [f"world {a.world!r}, zoom {a.zoom}, {a.val_images} val images; L_seg of the free embeddings "
           f"{np.mean(losses[:20]):.2f} (first 20 it) → {np.mean(losses[-20:]):.2f} (last 20)", "",
           "| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     md += [f"| {k} | " + " | ".join(f"{v[c]:.1f}" for c in cols) + " |" for k, v in rows.items()]

@@ -284,3 +284,14 @@ def test_toyworld_background_ignore_is_vocs_reduce_zero_label():
         unseen = np.isin(world, tw.UNSEEN)
         assert np.array_equal(s == 255, (world == 0) | unseen)
         assert (np.array(seen.class_names)[s[s != 255]] == names[world[s != 255]]).all()
+
+
+def test_toyworld_zoom_spec_magnifies_images_and_labels():
+    plain = build_dataset("toyworld", "length=2,seed=1", "val", label_space="seen")
+    zoomed = build_dataset("toyworld", "length=2,seed=1,zoom=2", "val", label_space="seen")
+    for i in range(2):
+        (x, y), (u, v) = plain[i], zoomed[i]
+        assert u.shape == (512, 512, 3) and np.array_equal(u[1::2, ::2], x) and np.array_equal(v[::2, 1::2], y)
+    for bad in ("zoom=0", "zoom=x", "zoom=2,zoom=2"):
+        with pytest.raises(ValueError, match="bad toyworld spec"):
+            build_dataset("toyworld", bad, "val")

@@ -55,7 +55,7 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
     """The open_clip config dict (only keys open_clip's ``CLIP`` accepts)."""
     return {
         "embed_dim": args.embed_dim,
-        "vision_cfg": {"image_size": args.image_size, "layers": [1, 1, 1, 1], "width": args.vision_width},
+        "vision_cfg": {"image_size": args.image_size * args.zoom, "layers": [1, 1, 1, 1], "width": args.vision_width},
         "text_cfg": {"context_length": args.context_length, "vocab_size": 49408, "width": args.text_width,
                      "heads": args.text_width // 16, "layers": args.text_layers},
     }
@@ -109,12 +109,12 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
 
 @torch.no_grad()
 def zero_shot_accuracy(model: torch.nn.Module, tokenizer: Any, device: str, n: int = 512,
-                       seed: int = 12345) -> dict[str, float]:
+                       seed: int = 12345, zoom: int = 1) -> dict[str, float]:
     """Top-1 accuracy of classifying held-out single-object crops among the 16 object classes with
     the prompt "a photo of a {}." (split "test", never used in training)."""
     # crops at the model's input size (its attention pool has a fixed positional embedding)
-    size = int(getattr(model.visual, "image_size", PRETRAIN_CONFIG.image_size))
-    cfg = replace(PRETRAIN_CONFIG, objects=(1, 1), stuff=(0, 1), image_size=size)
+    size = int(getattr(model.visual, "image_size", PRETRAIN_CONFIG.image_size * zoom))
+    cfg = replace(PRETRAIN_CONFIG, objects=(1, 1), stuff=(0, 1), image_size=size // zoom, zoom=zoom)
     ds = CaptionedToyWorld(n * 2, seed=seed, config=cfg, split="test")
     images, labels = [], []
     for i in range(len(ds)):
@@ -152,6 +152,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--image-size", type=int, default=64, help="model input and pretraining crop size (px, a "
                    "multiple of 32); objects keep their pixel scale, so larger crops show more context")
+    p.add_argument("--zoom", type=int, default=1, help="magnify every crop zoom× by pixel replication (the "
+                   "model's input becomes image-size·zoom): objects span zoom× more feature cells")
     p.add_argument("--vision-width", type=int, default=24)
     p.add_argument("--text-width", type=int, default=64)
     p.add_argument("--text-layers", type=int, default=4)
@@ -162,7 +164,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="data-generation worker processes")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--zero-shot-images", type=int, default=512, help="held-out crops for the final accuracy")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.zoom < 1 or args.image_size < 32 or (args.image_size * args.zoom) % 32:
+        p.error(f"--image-size × --zoom must be a positive multiple of 32 (the ResNet's stride), "
+                f"got {args.image_size} × {args.zoom}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -183,9 +189,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup)
                                               * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
-    # --image-size sets the crop size with the model's (same objects, parts and pixel scale per crop)
+    # --image-size sets the crop size with the model's (same objects, parts and pixel scale per crop);
+    # --zoom magnifies those crops (the model's input is image_size·zoom)
     data = CaptionedToyWorld(args.steps * args.batch_size, seed=args.seed,
-                             config=replace(PRETRAIN_CONFIG, image_size=args.image_size))
+                             config=replace(PRETRAIN_CONFIG, image_size=args.image_size, zoom=args.zoom))
     loader = torch.utils.data.DataLoader(_Items(data), batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.workers, collate_fn=collate, drop_last=True,
                                          persistent_workers=args.workers > 0)
@@ -207,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"step {step:5d} loss {np.mean(losses[-args.log_every:]):.4f} "
                   f"scale {model.logit_scale.exp().item():.1f} {time.time() - t0:7.1f}s", flush=True)
     train_s = time.time() - t0
-    zs = zero_shot_accuracy(model, tokenizer, args.device, n=args.zero_shot_images)
+    zs = zero_shot_accuracy(model, tokenizer, args.device, n=args.zero_shot_images, zoom=args.zoom)
     record = {
         "model": MODEL_NAME, "parameters": n_params, "args": vars(args), "train_seconds": round(train_s, 1),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
@@ -217,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "zero_shot_accuracy": zs, "normalization": "imagenet", "class_names": CLASS_NAMES, "unseen": UNSEEN,
     }
     save_weights(model, out / f"{MODEL_NAME}.safetensors",
-                 {"seed": str(args.seed), "steps": str(args.steps), "normalization": "imagenet",
+                 {"seed": str(args.seed), "steps": str(args.steps), "zoom": str(args.zoom), "normalization": "imagenet",
                   "format": "open_clip CLIP state dict, fp16", "config": json.dumps(model_config(args))})
     (out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k not in ("loss_curve", "class_names")}, indent=2))

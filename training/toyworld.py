@@ -59,8 +59,8 @@ SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "pretrain": 3}
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """Scene statistics. Sizes are in pixels so a 64 px pretraining crop and a 256 px evaluation
-    image show objects at the same scale (the dense path has no positional embedding)."""
+    """Scene statistics. Sizes are in scene pixels (before ``zoom``) so a 64 px pretraining crop and a
+    256 px evaluation image show objects at the same scale (the dense path has no positional embedding)."""
 
     image_size: int = 256
     object_size: tuple[float, float] = (22.0, 42.0)  # body length in px; a creature spans ~2× that
@@ -73,6 +73,14 @@ class WorldConfig:
     colour_jitter: float = 30.0  # ± per channel, per instance
     max_angle: float = 0.4  # radians
     noise: float = 6.0  # std of additive Gaussian pixel noise
+    # Magnification: every rendered pixel becomes a zoom×zoom block, so images are
+    # (image_size·zoom)² and objects span zoom× more feature cells of a fixed-stride network, while the
+    # scenes (and their random draws) stay exactly those of zoom 1.
+    zoom: int = 1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.zoom, int) and self.zoom >= 1):
+            raise ValueError(f"zoom must be an integer >= 1, got {self.zoom!r}")
 
 
 # Named scene layouts for segmentation (the toy CLIP's pretraining crops are PRETRAIN_CONFIG below):
@@ -190,6 +198,11 @@ def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
     return scene
 
 
+def magnify(array: np.ndarray, zoom: int) -> np.ndarray:
+    """Pixel replication: H×W(×C) → (H·zoom)×(W·zoom)(×C); labels stay exactly aligned with pixels."""
+    return array if zoom == 1 else np.repeat(np.repeat(array, zoom, axis=0), zoom, axis=1)
+
+
 def render(scene: Scene) -> Rendered:
     """Paint layers bottom to top; the label of a pixel is the label of the layer painted last."""
     n = scene.size
@@ -295,13 +308,15 @@ class ToyWorld(torch.utils.data.Dataset):
 
     def __init__(self, split: str = "val", length: int = 200, seed: int = 0,
                  config: WorldConfig | str | None = None, image_size: int | None = None,
-                 hide_unseen: bool | None = None) -> None:
+                 hide_unseen: bool | None = None, zoom: int | None = None) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         if isinstance(config, str) and config not in WORLDS:
             raise ValueError(f"unknown toy world {config!r}; choose from {sorted(WORLDS)}")
         cfg = WORLDS[config] if isinstance(config, str) else (config or WorldConfig())
         self.config = replace(cfg, image_size=image_size) if image_size else cfg
+        if zoom is not None:
+            self.config = replace(self.config, zoom=zoom)
         self.split, self.length, self.seed = split, int(length), int(seed)
         self.hide_unseen = (split == "train") if hide_unseen is None else bool(hide_unseen)
 
@@ -319,7 +334,7 @@ class ToyWorld(torch.utils.data.Dataset):
         label = r.label
         if self.hide_unseen:
             label = np.where(np.isin(label, self.unseen), self.ignore_index, label)
-        return r.image, label
+        return magnify(r.image, self.config.zoom), magnify(label, self.config.zoom)
 
 
 class CaptionedToyWorld(torch.utils.data.Dataset):
@@ -339,7 +354,7 @@ class CaptionedToyWorld(torch.utils.data.Dataset):
         scene = sample_scene(rng, self.config)
         r = render(scene)
         classes = visible_classes(scene, r)
-        return r.image, caption(classes, rng, float((r.label == 0).mean())), classes
+        return magnify(r.image, self.config.zoom), caption(classes, rng, float((r.label == 0).mean())), classes
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
         image, text, _ = self.item(index)

@@ -1,7 +1,8 @@
 """``toyworld`` behind the dataset interface (``training/toyworld.py`` renders the samples).
 
 The toy world has no files: ``--data-root`` is a spec such as ``"length=400,seed=0,world=crowded"``
-(keys ``length``, ``seed``, ``image_size``, ``world`` = a name in ``training.toyworld.WORLDS``,
+(keys ``length``, ``seed``, ``image_size``, ``zoom`` (pixel magnification, ``WorldConfig.zoom``),
+``world`` = a name in ``training.toyworld.WORLDS``,
 ``background`` = ``class`` | ``ignore``; empty or ``-`` for the defaults: 200 images, seed 0, the 256 px
 "sparse" world, background scored as class 0).  Labels arrive with every class visible; the label space
 (full / seen) is applied here exactly as for the real datasets.
@@ -33,11 +34,12 @@ def parse_spec(spec) -> dict:
         key, value = key.strip(), value.strip()
         ok = sep and key not in out and (
             key in ("length", "seed", "image_size") and value.isdigit()
+            or key == "zoom" and value.isdigit() and int(value) >= 1
             or key == "world" and value in WORLDS
             or key == "background" and value in BACKGROUND_MODES)
         if not ok:
             raise ValueError(f"bad toyworld spec {text!r} at {part!r}: expected e.g. "
-                             f"'length=400,seed=0,world=crowded,background=ignore' (worlds: "
+                             f"'length=400,seed=0,world=crowded,background=ignore,zoom=2' (worlds: "
                              f"{', '.join(sorted(WORLDS))}; background: {' | '.join(BACKGROUND_MODES)}; "
                              f"each key once)")
         out[key] = value if key in ("world", "background") else int(value)
