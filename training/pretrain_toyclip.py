@@ -150,8 +150,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--image-size", type=int, default=64, help="model input and pretraining crop size (px, a "
-                   "multiple of 32); objects keep their pixel scale, so larger crops show more context")
+    p.add_argument("--image-size", type=int, default=64, help="pretraining crop size in scene px (the model's "
+                   "input is this × --zoom, a multiple of 32); objects keep their pixel scale, so larger crops "
+                   "show more context")
     p.add_argument("--zoom", type=int, default=1, help="magnify every crop zoom× by pixel replication (the "
                    "model's input becomes image-size·zoom): objects span zoom× more feature cells")
     p.add_argument("--vision-width", type=int, default=24)
