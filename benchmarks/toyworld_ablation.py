@@ -76,10 +76,6 @@ def train_run(a: argparse.Namespace, name: str, extra: list[str]) -> Path:
             "--out", str(out), "--max-iters", str(a.iters), "--global-batch", str(a.batch),
             "--lr", str(a.lr), "--warmup-iters", str(a.warmup), "--seed", str(a.seed),
             "--ckpt-every", str(a.iters), *extra, *clip_args(a)]
-    if a.zoom != 1:  # crops cover the same scene area as the toyworld profile's 128 px crops at zoom 1
-        from training.datasets import PROFILES
-
-        argv += ["--crop-size", str(PROFILES["toyworld"].crop_size * a.zoom)]
     return Path(train_main(argv))
 
 

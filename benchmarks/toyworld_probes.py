@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +75,26 @@ def evaluate(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, t
     return scores(cm.mat)
 
 
+def fit(params: list[torch.Tensor], lr: float, seen_text: Callable[[], torch.Tensor],
+        tau: Callable[[], torch.Tensor | float], f_tr: torch.Tensor, l_tr: torch.Tensor,
+        a: argparse.Namespace) -> list[float]:
+    """Adam on ``params`` with L_seg over random batches of the training features (labels in the seen
+    space); ``seen_text()`` gives the S×D seen-class embeddings, ``tau()`` the temperature. Returns the losses."""
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(a.seed)
+    seen_names = tuple(CLASS_NAMES[i] for i in SEEN)
+    losses = []
+    for _ in range(a.iters):
+        idx = torch.randint(0, len(f_tr), (a.batch,), generator=g)
+        views = TextViews(F.normalize(seen_text(), dim=-1)[None], None, ("fit",), seen_names)
+        loss = seg_loss(segment(f_tr[idx], views, tau(), None), l_tr[idx], IGNORE_INDEX)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def agnostic(kind: str, lr: float, e0: torch.Tensor, f_tr: torch.Tensor, l_tr: torch.Tensor, f_va: torch.Tensor,
              l_va: torch.Tensor, a: argparse.Namespace) -> dict[str, float]:
     """(c): learn one correction shared by all classes on the seen ones (e0: C×D templates), score all."""
@@ -81,16 +102,8 @@ def agnostic(kind: str, lr: float, e0: torch.Tensor, f_tr: torch.Tensor, l_tr: t
     weight = torch.eye(dim, device=e0.device, requires_grad="linear" in kind)
     bias = torch.zeros(dim, device=e0.device, requires_grad=True)
     log_tau = torch.tensor(float(np.log(100.0)), device=e0.device, requires_grad=True)
-    opt = torch.optim.Adam([t for t in (weight, bias, log_tau) if t.requires_grad], lr=lr)
-    g = torch.Generator().manual_seed(a.seed)
-    seen_names = tuple(CLASS_NAMES[i] for i in SEEN)
-    for _ in range(a.iters):
-        idx = torch.randint(0, len(f_tr), (a.batch,), generator=g)
-        text = TextViews(F.normalize(e0[SEEN] @ weight.T + bias, dim=-1)[None], None, ("shared",), seen_names)
-        loss = seg_loss(segment(f_tr[idx], text, log_tau.exp(), None), l_tr[idx], IGNORE_INDEX)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit([t for t in (weight, bias, log_tau) if t.requires_grad], lr, lambda: e0[SEEN] @ weight.T + bias,
+        log_tau.exp, f_tr, l_tr, a)
     with torch.no_grad():
         return evaluate(f_va, l_va, e0 @ weight.T + bias, float(log_tau.exp()))
 
@@ -140,18 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows["85 handcrafted templates"] = evaluate(f_va, l_va, e0, tau)
 
     free = e0[SEEN].clone().requires_grad_(True)
-    opt = torch.optim.Adam([free], lr=a.lr)
-    g = torch.Generator().manual_seed(a.seed)
-    seen_names = tuple(CLASS_NAMES[i] for i in SEEN)
-    losses = []
-    for _ in range(a.iters):
-        idx = torch.randint(0, len(f_tr), (a.batch,), generator=g)
-        out = segment(f_tr[idx], TextViews(F.normalize(free, dim=-1)[None], None, ("free",), seen_names), tau, None)
-        loss = seg_loss(out, l_tr[idx], IGNORE_INDEX)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit([free], a.lr, lambda: free, lambda: tau, f_tr, l_tr, a)
     text = e0.clone()
     text[SEEN] = free.detach()
     rows[f"free seen-class embeddings (L_seg, Adam lr {a.lr:g}, {a.iters} it)"] = evaluate(f_va, l_va, text, tau)

@@ -292,6 +292,11 @@ def test_toyworld_zoom_spec_magnifies_images_and_labels():
     for i in range(2):
         (x, y), (u, v) = plain[i], zoomed[i]
         assert u.shape == (512, 512, 3) and np.array_equal(u[1::2, ::2], x) and np.array_equal(v[::2, 1::2], y)
+    # training crops cover the same scene area at any zoom, unless a crop size is given
+    profile = get_profile("toyworld")
+    assert profile.train_transform(plain).crop_size == profile.crop_size == 128
+    assert profile.train_transform(zoomed).crop_size == 256
+    assert profile.train_transform(zoomed, crop_size=96).crop_size == 96
     for bad in ("zoom=0", "zoom=x", "zoom=2,zoom=2"):
         with pytest.raises(ValueError, match="bad toyworld spec"):
             build_dataset("toyworld", bad, "val")

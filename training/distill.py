@@ -262,7 +262,7 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
     overrides: dict = {"crop_size": cfg.crop_size} if cfg.crop_size else {}
     if cfg.train_scale:
         overrides["scale"] = cfg.train_scale
-    stream = TrainStream(HideUnseen(data, unseen, cache=args.cache_samples), profile.train_transform(**overrides),
+    stream = TrainStream(HideUnseen(data, unseen, cache=args.cache_samples), profile.train_transform(data, **overrides),
                          cfg.global_batch, cfg.max_iters, cfg.seed, ctx.rank, ctx.world_size, start_iter=start)
     loader = train_loader(stream, num_workers=args.num_workers)
     logger = JsonlLogger(out / "log.jsonl", enabled=ctx.is_main, resume_iter=start if resume_path else None)

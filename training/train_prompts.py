@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iters", type=int, default=8000)
     p.add_argument("--global-batch", type=int, default=8, help="images per step over all processes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--crop-size", type=int, default=None, help="default: 512 (480 for Context)")
+    p.add_argument("--crop-size", type=int, default=None, help="default: the dataset profile's "
+                   "(512; 480 for Context; 128 × zoom for toyworld)")
     p.add_argument("--train-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"))
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--keep-ckpts", type=int, default=2)
@@ -218,7 +219,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         overrides["crop_size"] = cfg.crop_size
     if cfg.train_scale:
         overrides["scale"] = cfg.train_scale
-    stream = TrainStream(data, profile.train_transform(**overrides), cfg.global_batch,
+    transform = profile.train_transform(data, **overrides)
+    stream = TrainStream(data, transform, cfg.global_batch,
                          cfg.max_iters, cfg.seed, ctx.rank, ctx.world_size, start_iter=start)
     loader = train_loader(stream, num_workers=args.num_workers)
 
@@ -228,6 +230,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                 "checkpoint": str(resume_path) if resume_path else None,
                 "world_size": ctx.world_size, "device": str(ctx.device),
                 "dataset_size": len(data), "skipped_missing": getattr(data, "skipped", 0),
+                "crop_size": transform.crop_size,
                 "vocabulary": list(vocab), "config": _config_record(cfg)})
     if ctx.is_main:
         log.info("%s | %d seen classes | %d prompts per step | world %d", data, len(vocab),

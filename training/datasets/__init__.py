@@ -34,8 +34,11 @@ class DatasetProfile:
     ratio_range: tuple[float, float] = (0.5, 2.0)
     photometric: bool = True
 
-    def train_transform(self, **overrides) -> TrainTransform:
-        kw = dict(scale=self.train_scale, crop_size=self.crop_size, ratio_range=self.ratio_range,
+    def train_transform(self, dataset: object = None, **overrides) -> TrainTransform:
+        """The profile's training pipeline. A dataset rendered at a pixel magnification (``pixel_scale``, the
+        toy world's ``zoom``) gets a crop that many times larger, so a crop covers the same scene area."""
+        crop = self.crop_size * int(getattr(dataset, "pixel_scale", 1))
+        kw = dict(scale=self.train_scale, crop_size=crop, ratio_range=self.ratio_range,
                   photometric=self.photometric)
         kw.update(overrides)
         return TrainTransform(**kw)

@@ -60,6 +60,7 @@ class ToyWorldDataset(LabelSpace):
             opts["config"] = opts.pop("world")
         self.name = "toyworld"
         self.world = tw.ToyWorld(split=split, hide_unseen=False, **opts)
+        self.pixel_scale = self.world.config.zoom  # training crops grow with it (DatasetProfile.train_transform)
         # World class id -> full-label-space id; background (world id 0) drops out when ignored.
         first = 1 if self.background == "ignore" else 0
         names = tuple(tw.CLASS_NAMES[first:])
