@@ -4,8 +4,10 @@ handcrafted templates on unseen classes."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -84,14 +86,45 @@ def test_shipped_learned_prompts_beat_the_templates_on_held_out_unseen_classes()
     regress. (The prompts were learned offline — 11 min on 2 CPU threads —, not in this test; the
     CI-sized *learning* run is in test_toyclip.py.)
     """
+    unseen, seen = _margins_on_test_scenes(PROMPTS)
+    assert unseen >= 1.0 and seen > 0
+
+
+def _margins_on_test_scenes(prompts: Path, device: str = "cpu") -> tuple[float, float]:
+    """(unseen, seen) mIoU of ``prompts`` minus the 85 templates' on the 48 test-split scenes of seed 0."""
     from training.evaluate import main as eval_main
 
-    clip = ["--clip", NAME, "--model-config", str(CONFIG), "--pretrained", str(WEIGHTS), "--device", "cpu",
+    clip = ["--clip", NAME, "--model-config", str(CONFIG), "--pretrained", str(WEIGHTS), "--device", device,
             "--num-workers", "0", "--cpu-threads", "2", "--no-progress"]
     report = eval_main(["--data", "toyworld=length=48,seed=0,zoom=2", "--split", "test", "--baselines",
-                        "maskclip-85", "--prompts", f"learned={PROMPTS}", *clip])
+                        "maskclip-85", "--prompts", f"learned={prompts}", *clip])
     res = report["results"]["toyworld"]
     assert report["datasets"]["toyworld"]["unseen_in_training_vocabulary"]["learned"] == []
     learned, templates = res["learned"], res["maskclip-85"]
-    assert learned["miou_unseen"] - templates["miou_unseen"] >= 1.0
-    assert learned["miou_seen"] > templates["miou_seen"]
+    return (learned["miou_unseen"] - templates["miou_unseen"], learned["miou_seen"] - templates["miou_seen"])
+
+
+@pytest.mark.skipif(os.environ.get("MVPSEG_SLOW") != "1", reason=(
+    "opt-in, about 12 min on 2 CPU threads: MVPSEG_SLOW=1 bash scripts/test.sh tests/test_toyclip_zoom2.py"))
+def test_seeded_1000_iteration_learning_run_beats_the_templates(tmp_path):
+    """The learning run behind the shipped prompts, from scratch: MVP-SEG (3 views + OCLoss + GPR) on
+    400 train scenes at zoom 2, seed 0, 1000 iterations × batch 8, SGD lr 2e-3 (warmup 100), crop 256 —
+    the recipe of docs/toyworld.md attempt 5 — then the held-out comparison above.
+
+    Opt-in because it is not CI-sized on a CPU (11.7 min on 2 threads, measured; on a GPU,
+    where it runs with ``--device auto``, about a minute, extrapolated from the H200's 400-iteration runs). CI-sized runs do not beat the templates (150 iterations on 64 scenes:
+    SGD −2.9 / −1.5 / −1.1 unseen, AdamW −0.3 / +0.6 / +0.3 over seeds 0–2; docs/toyworld.md attempts 5
+    and 6), which is why this margin test is the full-size run. Measured for this seed: +2.7 unseen,
+    +1.4 seen on these test scenes (+2.5 / +2.2 on the validation scenes). The margin depends on the
+    seed — training seeds 1 / 2 gave +2.4 / +0.3 on validation — so this pins seed 0's run (the shipped
+    result, reproduced), not a claim for every seed; the bound is the shipped prompts' +1.0.
+    """
+    from training.train_prompts import main as train_main
+
+    spec = "length=400,seed=0,world=sparse,background=class,zoom=2"
+    out = train_main(["--dataset", "toyworld", "--data-root", spec, "--out", str(tmp_path / "run"),
+                      "--variant", "mvpseg", "--lr", "2e-3", "--warmup-iters", "100", "--max-iters", "1000",
+                      "--crop-size", "256", "--seed", "0", "--ckpt-every", "1000", "--no-progress",
+                      "--clip", NAME, "--model-config", str(CONFIG), "--pretrained", str(WEIGHTS)])
+    unseen, seen = _margins_on_test_scenes(out, device="auto")
+    assert unseen >= 1.0 and seen > 0

@@ -217,3 +217,40 @@ def test_plain_encoder_run_matches_shared_prefix_run(setup):
     b = prompts_of(train_prompts.main(base_args(root, clip_args, "enc_shared", "--max-iters", "3")))
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+
+
+def test_adamw_option_steps_every_context_coordinate_by_lr(setup):
+    """AdamW's first step (bias-corrected, no weight decay) is lr · g/(|g| + eps) ≈ lr · sign(g) per
+    coordinate, whatever the gradient's scale — the reason it exists for short schedules."""
+    root, clip_args = setup
+    opts = ("--optimizer", "adamw", "--lr", "0.01", "--weight-decay", "0", "--warmup-iters", "0",
+            "--lr-policy", "constant", "--ckpt-every", "1")
+    out = train_prompts.main(base_args(root, clip_args, "adamw", *opts, "--max-iters", "1"))
+    state = load_state(root / "adamw" / "checkpoints" / "state_00000001.pt")
+    assert state["config"]["optimizer"] == "adamw" and "exp_avg_sq" in str(state["optimizer"]["state"])
+    # the same seed with a vanishing lr gives the random initialisation the step started from
+    frozen = train_prompts.main(base_args(root, clip_args, "adamw0", *opts[:2], "--lr", "1e-30",
+                                          *opts[4:], "--max-iters", "1"))
+    init = prompts_of(frozen)["ctx"]
+    step = (prompts_of(out)["ctx"] - init).abs()
+    moved = step > 1e-6
+    assert moved.float().mean() > 0.99  # every coordinate gets a gradient
+    torch.testing.assert_close(step[moved], torch.full_like(step[moved], 0.01), rtol=0.02, atol=0)
+    with pytest.raises(RuntimeError, match="optimizer: checkpoint 'adamw' vs now 'sgd'"):
+        train_prompts.main(base_args(root, clip_args, "adamw", *opts[2:], "--max-iters", "2", "--resume"))
+
+
+def test_state_written_before_the_optimizer_option_resumes_as_sgd(setup):
+    root, clip_args = setup
+    args = ("--max-iters", "4", "--ckpt-every", "1", "--keep-ckpts", "10")
+    train_prompts.main(base_args(root, clip_args, "legacy", *args))
+    ckpts = root / "legacy" / "checkpoints"
+    for late in ("state_00000003.pt", "state_00000004.pt"):  # as if interrupted after iteration 2
+        (ckpts / late).unlink()
+    state = torch.load(ckpts / "state_00000002.pt", weights_only=True)
+    del state["config"]["optimizer"]  # as written by the code before --optimizer existed
+    torch.save(state, ckpts / "state_00000002.pt")
+    with pytest.raises(RuntimeError, match="optimizer: checkpoint 'sgd' vs now 'adamw'"):
+        train_prompts.main(base_args(root, clip_args, "legacy", *args, "--resume", "--optimizer", "adamw"))
+    train_prompts.main(base_args(root, clip_args, "legacy", *args, "--resume"))
+    assert load_state(ckpts / "state_00000004.pt")["iteration"] == 4

@@ -98,19 +98,23 @@ class CheckpointManager:
         return Path(resume)
 
 
-def check_config_compatible(saved: dict, current: dict, keys) -> None:
+def check_config_compatible(saved: dict, current: dict, keys, defaults: dict | None = None) -> None:
+    """Refuse when a setting in ``keys`` differs; ``defaults`` stands in for a key that a state written
+    before that setting existed lacks (so upgrading the code does not strand an interrupted run)."""
+    saved = {**(defaults or {}), **saved}
     diff = {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise RuntimeError(f"cannot resume: settings differ from the checkpoint ({lines})")
 
 
-def restore_state(path: Path, config: dict, keys, modules: dict, optimizer, scaler, schedule: dict) -> int:
+def restore_state(path: Path, config: dict, keys, modules: dict, optimizer, scaler, schedule: dict,
+                  defaults: dict | None = None) -> int:
     """``--resume``: read the state at ``path``, refuse it when a setting in ``keys`` or the LR schedule
     differs from ``config`` / ``schedule``, load ``modules`` (state-dict key → module), optimiser,
     AMP scaler and RNG states. Returns the iteration to continue from."""
     state = load_state(path)
-    check_config_compatible(state["config"], config, keys)
+    check_config_compatible(state["config"], config, keys, defaults)
     if state.get("scheduler") != schedule:
         raise RuntimeError(f"cannot resume: LR schedule differs from {path}")
     for key, module in modules.items():
