@@ -111,8 +111,9 @@ def test_seeded_1000_iteration_learning_run_beats_the_templates(tmp_path):
     400 train scenes at zoom 2, seed 0, 1000 iterations × batch 8, SGD lr 2e-3 (warmup 100), crop 256 —
     the recipe of docs/toyworld.md attempt 5 — then the held-out comparison above.
 
-    Opt-in because it is not CI-sized on a CPU (11.7 min on 2 threads, measured; on a GPU,
-    where it runs with ``--device auto``, about a minute, extrapolated from the H200's 400-iteration runs). CI-sized runs do not beat the templates (150 iterations on 64 scenes:
+    Opt-in because it is not CI-sized on a CPU (11.7 min on 2 threads, measured; on a GPU, where it runs
+    with ``--device auto``, about a minute, extrapolated from the H200's 400-iteration runs). CI-sized
+    runs do not beat the templates (150 iterations on 64 scenes:
     SGD −2.9 / −1.5 / −1.1 unseen, AdamW −0.3 / +0.6 / +0.3 over seeds 0–2; docs/toyworld.md attempts 5
     and 6), which is why this margin test is the full-size run. Measured for this seed: +2.7 unseen,
     +1.4 seen on these test scenes (+2.5 / +2.2 on the validation scenes). The margin depends on the

@@ -177,9 +177,10 @@ def _config_record(cfg: TrainConfig) -> dict:
 
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     """The paper's momentum SGD, or AdamW (decoupled weight decay, default betas; an extension).
-    AdamW's steps are ≈ lr per coordinate whatever the gradient's scale — SGD's first steps follow the
-    largest term, λ_OC · L_OC (≈ 50 of a total ≈ 60 at random initialisation in the toy world), and a
-    log temperature gets far larger steps than the context vectors (docs/toyworld.md, attempt 6)."""
+    AdamW's steps are ≈ lr per coordinate whatever the gradient's scale, while SGD's first steps follow
+    the largest term, λ_OC · L_OC (≈ 50 of a total ≈ 60 at random initialisation in the toy world).
+    In the toy world's 150-iteration runs SGD moved τ1 from 33 to ≈ 7, AdamW to 27–31 (docs/toyworld.md,
+    attempt 6)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -224,8 +225,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     start = 0 if resume_path is None else restore_state(
-        resume_path, _config_record(cfg), RESUME_KEYS, {"prompts": prompts}, opt, scaler, cfg.schedule.state_dict(),
-        defaults={"optimizer": "sgd"})  # states written before --optimizer existed were SGD runs
+        resume_path, _config_record(cfg), RESUME_KEYS, {"prompts": prompts}, opt, scaler,
+        cfg.schedule.state_dict(), defaults={"optimizer": "sgd"})  # states written before --optimizer existed were SGD runs
 
     profile = get_profile(cfg.dataset)
     data = build_dataset(cfg.dataset, cfg.data_root, cfg.split, label_space="seen", train=True,
