@@ -42,7 +42,8 @@ class MVPSeg(nn.Module):
         return self.head(self.image_features(images), self.text_features(class_names))
 
     def losses(self, out: MVPSegOutput, labels: torch.Tensor, weights: LossWeights = LossWeights(),
-               cls_mode: str = "bce", ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
+               cls_mode: str = "bce", ignore_index: int = IGNORE_INDEX,
+               seg_reduction: str = "pixel") -> dict[str, torch.Tensor]:
         """Eq. 10 terms for labels B×H×W whose values index the vocabulary (ignore_index elsewhere)."""
         seg_ctx = self.prompts.seg_ctx if isinstance(self.prompts, LearnedPrompts) else None
-        return compute_losses(out, labels, seg_ctx, weights, cls_mode, ignore_index)
+        return compute_losses(out, labels, seg_ctx, weights, cls_mode, ignore_index, seg_reduction)

@@ -9,13 +9,13 @@ from mvpseg.losses import LossWeights, cls_loss, compute_losses, oc_loss, presen
 from mvpseg.prompts import TextViews
 
 
-def test_ocloss_orthogonal_is_zero_identical_is_pairs():
+def test_ocloss_orthogonal_is_zero_identical_is_one():
     k, n, w = 4, 5, 16
     basis = torch.eye(w)[:k]  # orthogonal token-averages
     ctx = basis[:, None, :].repeat(1, n, 1)
     assert float(oc_loss(ctx)) == pytest.approx(0.0, abs=1e-7)
     same = torch.randn(1, n, w).repeat(k, 1, 1)
-    assert float(oc_loss(same)) == pytest.approx(k * (k - 1) / 2, rel=1e-6)
+    assert float(oc_loss(same)) == pytest.approx(1.0, rel=1e-6)  # mean over pairs: 1 for any k
     anti = torch.cat([same[:1], -same[:1]])  # |cos| makes opposite prompts as bad as identical ones
     assert float(oc_loss(anti)) == pytest.approx(1.0, rel=1e-6)
     assert float(oc_loss(torch.randn(1, n, w))) == 0.0
@@ -25,11 +25,22 @@ def test_ocloss_matches_direct_formula_and_has_gradient():
     torch.manual_seed(0)
     ctx = torch.randn(3, 32, 24, requires_grad=True)
     p = ctx.detach().mean(1)
-    ref = sum(abs(float(p[i] @ p[j]) / float(p[i].norm() * p[j].norm())) for i in range(3) for j in range(i + 1, 3))
+    ref = sum(abs(float(p[i] @ p[j]) / float(p[i].norm() * p[j].norm())) for i in range(3) for j in range(i + 1, 3)) / 3
     loss = oc_loss(ctx)
     assert float(loss) == pytest.approx(ref, rel=1e-5)
     loss.backward()
     assert ctx.grad.abs().sum() > 0
+
+
+def test_paper_weights_rescale_the_summed_ocloss():
+    """λ3 = 100 on Eq. 5's sum equals LossWeights.paper(k).oc on the mean, for every k."""
+    torch.manual_seed(1)
+    for k in (2, 3, 5):
+        ctx = torch.randn(k, 4, 8)
+        p = F.normalize(ctx.mean(1), dim=-1)
+        summed = sum(abs(float(p[i] @ p[j])) for i in range(k) for j in range(i + 1, k))
+        assert LossWeights.paper(k).oc * float(oc_loss(ctx)) == pytest.approx(100 * summed, rel=1e-5)
+    assert (LossWeights.paper(3).seg, LossWeights.paper(3).cls) == (1.0, 3.0)
 
 
 def test_presence_targets_ignore_255():

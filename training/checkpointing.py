@@ -109,10 +109,11 @@ def check_config_compatible(saved: dict, current: dict, keys, defaults: dict | N
 
 
 def restore_state(path: Path, config: dict, keys, modules: dict, optimizer, scaler, schedule: dict,
-                  defaults: dict | None = None) -> int:
+                  defaults: dict | None = None, optional: dict | None = None) -> int:
     """``--resume``: read the state at ``path``, refuse it when a setting in ``keys`` or the LR schedule
     differs from ``config`` / ``schedule``, load ``modules`` (state-dict key → module), optimiser,
-    AMP scaler and RNG states. Returns the iteration to continue from."""
+    AMP scaler and RNG states; ``optional`` modules are loaded when the state has them (states written
+    before they existed do not). Returns the iteration to continue from."""
     state = load_state(path)
     check_config_compatible(state["config"], config, keys, defaults)
     if state.get("scheduler") != schedule:
@@ -124,6 +125,9 @@ def restore_state(path: Path, config: dict, keys, modules: dict, optimizer, scal
             raise RuntimeError(f"cannot resume from {path}: its '{key}' state does not match this version of "
                                f"the code ({str(e).splitlines()[0]}); resume with the version that wrote it, "
                                f"or start a new run folder") from e
+    for key, module in (optional or {}).items():
+        if state.get(key) is not None:
+            module.load_state_dict(state[key])
     optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

@@ -7,6 +7,9 @@ Rank ``r`` of ``W`` takes the contiguous slice ``r·G/W … (r+1)·G/W`` of each
 sample is therefore a pure function of (seed, position): a resumed run or a ``torchrun`` run with the
 same global batch sees exactly the batches of an uninterrupted single-process run, independently of
 DataLoader workers.
+
+``fresh=True`` (procedural datasets such as the toy world, which render any index) maps position ``p`` to
+sample ``p`` itself: no image is drawn twice, so a run cannot over-fit a fixed pool of training images.
 """
 from __future__ import annotations
 
@@ -42,14 +45,15 @@ class TrainStream(Dataset):
     """Map-style view of this rank's share of iterations ``[start_iter, max_iters)``."""
 
     def __init__(self, dataset, transform, global_batch: int, max_iters: int, seed: int,
-                 rank: int = 0, world_size: int = 1, start_iter: int = 0) -> None:
+                 rank: int = 0, world_size: int = 1, start_iter: int = 0, fresh: bool = False) -> None:
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
         self.dataset, self.transform = dataset, transform
         self.global_batch, self.local_batch = global_batch, global_batch // world_size
         self.rank, self.seed = rank, seed
         self.start_iter, self.max_iters = start_iter, max_iters
-        self.plan = SamplePlan(len(dataset), seed)
+        self.fresh = bool(fresh)
+        self.plan = None if self.fresh else SamplePlan(len(dataset), seed)
 
     def __len__(self) -> int:
         return max(self.max_iters - self.start_iter, 0) * self.local_batch
@@ -60,7 +64,7 @@ class TrainStream(Dataset):
 
     def __getitem__(self, i: int):
         pos = self.position(i)
-        image, label = self.dataset[self.plan.index(pos)]
+        image, label = self.dataset[pos if self.fresh else self.plan.index(pos)]
         rng = np.random.default_rng([self.seed, pos])
         return self.transform(image, label, rng)
 

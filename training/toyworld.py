@@ -53,6 +53,12 @@ CLASS_NAMES: list[str] = [BACKGROUND, *OBJECT_NAMES, *STUFF]
 # A Latin square over (colour, creature): every word of an unseen name occurs in seen names.
 UNSEEN_NAMES: tuple[str, ...] = ("green cat", "red bird", "yellow owl", "blue fox", "sand")
 UNSEEN: list[int] = [CLASS_NAMES.index(n) for n in UNSEEN_NAMES]
+# Alternative zero-shot splits (spec key ``unseen=``), each another Latin square plus one stuff class, so a
+# prompt-learning recipe can be checked on classes it was not developed on. "a" is the default above.
+UNSEEN_SPLITS: dict[str, tuple[str, ...]] = {
+    "a": UNSEEN_NAMES,
+    "b": ("red cat", "yellow bird", "blue owl", "green fox", "water"),
+}
 SEEN: list[int] = [i for i in range(len(CLASS_NAMES)) if i not in UNSEEN]
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "pretrain": 3}
 
@@ -93,6 +99,10 @@ class WorldConfig:
 WORLDS: dict[str, WorldConfig] = {
     "sparse": WorldConfig(),
     "crowded": WorldConfig(image_size=128, objects=(4, 10), centre_range=(0.0, 1.0)),
+    # Designed for docs/recipe.md before any prompt was learned on it: between the two in object density,
+    # fewer and larger stuff regions, less clutter; 192 px.
+    "medium": WorldConfig(image_size=192, objects=(3, 8), stuff=(1, 2), stuff_coverage=(0.2, 0.5),
+                          clutter=(1, 5), centre_range=(-0.05, 1.05)),
 }
 
 # Pretraining crops: same pixel scale, fewer things, objects kept mostly inside the small frame.

@@ -10,8 +10,12 @@ Several GPUs (or CPU processes, gloo) with the same global batch::
 
 Per step the frozen image tower runs once under ``no_grad`` for the local batch, the text tower runs
 forward/backward once for all (k+1)·C prompts of the seen vocabulary, gradients of the prompt vectors
-and temperatures are averaged over processes, and SGD steps.  ``--variant`` selects a row of Table 1;
-``--n-seg`` sweeps the prompt count of Fig. 3.  Training state is checkpointed atomically every
+and temperatures are averaged over processes, and the optimiser steps.  ``--variant`` selects a row of
+Table 1; ``--n-seg`` sweeps the prompt count of Fig. 3.  ``--recipe`` picks the defaults of the learning
+recipe: ``default`` (AdamW, constant lr, λ_OC = 1 on the mean-reduced OCLoss, fresh samples where the
+dataset is procedural, model selection on held-out seen classes with early stopping; docs/recipe.md says
+why, with the measurements) or ``paper`` (sec. 4.3: SGD 2e-4, 1k warm-up, poly, 8k iterations, λ3 = 100
+on Eq. 5's sum, the final iterate); any option given explicitly overrides its recipe.  Training state is checkpointed atomically every
 ``--ckpt-every`` iterations; ``--resume`` continues from the latest one and reproduces the
 uninterrupted run exactly (data order and augmentation are functions of (seed, position), see
 ``training/data.py``).  The final prompts are written as ``<out>/prompts.safetensors`` + ``.json``.
@@ -43,23 +47,41 @@ from .distributed import (DistContext, all_reduce_sum, average_gradients, barrie
                           distributed_session, rng_state, seed_everything)
 from .runlog import JsonlLogger, Progress
 from .schedule import LRSchedule
+from .selection import (SELECT_MODES, BestTracker, IndexView, ValidationSet, choose_holdout,
+                        validation_indices)
 from .shared_prefix import SharedPrefixEncoder, supports_shared_prefix
 
 log = logging.getLogger("mvpseg.train")
 
-# Table 1 rows: (k segmentation prompts, global prompt / GPR, λ_OC).  λ_cls only acts with GPR.
+# Table 1 rows: (k segmentation prompts, global prompt / GPR, OCLoss on).  λ_cls only acts with GPR;
+# λ_OC's value comes from the recipe.
 VARIANTS = {
-    "single": dict(n_seg=1, use_global=False, lambda_oc=0.0),
-    "multi": dict(n_seg=3, use_global=False, lambda_oc=0.0),
-    "multi-oc": dict(n_seg=3, use_global=False, lambda_oc=100.0),
-    "mvpseg": dict(n_seg=3, use_global=True, lambda_oc=100.0),
+    "single": dict(n_seg=1, use_global=False, oc=False),
+    "multi": dict(n_seg=3, use_global=False, oc=False),
+    "multi-oc": dict(n_seg=3, use_global=False, oc=True),
+    "mvpseg": dict(n_seg=3, use_global=True, oc=True),
+}
+# Learning recipes: defaults of the options below (an option given on the command line wins).
+# lambda_oc "paper" = λ3 = 100 on Eq. 5's sum, i.e. LossWeights.paper(k).oc on the mean over pairs.
+RECIPES = {
+    "default": dict(optimizer="adamw", lr=2e-3, lr_policy="constant", warmup_iters=0, max_iters=500,
+                    global_batch=4, weight_decay=5e-4, lambda_oc=1.0, select="holdout", fresh="auto",
+                    seg_reduction="pixel", init_fit=200, lambda_prior=8.0),
+    "paper": dict(optimizer="sgd", lr=2e-4, lr_policy="poly", warmup_iters=1000, max_iters=8000,
+                  global_batch=8, weight_decay=5e-4, lambda_oc="paper", select="none", fresh="off",
+                  seg_reduction="pixel", init_fit=0, lambda_prior=0.0),
 }
 OPTIMIZERS = ("sgd", "adamw")  # sgd: the paper's; adamw: an extension (build_optimizer)
 # Settings a resumed run must share with its checkpoint.
 RESUME_KEYS = ("dataset", "split", "n_seg", "n_ctx", "use_global", "gamma", "lambda_seg", "text_encoder",
                "lambda_cls", "lambda_oc", "cls_mode", "optimizer", "lr", "momentum", "weight_decay",
                "warmup_iters", "warmup_ratio", "lr_policy", "max_iters", "global_batch", "seed",
-               "crop_size", "train_scale", "clip", "pretrained")
+               "crop_size", "train_scale", "clip", "pretrained", "select", "holdout_frac", "val_images",
+               "val_every", "patience", "fresh", "lambda_prior", "tau1_init", "seg_reduction", "init_fit")
+# What states written before these settings existed implicitly used.
+LEGACY_DEFAULTS = {"optimizer": "sgd", "select": "none", "holdout_frac": 0.25, "val_images": 64,
+                   "val_every": 50, "patience": 4, "fresh": "off", "lambda_prior": 0.0, "tau1_init": None,
+                   "seg_reduction": "pixel", "init_fit": 0}
 
 
 @dataclass(frozen=True)
@@ -75,18 +97,29 @@ class TrainConfig:
     gamma: float = 10.0
     lambda_seg: float = 1.0
     lambda_cls: float = 3.0
-    lambda_oc: float = 100.0
+    lambda_oc: float = 1.0
     cls_mode: str = "bce"
-    optimizer: str = "sgd"
-    lr: float = 2e-4
+    optimizer: str = "adamw"
+    lr: float = 2e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    warmup_iters: int = 1000
+    warmup_iters: int = 0
     warmup_ratio: float = 1e-3
-    lr_policy: str = "poly"
-    max_iters: int = 8000
-    global_batch: int = 8
+    lr_policy: str = "constant"
+    max_iters: int = 500
+    global_batch: int = 4
     seed: int = 0
+    recipe: str = "default"
+    select: str = "holdout"  # model selection: holdout | seen | none (selection.py)
+    holdout_frac: float = 0.25
+    val_images: int = 64
+    val_every: int = 50
+    patience: int = 4
+    fresh: str = "auto"  # auto | on | off: fresh samples from a procedural dataset (auto: when it is one)
+    lambda_prior: float = 8.0  # pull of the mean view towards the 85-template embeddings (KgCoOp-style)
+    tau1_init: float | None = None  # None: 100/k
+    seg_reduction: str = "pixel"  # L_seg: mean over pixels (paper) | over classes (mvpseg.losses.seg_loss)
+    init_fit: int = 200  # text-only steps fitting every view to the 85-template embeddings before training
     crop_size: int | None = None
     train_scale: tuple[int, int] | None = None
     ckpt_every: int = 500
@@ -119,18 +152,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=10.0)
     p.add_argument("--lambda-seg", type=float, default=1.0)
     p.add_argument("--lambda-cls", type=float, default=3.0)
-    p.add_argument("--lambda-oc", type=float, default=None, help="default: from --variant")
+    p.add_argument("--lambda-oc", type=float, default=None,
+                   help="weight of the mean-over-pairs OCLoss (default: the recipe's; 0 without OCLoss)")
+    p.add_argument("--lambda-prior", type=float, default=None,
+                   help="pull of each class's mean view embedding towards its 85-template embedding "
+                        "(KgCoOp-style, 0 = off; docs/recipe.md)")
+    p.add_argument("--tau1-init", type=float, default=None, help="initial τ1 (default 100/k)")
+    p.add_argument("--init-fit", type=int, default=None,
+                   help="text-only AdamW steps that first fit every prompt's class embeddings to the 85-template "
+                        "ones (a handcrafted starting point for 32 context tokens; 0 = random start)")
+    p.add_argument("--seg-reduction", default=None, choices=["pixel", "class"],
+                   help="L_seg mean over labelled pixels (paper) or over the classes present (mIoU's weighting)")
     p.add_argument("--cls-loss", dest="cls_mode", default="bce", choices=["bce", "paper"])
-    p.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS),
-                   help="sgd: the paper's (momentum SGD); adamw: per-coordinate steps, for short schedules")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
+                   help="defaults of the learning recipe: default (docs/recipe.md) | paper (sec. 4.3)")
+    p.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS),
+                   help="sgd: the paper's (momentum SGD); adamw: per-coordinate steps (the default recipe)")
+    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (adamw: unused)")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--warmup-iters", type=int, default=1000)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--warmup-iters", type=int, default=None)
     p.add_argument("--warmup-ratio", type=float, default=1e-3)
-    p.add_argument("--lr-policy", default="poly", choices=["poly", "constant"])
-    p.add_argument("--max-iters", type=int, default=8000)
-    p.add_argument("--global-batch", type=int, default=8, help="images per step over all processes")
+    p.add_argument("--lr-policy", default=None, choices=["poly", "constant"])
+    p.add_argument("--max-iters", type=int, default=None)
+    p.add_argument("--global-batch", type=int, default=None, help="images per step over all processes")
+    g = p.add_argument_group("model selection (never on unseen classes; training/selection.py)")
+    g.add_argument("--select", default=None, choices=list(SELECT_MODES),
+                   help="holdout: hIoU of trained vs held-out *seen* classes on held-out images; seen: mIoU "
+                        "over seen classes; none: keep the final iterate")
+    g.add_argument("--holdout-frac", type=float, default=0.25,
+                   help="share of seen classes held out of training for --select holdout")
+    g.add_argument("--val-images", type=int, default=64,
+                   help="validation images taken out of the training split (at most a fifth of it)")
+    g.add_argument("--val-every", type=int, default=50, help="iterations between validations")
+    g.add_argument("--patience", type=int, default=4,
+                   help="stop after this many validations without improvement (0: never stop early)")
+    g.add_argument("--fresh", default=None, choices=["auto", "on", "off"],
+                   help="draw a new sample every time from a procedural dataset (auto: when it is one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crop-size", type=int, default=None, help="default: the dataset profile's "
                    "(512; 480 for Context; 128 × zoom for toyworld)")
@@ -153,19 +211,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
-    v = VARIANTS[a.variant]
+    v, r = VARIANTS[a.variant], RECIPES[a.recipe]
+
+    def pick(name):  # explicit option, else the recipe's default
+        value = getattr(a, name)
+        return r[name] if value is None else value
+
     n_seg = a.n_seg if a.n_seg is not None else v["n_seg"]
+    lambda_oc = a.lambda_oc
+    if lambda_oc is None:
+        lambda_oc = 0.0 if not v["oc"] else (LossWeights.paper(n_seg).oc if r["lambda_oc"] == "paper"
+                                             else float(r["lambda_oc"]))
     return TrainConfig(
         dataset=get_profile(a.dataset).name, data_root=str(a.data_root), out=str(a.out),
         split=a.split, variant=a.variant, n_seg=n_seg, n_ctx=a.n_ctx,
         use_global=v["use_global"] and not a.no_global, gamma=a.gamma, lambda_seg=a.lambda_seg,
-        lambda_cls=a.lambda_cls, lambda_oc=a.lambda_oc if a.lambda_oc is not None else v["lambda_oc"],
-        cls_mode=a.cls_mode, optimizer=a.optimizer, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
-        warmup_iters=a.warmup_iters, warmup_ratio=a.warmup_ratio, lr_policy=a.lr_policy,
-        max_iters=a.max_iters, global_batch=a.global_batch, seed=a.seed, crop_size=a.crop_size,
+        lambda_cls=a.lambda_cls, lambda_oc=lambda_oc, cls_mode=a.cls_mode, optimizer=pick("optimizer"),
+        lr=pick("lr"), momentum=a.momentum, weight_decay=pick("weight_decay"),
+        warmup_iters=pick("warmup_iters"), warmup_ratio=a.warmup_ratio, lr_policy=pick("lr_policy"),
+        max_iters=pick("max_iters"), global_batch=pick("global_batch"), seed=a.seed, crop_size=a.crop_size,
         train_scale=tuple(a.train_scale) if a.train_scale else None, ckpt_every=a.ckpt_every,
         keep_ckpts=a.keep_ckpts, text_checkpointing=a.text_checkpointing, text_encoder=a.text_encoder,
-        skip_missing=a.skip_missing, clip=a.clip, pretrained=a.pretrained,
+        skip_missing=a.skip_missing, clip=a.clip, pretrained=a.pretrained, recipe=a.recipe,
+        select=pick("select"), holdout_frac=a.holdout_frac, val_images=a.val_images, val_every=a.val_every,
+        patience=a.patience, fresh=pick("fresh"),
+        lambda_prior=pick("lambda_prior"), tau1_init=a.tau1_init, seg_reduction=pick("seg_reduction"),
+        init_fit=pick("init_fit"),
     )
 
 
@@ -199,6 +270,47 @@ def seg_loss_weight(labels: torch.Tensor, ctx: DistContext, ignore_index: int = 
     return float(n_local.item()) * ctx.world_size / n_global if n_global > 0 else 1.0
 
 
+def _training_data(cfg: TrainConfig, clip):
+    """(stream dataset, full seen dataset, validation indices, fresh?) — validation images never trained on."""
+    data = build_dataset(cfg.dataset, cfg.data_root, cfg.split, label_space="seen", train=True,
+                         on_missing="skip" if cfg.skip_missing else "error")
+    procedural = bool(getattr(data, "procedural", False))
+    if cfg.fresh == "on" and not procedural:
+        raise SystemExit(f"--fresh on: {data} is not procedural (it cannot render new samples)")
+    fresh = cfg.fresh == "on" or (cfg.fresh == "auto" and procedural)
+    if fresh:
+        data = data.unbounded()
+    n_val = cfg.val_images if cfg.select != "none" else 0
+    val_idx, train_idx = validation_indices(data, n_val, cfg.seed, fresh)
+    stream_data = data if train_idx is None else IndexView(data, train_idx)
+    return stream_data, data, val_idx, fresh
+
+
+def _prior_targets(clip, vocab: tuple[str, ...], device) -> torch.Tensor:
+    """C×D unit 85-template embeddings of the training vocabulary (the KgCoOp-style anchor)."""
+    from mvpseg.handcrafted import TemplatePrompts
+
+    with torch.no_grad():
+        return TemplatePrompts.maskclip85().to(device).encode(clip, vocab).seg[0].float()
+
+
+def fit_to_templates(prompts: LearnedPrompts, clip, encoder, vocab: tuple[str, ...], targets: torch.Tensor,
+                     steps: int, lr: float) -> float:
+    """Text-only warm start: AdamW on mean_{views, classes} (1 − cos(e^i_c, t_c)) for every prompt (global one
+    included), t = the 85-template embeddings; returns the final mean cosine. Its own optimiser, so the
+    training optimiser's state starts clean."""
+    opt = torch.optim.AdamW([prompts.ctx], lr=lr, weight_decay=0.0)
+    cos = torch.zeros(())
+    for _ in range(steps):
+        text = encoder.encode(prompts, vocab) if encoder else prompts.encode(clip, vocab)
+        views = text.seg if text.glob is None else torch.cat([text.glob[None], text.seg])
+        cos = (views.float() * targets[None]).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        (1.0 - cos).backward()
+        opt.step()
+    return float(cos.detach())
+
+
 def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     out = Path(cfg.out)
     ckpts = CheckpointManager(out / "checkpoints", keep=cfg.keep_ckpts)
@@ -209,8 +321,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     seed_everything(cfg.seed)  # identical prompt initialisation on every process
     clip = load_clip(clip_spec(args), ctx.device)
     clip.set_text_checkpointing(cfg.text_checkpointing)
-    prompts = LearnedPrompts(clip.text_width, n_seg=cfg.n_seg, n_ctx=cfg.n_ctx,
-                             use_global=cfg.use_global).to(ctx.device)
+    prompts = LearnedPrompts(clip.text_width, n_seg=cfg.n_seg, n_ctx=cfg.n_ctx, use_global=cfg.use_global,
+                             tau1_init=cfg.tau1_init).to(ctx.device)
     model = MVPSeg(clip, prompts, gamma=cfg.gamma)
     encoder = None
     if cfg.text_encoder == "shared-prefix":
@@ -223,23 +335,35 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     opt = build_optimizer(cfg, params)
     dtype = amp_dtype(args.amp, ctx.device.type)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    tracker = BestTracker(patience=cfg.patience)
 
     start = 0 if resume_path is None else restore_state(
         resume_path, _config_record(cfg), RESUME_KEYS, {"prompts": prompts}, opt, scaler,
-        cfg.schedule.state_dict(), defaults={"optimizer": "sgd"})  # states written before --optimizer existed were SGD runs
+        cfg.schedule.state_dict(), defaults=LEGACY_DEFAULTS, optional={"selection": tracker})
 
     profile = get_profile(cfg.dataset)
-    data = build_dataset(cfg.dataset, cfg.data_root, cfg.split, label_space="seen", train=True,
-                         on_missing="skip" if cfg.skip_missing else "error")
-    vocab = tuple(data.prompt_names)  # seen classes only: unseen names never reach the text tower
+    stream_data, data, val_idx, fresh = _training_data(cfg, clip)
+    seen_vocab = tuple(data.prompt_names)  # seen classes only: unseen names never reach the text tower
+    holdout = choose_holdout(seen_vocab, cfg.holdout_frac if cfg.select == "holdout" else 0.0, cfg.seed)
+    vocab = holdout.train_vocabulary  # held-out seen classes are validation-only
+    validation = None
+    if val_idx:
+        validation = ValidationSet.build(clip, data, val_idx, profile.eval_transform(), ctx.device)
+    targets = _prior_targets(clip, vocab, ctx.device) if cfg.lambda_prior > 0 or cfg.init_fit > 0 else None
+    prior = targets if cfg.lambda_prior > 0 else None
+    if cfg.init_fit > 0 and resume_path is None:  # every process does the same deterministic steps
+        t = time.perf_counter()
+        fit_cos = fit_to_templates(prompts, clip, encoder, vocab, targets, cfg.init_fit, cfg.lr)
+        log.info("warm start: %d text-only steps, mean cosine to the 85-template embeddings %.3f (%.1f s)",
+                 cfg.init_fit, fit_cos, time.perf_counter() - t)
     overrides = {"pad_value": tuple(clip.pixel_mean.flatten().tolist())}
     if cfg.crop_size:
         overrides["crop_size"] = cfg.crop_size
     if cfg.train_scale:
         overrides["scale"] = cfg.train_scale
     transform = profile.train_transform(data, **overrides)
-    stream = TrainStream(data, transform, cfg.global_batch,
-                         cfg.max_iters, cfg.seed, ctx.rank, ctx.world_size, start_iter=start)
+    stream = TrainStream(stream_data, transform, cfg.global_batch,
+                         cfg.max_iters, cfg.seed, ctx.rank, ctx.world_size, start_iter=start, fresh=fresh)
     loader = train_loader(stream, num_workers=args.num_workers)
 
     logger = JsonlLogger(out / "log.jsonl", enabled=ctx.is_main,
@@ -247,12 +371,23 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     logger.log({"event": "resume" if resume_path else "start", "from_iter": start,
                 "checkpoint": str(resume_path) if resume_path else None,
                 "world_size": ctx.world_size, "device": str(ctx.device),
-                "dataset_size": len(data), "skipped_missing": getattr(data, "skipped", 0),
-                "crop_size": transform.crop_size,
-                "vocabulary": list(vocab), "config": _config_record(cfg)})
+                "dataset_size": None if fresh else len(stream_data), "fresh_samples": fresh,
+                "skipped_missing": getattr(data, "skipped", 0), "crop_size": transform.crop_size,
+                "vocabulary": list(vocab), "held_out_classes": [seen_vocab[i] for i in holdout.held_out],
+                "validation_images": len(val_idx), "config": _config_record(cfg)})
     if ctx.is_main:
-        log.info("%s | %d seen classes | %d prompts per step | world %d", data, len(vocab),
-                 len(vocab) * (cfg.n_seg + int(cfg.use_global)), ctx.world_size)
+        log.info("%s | %d training classes (%d seen held out for selection) | %d prompts per step | "
+                 "%s samples | %d validation images | world %d", data, len(vocab), len(holdout.held_out),
+                 len(vocab) * (cfg.n_seg + int(cfg.use_global)), "fresh" if fresh else "fixed-pool",
+                 len(val_idx), ctx.world_size)
+    if validation is not None and ctx.is_main and resume_path is None:
+        # what the learned prompts have to beat, on the same images and classes (logged, never selected on)
+        from mvpseg.handcrafted import TemplatePrompts
+
+        ref = validation.score(model, seen_vocab, holdout, cfg.select, TemplatePrompts.maskclip85().to(ctx.device))
+        logger.log({"event": "validation_reference", "prompts": "maskclip-85", **ref})
+        log.info("validation reference (85 templates): trained classes %.1f, held-out %.1f, score %.2f",
+                 ref["miou_trained"], ref["miou_held_out"], ref["score"])
     bar = Progress(cfg.max_iters, start, enabled=ctx.is_main and not args.no_progress)
     weights, sched = cfg.loss_weights, cfg.schedule
 
@@ -262,16 +397,25 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                 "prompts": {k: v.detach().cpu() for k, v in prompts.state_dict().items()},
                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                 "scheduler": sched.state_dict(), "rng": rng_state(),
-                "config": _config_record(cfg),
+                "config": _config_record(cfg), "selection": tracker.state_dict(),
             })
         barrier(ctx)
 
+    def validate(iteration: int) -> bool:
+        result = validation.score(model, seen_vocab, holdout, cfg.select)
+        stop = tracker.update(iteration, result, prompts)
+        logger.log({"event": "validation", "iter": iteration, **result, "best_iter": tracker.best_iter})
+        return stop
+
     it = start
-    for images, labels in loader:
+    if validation is not None and start == 0 and cfg.init_fit > 0:
+        validate(0)  # the warm start itself is a candidate: learning must beat it on held-out classes
+    stopped = tracker.should_stop
+    for images, labels in ([] if stopped else loader):
         t0 = time.perf_counter()
         lr = sched.apply(opt, it)
         images = clip.normalize(images.to(ctx.device, non_blocking=True))
-        labels = labels.to(ctx.device, non_blocking=True)
+        labels = holdout.to_training_labels(labels.to(ctx.device, non_blocking=True))
         amp = (torch.autocast(ctx.device.type, dtype=dtype) if dtype is not None
                else contextlib.nullcontext())
         with amp:
@@ -280,9 +424,15 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
             # one text-tower pass for all (k+1)·C prompts (gradients flow into the prompt vectors)
             text = encoder.encode(prompts, vocab) if encoder else model.text_features(vocab)
             outputs = model.head(feats, text)
-        losses = model.losses(outputs, labels, weights, cfg.cls_mode)
-        w_seg = seg_loss_weight(labels, ctx)
+        losses = model.losses(outputs, labels, weights, cfg.cls_mode, seg_reduction=cfg.seg_reduction)
+        # pixel mean: rescaled to the global batch's; class mean: each process's, averaged over processes
+        w_seg = seg_loss_weight(labels, ctx) if cfg.seg_reduction == "pixel" else 1.0
         total = losses["total"] + (w_seg - 1.0) * weights.seg * losses["seg"]
+        if prior is not None:
+            # mean view embedding of each class vs its 85-template embedding: 1 − cos, averaged over classes
+            mean_view = torch.nn.functional.normalize(text.seg.float().mean(0), dim=-1)
+            l_prior = (1.0 - (mean_view * prior).sum(-1)).mean()
+            total = total + cfg.lambda_prior * l_prior
         opt.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         average_gradients(params, ctx)
@@ -299,19 +449,33 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                     "tau1": float(prompts.tau1().detach()),
                     "tau2": None if tau2 is None else float(tau2.detach()),
                     "img_per_s": ips, "step_s": time.perf_counter() - t0})
-        if it % cfg.ckpt_every == 0 or it == cfg.max_iters:
+        if validation is not None and (it % cfg.val_every == 0 or it == cfg.max_iters):
+            stopped = validate(it)
+        if it % cfg.ckpt_every == 0 or it == cfg.max_iters or stopped:
             save_state(it)
         if args.simulate_kill_at is not None and it == args.simulate_kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume test
+        if stopped:
+            log.info("early stop at iteration %d: no better validation for %d checks (best: iteration %d, "
+                     "score %.2f)", it, cfg.patience, tracker.best_iter, tracker.best_score)
+            break
     bar.close()
 
+    if tracker.best_state is not None:  # the validated best, not the last iterate
+        prompts.load_state_dict(tracker.best_state)
     final = out / "prompts.safetensors"
     if ctx.is_main:
+        selection = None if validation is None else {
+            "mode": cfg.select, "held_out_classes": [seen_vocab[i] for i in holdout.held_out],
+            "validation_images": len(val_idx), "best_iter": tracker.best_iter, "best_score": tracker.best_score,
+            "stopped_early_at": it if tracker.should_stop else None, "history": tracker.history}
         save_prompts(final, prompts, clip, gamma=cfg.gamma, training_classes=vocab,
                      extra={"train_config": _config_record(cfg), "iterations": it,
-                            "world_size": ctx.world_size})
-        logger.log({"event": "done", "iter": it, "prompts": str(final)})
-        log.info("wrote %s", final)
+                            "world_size": ctx.world_size, "selection": selection})
+        logger.log({"event": "done", "iter": it, "prompts": str(final),
+                    "best_iter": tracker.best_iter if validation is not None else None})
+        log.info("wrote %s%s", final, "" if validation is None else
+                 f" (prompts of iteration {tracker.best_iter}, validation score {tracker.best_score:.2f})")
     barrier(ctx)
     return final
 

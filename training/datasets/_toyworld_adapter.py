@@ -3,7 +3,8 @@
 The toy world has no files: ``--data-root`` is a spec such as ``"length=400,seed=0,world=crowded"``
 (keys ``length``, ``seed``, ``image_size``, ``zoom`` (pixel magnification, ``WorldConfig.zoom``),
 ``world`` = a name in ``training.toyworld.WORLDS``,
-``background`` = ``class`` | ``ignore``; empty or ``-`` for the defaults: 200 images, seed 0, the 256 px
+``background`` = ``class`` | ``ignore``, ``unseen`` = a key of ``training.toyworld.UNSEEN_SPLITS`` (the
+zero-shot split, default ``a``); empty or ``-`` for the defaults: 200 images, seed 0, the 256 px
 "sparse" world, background scored as class 0).  Labels arrive with every class visible; the label space
 (full / seen) is applied here exactly as for the real datasets.
 
@@ -26,7 +27,7 @@ def parse_spec(spec) -> dict:
     text = str(spec or "").strip()
     if text in ("", "-", "."):
         return {}
-    from training.toyworld import WORLDS
+    from training.toyworld import UNSEEN_SPLITS, WORLDS
 
     out: dict = {}
     for part in text.split(","):
@@ -36,13 +37,15 @@ def parse_spec(spec) -> dict:
             key in ("length", "seed", "image_size") and value.isdigit()
             or key == "zoom" and value.isdigit() and int(value) >= 1
             or key == "world" and value in WORLDS
-            or key == "background" and value in BACKGROUND_MODES)
+            or key == "background" and value in BACKGROUND_MODES
+            or key == "unseen" and value in UNSEEN_SPLITS)
         if not ok:
             raise ValueError(f"bad toyworld spec {text!r} at {part!r}: expected e.g. "
                              f"'length=400,seed=0,world=crowded,background=ignore,zoom=2' (worlds: "
                              f"{', '.join(sorted(WORLDS))}; background: {' | '.join(BACKGROUND_MODES)}; "
+                             f"unseen: {' | '.join(sorted(UNSEEN_SPLITS))}; "
                              f"each key once)")
-        out[key] = value if key in ("world", "background") else int(value)
+        out[key] = value if key in ("world", "background", "unseen") else int(value)
     return out
 
 
@@ -56,6 +59,7 @@ class ToyWorldDataset(LabelSpace):
             raise ValueError(f"label_space must be 'full' or 'seen', got {label_space!r}")
         opts = parse_spec(spec)
         self.background = opts.pop("background", "class")
+        self.unseen_split = opts.pop("unseen", "a")
         if "world" in opts:
             opts["config"] = opts.pop("world")
         self.name = "toyworld"
@@ -66,11 +70,25 @@ class ToyWorldDataset(LabelSpace):
         names = tuple(tw.CLASS_NAMES[first:])
         full = np.full(256, IGNORE_INDEX, dtype=np.uint8)
         full[first: len(tw.CLASS_NAMES)] = np.arange(len(names))
-        self.split = ClassSplit(names, names, tuple(u - first for u in tw.UNSEEN))
+        unseen = [tw.CLASS_NAMES.index(n) for n in tw.UNSEEN_SPLITS[self.unseen_split]]
+        self.split = ClassSplit(names, names, tuple(u - first for u in unseen))
         self.label_space = label_space
         self.ignore_index = IGNORE_INDEX
         self.skipped = 0
         self._lut = full if label_space == "full" else self.split.seen_label_map(IGNORE_INDEX)[full]
+
+    # Renders any index: prompt learning draws fresh scenes (``TrainStream(fresh=True)``) from ``unbounded()``.
+    procedural = True
+
+    def unbounded(self) -> "ToyWorldDataset":
+        """This dataset with every non-negative index valid (sample i is still a pure function of
+        (seed, split, i)); ``length`` then no longer limits what training draws."""
+        import copy
+
+        out = copy.copy(self)
+        out.world = copy.copy(self.world)
+        out.world.length = 1 << 62
+        return out
 
     def __len__(self) -> int:
         return len(self.world)

@@ -1,0 +1,204 @@
+"""Model selection for prompt learning without touching unseen classes: held-out seen classes, a held-out
+set of training images, periodic validation and early stopping.
+
+Why: prompts learned on seen classes drift towards them (CoOp's base-to-new over-fitting). The honest
+signal for "does this prompt still transfer to classes it was not trained on" is a *held-out subset of
+the seen classes*: their pixels are ignored and their names never reach the text tower while learning,
+and validation scores them next to the trained classes on images the run does not train on. The
+selection score is the harmonic mean of the two mIoUs, the same form as the final hIoU.  Unseen classes
+are never used: validation images come from the training split in the seen label space (unseen pixels are
+255 there), and the vocabulary is the seen vocabulary.
+
+``ValidationSet`` caches the frozen image features once (the image tower never changes), so a validation
+costs one text-tower pass for the vocabulary plus the head.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mvpseg.heads import segment
+
+from .metrics import ConfusionMatrix, harmonic_iou, iou_per_class
+
+log = logging.getLogger("mvpseg.train")
+SELECT_MODES = ("holdout", "seen", "none")
+# Validation images for a procedural (fresh-sample) dataset come from this index range, far beyond
+# any training position (max_iters × global batch), so they are scenes the run never trains on.
+FRESH_VALIDATION_OFFSET = 1 << 40
+
+
+@dataclass(frozen=True)
+class ClassHoldout:
+    """A split of the seen vocabulary (ids 0…C−1 of the seen label space) into trained and held-out classes.
+
+    ``lut`` maps seen-space label ids to training-vocabulary ids (held-out and ignore → 255).
+    """
+
+    names: tuple[str, ...]
+    held_out: tuple[int, ...]
+
+    @property
+    def trained(self) -> tuple[int, ...]:
+        held = set(self.held_out)
+        return tuple(i for i in range(len(self.names)) if i not in held)
+
+    @property
+    def train_vocabulary(self) -> tuple[str, ...]:
+        return tuple(self.names[i] for i in self.trained)
+
+    def lut(self, ignore_index: int = 255) -> torch.Tensor:
+        table = torch.full((256,), ignore_index, dtype=torch.long)
+        for new, old in enumerate(self.trained):
+            table[old] = new
+        return table
+
+    def to_training_labels(self, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+        """Seen-space labels B×H×W → training-vocabulary labels (held-out pixels → ignore)."""
+        if not self.held_out:
+            return labels
+        return self.lut(ignore_index).to(labels.device)[labels.long().clamp(0, 255)]
+
+
+def choose_holdout(names: Sequence[str], fraction: float, seed: int,
+                   keep: Sequence[str] = ("background",)) -> ClassHoldout:
+    """Holds out ``round(fraction · eligible)`` seen classes (at least 1 when fraction > 0 and 4+ classes are
+    eligible, never all but one), drawn with ``seed``. Names in ``keep`` (a catch-all background) are
+    never held out: it is not a class a prompt has to generalise to."""
+    names = tuple(names)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"--holdout-frac must be in [0, 1), got {fraction}")
+    eligible = [i for i, n in enumerate(names) if n.lower() not in {k.lower() for k in keep}]
+    n = int(round(fraction * len(eligible)))
+    if fraction > 0 and len(eligible) >= 4:
+        n = max(n, 1)
+    n = min(n, max(len(eligible) - 2, 0))  # keep at least two classes to learn from
+    rng = np.random.default_rng([seed, 7919])
+    held = tuple(sorted(int(i) for i in rng.choice(eligible, size=n, replace=False))) if n else ()
+    return ClassHoldout(names, held)
+
+
+def validation_indices(dataset, n: int, seed: int, fresh: bool) -> tuple[list[int], list[int] | None]:
+    """(validation indices, training indices or None = all/fresh). A fixed pool gives up ``n`` seeded
+    images (at most a fifth of it) that training then never draws."""
+    if n <= 0:
+        return [], None
+    if fresh:
+        return [FRESH_VALIDATION_OFFSET + i for i in range(n)], None
+    total = len(dataset)
+    n = min(n, total // 5)
+    if n == 0:
+        return [], None
+    perm = np.random.default_rng([seed, 104729]).permutation(total)
+    return sorted(int(i) for i in perm[:n]), sorted(int(i) for i in perm[n:])
+
+
+class IndexView(torch.utils.data.Dataset):
+    """``dataset`` restricted to ``indices`` (keeps the attributes training reads: names, ignore id)."""
+
+    def __init__(self, dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
+
+    def __getattr__(self, name):  # prompt_names, ignore_index, skipped, ...
+        if name in ("dataset", "indices"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+@dataclass
+class ValidationSet:
+    """Cached dense features and labels (seen label space) of the validation images."""
+
+    features: list[torch.Tensor]
+    labels: list[torch.Tensor]
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, clip, dataset, indices: Sequence[int], transform, device) -> "ValidationSet":
+        feats, labels = [], []
+        for idx in indices:
+            image, label = dataset[idx]
+            img_t, lbl_t = transform(image, label)
+            feats.append(clip.dense_features(clip.normalize(img_t[None].to(device))).float())
+            labels.append(lbl_t.to(device))
+        return cls(feats, labels)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @torch.no_grad()
+    def score(self, model, vocabulary: Sequence[str], holdout: ClassHoldout, mode: str,
+              prompts=None) -> dict:
+        """Scores the model's prompts (or another prompt set, e.g. the 85 templates as a reference) on the
+        seen vocabulary. Returns mIoU over trained classes, over held-out classes, and ``score``: their
+        harmonic mean (``holdout``) or mIoU over all seen classes (``seen``)."""
+        prompts = model.prompts if prompts is None else prompts
+        was_training = prompts.training
+        prompts.eval()
+        text = prompts.encode(model.clip, tuple(vocabulary)).detach()
+        prompts.train(was_training)
+        cm = ConfusionMatrix(len(vocabulary))
+        tau1, tau2 = prompts.tau1(), prompts.tau2()
+        for feats, label in zip(self.features, self.labels):
+            out = segment(feats, text, tau1, tau2, model.gamma)
+            cm.update(out.log_final(tuple(label.shape)).argmax(1)[0], label)
+        iou = iou_per_class(cm.mat.numpy()) * 100
+        trained = _nanmean(iou[list(holdout.trained)])
+        held = _nanmean(iou[list(holdout.held_out)]) if holdout.held_out else float("nan")
+        if mode == "holdout" and holdout.held_out:
+            score = harmonic_iou(trained, held)
+        else:
+            score = _nanmean(iou)
+        return {"miou_trained": trained, "miou_held_out": held, "score": score}
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else float("nan")
+
+
+@dataclass
+class BestTracker:
+    """The best validated prompts so far and the early-stopping count; saved in training states so a
+    resumed run selects exactly as an uninterrupted one."""
+
+    patience: int = 0  # validations without improvement before stopping; 0 = never stop early
+    best_score: float = -math.inf
+    best_iter: int = 0
+    best_state: dict | None = None
+    bad: int = 0
+    history: list = field(default_factory=list)
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+    def update(self, iteration: int, result: dict, prompts: torch.nn.Module) -> bool:
+        """Records a validation; returns True when training should stop."""
+        score = result["score"]
+        self.history.append({"iter": iteration, **result})
+        if not math.isnan(score) and score > self.best_score:
+            self.best_score, self.best_iter, self.bad = float(score), iteration, 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in prompts.state_dict().items()}
+        else:
+            self.bad += 1
+        return self.should_stop
+
+    def state_dict(self) -> dict:
+        return {"patience": self.patience, "best_score": self.best_score, "best_iter": self.best_iter,
+                "best_state": self.best_state, "bad": self.bad, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("patience", "best_score", "best_iter", "best_state", "bad", "history"):
+            setattr(self, key, state[key])
