@@ -73,7 +73,7 @@ def train_run(a: argparse.Namespace, name: str, extra: list[str]) -> Path:
 
         shutil.rmtree(out)  # a stale partial run: start it again from scratch
     argv = ["--dataset", "toyworld", "--data-root", world_spec(a, a.train_images),
-            "--out", str(out), "--max-iters", str(a.iters), "--global-batch", str(a.batch),
+            "--out", str(out), "--recipe", "paper", "--max-iters", str(a.iters), "--global-batch", str(a.batch),
             "--lr", str(a.lr), "--warmup-iters", str(a.warmup), "--seed", str(a.seed),
             "--ckpt-every", str(a.iters), *extra, *clip_args(a)]
     return Path(train_main(argv))

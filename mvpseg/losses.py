@@ -96,6 +96,14 @@ def seg_loss(out: MVPSegOutput, labels: torch.Tensor, ignore_index: int = IGNORE
     return (sums[present] / counts[present]).mean()
 
 
+def anchor_loss(seg_views: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """KgCoOp-style anchor (not in the paper): K×C×D unit view embeddings and C×D unit handcrafted embeddings →
+    mean over classes of 1 − cos(normalised mean view, target). It keeps the *ensemble* of the views near
+    the handcrafted embedding (what transfers to unseen names) while OCLoss lets the views differ."""
+    mean_view = F.normalize(seg_views.float().mean(0), dim=-1)
+    return (1.0 - (mean_view * targets.float()).sum(-1)).mean()
+
+
 def compute_losses(out: MVPSegOutput, labels: torch.Tensor, seg_ctx: torch.Tensor | None,
                    weights: LossWeights = LossWeights(), cls_mode: str = "bce",
                    ignore_index: int = IGNORE_INDEX, seg_reduction: str = "pixel") -> dict[str, torch.Tensor]:

@@ -52,7 +52,9 @@ def train_args(root: Path, clip_args, out: str, batch: int = 2) -> list[str]:
             str(root / out), *clip_args, "--n-ctx", "8", "--crop-size", "64", "--train-scale",
             "128", "64", "--global-batch", str(batch), "--max-iters", "4", "--warmup-iters", "1",
             "--lr", "0.05", "--ckpt-every", "2", "--num-workers", "0", "--cpu-threads", "1",
-            "--device", "cpu", "--no-progress"]
+            "--device", "cpu", "--no-progress",
+            # the last iterate (not a validated one that may be the warm start), so a batch change shows
+            "--select", "none"]
 
 
 def test_two_process_training_matches_single_process(env):

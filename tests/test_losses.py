@@ -90,3 +90,42 @@ def test_total_is_weighted_sum():
     assert float(d["oc"]) == pytest.approx(float(oc_loss(ctx)), rel=1e-6)
     no_gpr = compute_losses(_out(glob=False), labels, ctx[:1], w)
     assert float(no_gpr["cls"]) == 0.0 and float(no_gpr["oc"]) == 0.0
+
+
+def test_class_reduction_weighs_every_present_class_alike():
+    out = _out()
+    labels = torch.zeros(2, 4, 6, dtype=torch.long)  # class 0 dominates the pixels
+    labels[0, 0, 0], labels[1, 3, 5], labels[1, 2, 2] = 1, 2, 2
+    labels[0, 1, :] = 255
+    final = torch.exp(out.log_final((4, 6)))
+    per = {c: [] for c in range(3)}
+    for b in range(2):
+        for y in range(4):
+            for x in range(6):
+                c = int(labels[b, y, x])
+                if c != 255:
+                    per[c].append(-math.log(float(final[b, c, y, x])))
+    ref = sum(sum(v) / len(v) for v in per.values()) / 3
+    assert float(seg_loss(out, labels, reduction="class")) == pytest.approx(ref, rel=1e-5)
+    pixel = sum(sum(v) for v in per.values()) / sum(len(v) for v in per.values())
+    assert float(seg_loss(out, labels, reduction="pixel")) == pytest.approx(pixel, rel=1e-5)
+    with pytest.raises(ValueError, match="seg reduction"):
+        seg_loss(out, labels, reduction="sum")
+
+
+def test_anchor_loss_against_its_formula_and_gradient():
+    from mvpseg.losses import anchor_loss
+
+    g = torch.Generator().manual_seed(5)
+    views = F.normalize(torch.randn(3, 4, 8, generator=g), dim=-1).requires_grad_(True)
+    targets = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    ref = 0.0
+    for c in range(4):
+        m = views[:, c].detach().mean(0)
+        ref += 1 - float(m @ targets[c]) / float(m.norm())
+    loss = anchor_loss(views, targets)
+    assert float(loss) == pytest.approx(ref / 4, rel=1e-5)
+    loss.backward()
+    assert views.grad.abs().sum() > 0
+    same = targets[None].repeat(3, 1, 1)
+    assert float(anchor_loss(same, targets)) == pytest.approx(0.0, abs=1e-6)

@@ -124,7 +124,7 @@ def test_seeded_1000_iteration_learning_run_beats_the_templates(tmp_path):
 
     spec = "length=400,seed=0,world=sparse,background=class,zoom=2"
     out = train_main(["--dataset", "toyworld", "--data-root", spec, "--out", str(tmp_path / "run"),
-                      "--variant", "mvpseg", "--lr", "2e-3", "--warmup-iters", "100", "--max-iters", "1000",
+                      "--recipe", "paper", "--variant", "mvpseg", "--lr", "2e-3", "--warmup-iters", "100", "--max-iters", "1000",
                       "--crop-size", "256", "--seed", "0", "--ckpt-every", "1000", "--no-progress",
                       "--clip", NAME, "--model-config", str(CONFIG), "--pretrained", str(WEIGHTS)])
     unseen, seen = _margins_on_test_scenes(out, device="auto")

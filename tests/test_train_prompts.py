@@ -40,7 +40,7 @@ def one_thread():
 
 def base_args(root: Path, clip_args, out: str, *extra) -> list[str]:
     return ["--dataset", "voc", "--data-root", str(root / "data" / "VOCdevkit"), "--out",
-            str(root / out), *clip_args, "--n-ctx", "8", "--crop-size", "64",
+            str(root / out), *clip_args, "--recipe", "paper", "--n-ctx", "8", "--crop-size", "64",
             "--train-scale", "128", "64", "--global-batch", "2", "--max-iters", "6",
             "--warmup-iters", "2", "--lr", "0.05", "--ckpt-every", "2", "--num-workers", "0",
             "--cpu-threads", "1", "--device", "cpu", "--no-progress", *extra]
@@ -52,11 +52,12 @@ def prompts_of(path: Path) -> dict[str, torch.Tensor]:
 
 def test_kill_and_resume_matches_uninterrupted(setup):
     root, clip_args = setup
-    ref = train_prompts.main(base_args(root, clip_args, "ref"))
+    sel = ("--select", "holdout", "--val-every", "4", "--init-fit", "3", "--lambda-prior", "2")
+    ref = train_prompts.main(base_args(root, clip_args, "ref", *sel))
     # A separate process is SIGKILLed right after iteration 3 (last checkpoint: iteration 2).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "training.train_prompts",
-                           *base_args(root, clip_args, "killed", "--simulate-kill-at", "3")],
+                           *base_args(root, clip_args, "killed", *sel, "--simulate-kill-at", "3")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     killed = root / "killed"
@@ -66,8 +67,8 @@ def test_kill_and_resume_matches_uninterrupted(setup):
 
     # Without --resume an existing run folder is refused rather than overwritten.
     with pytest.raises(SystemExit, match="--resume"):
-        train_prompts.main(base_args(root, clip_args, "killed"))
-    resumed = train_prompts.main(base_args(root, clip_args, "killed", "--resume"))
+        train_prompts.main(base_args(root, clip_args, "killed", *sel))
+    resumed = train_prompts.main(base_args(root, clip_args, "killed", *sel, "--resume"))
 
     a, b = prompts_of(ref), prompts_of(resumed)
     assert set(a) == {"ctx", "tau1", "tau2"}
@@ -79,7 +80,12 @@ def test_kill_and_resume_matches_uninterrupted(setup):
     assert [r["iter"] for r in log_res] == [1, 2, 3, 4, 5, 6]  # iteration 3 logged once
     assert [r["loss"] for r in log_ref] == [r["loss"] for r in log_res]
     events = [r["event"] for r in read_jsonl(killed / "log.jsonl") if "event" in r]
-    assert events == ["start", "resume", "done"]
+    assert [e for e in events if e in ("start", "resume", "done")] == ["start", "resume", "done"]
+    # model selection resumed too: the warm start (iteration 0), 4 and the last iteration validated once each
+    vals = [(r["iter"], r["score"]) for r in read_jsonl(killed / "log.jsonl") if r.get("event") == "validation"]
+    ref_vals = [(r["iter"], r["score"]) for r in read_jsonl(root / "ref" / "log.jsonl")
+                if r.get("event") == "validation"]
+    assert [v[0] for v in vals] == [0, 4, 6] and vals == ref_vals
 
     # the training state holds only tensors / primitives and loads with weights_only=True
     state = load_state(killed / "checkpoints" / "state_00000006.pt")
@@ -96,7 +102,7 @@ def test_kill_and_resume_matches_uninterrupted(setup):
 
     # a resume with different settings is refused with the differing key named
     with pytest.raises(RuntimeError, match="lr: checkpoint 0.05 vs now 0.01"):
-        train_prompts.main(base_args(root, clip_args, "killed", "--resume", "--lr", "0.01"))
+        train_prompts.main(base_args(root, clip_args, "killed", *sel, "--resume", "--lr", "0.01"))
 
     # a state whose prompt tensors do not fit this code (older parameter names) is refused clearly
     latest = sorted((root / "killed" / "checkpoints").glob("state_*.pt"))[-1]
@@ -105,7 +111,7 @@ def test_kill_and_resume_matches_uninterrupted(setup):
     state[key] = {("tau1_param" if k == "log_tau1" else k): v for k, v in state[key].items()}
     torch.save(state, latest)
     with pytest.raises(RuntimeError, match=f"cannot resume from .*'{key}' state does not match"):
-        train_prompts.main(base_args(root, clip_args, "killed", "--resume"))
+        train_prompts.main(base_args(root, clip_args, "killed", *sel, "--resume"))
 
 
 def test_training_reduces_loss_and_records_vocabulary(setup):
@@ -149,22 +155,31 @@ def test_unseen_pixels_do_not_influence_training(setup, tmp_path):
         assert torch.equal(v, prompts_of(b)[k]), k
 
 
-@pytest.mark.parametrize("variant,shape0,glob,l_oc", [
-    ("single", 1, False, 0.0), ("multi", 3, False, 0.0), ("multi-oc", 3, False, 100.0),
-    ("mvpseg", 4, True, 100.0)])
-def test_table1_variants(variant, shape0, glob, l_oc):
-    args = train_prompts.build_parser().parse_args(
-        ["--dataset", "voc", "--data-root", "x", "--out", "y", "--variant", variant])
-    cfg = train_prompts.config_from_args(args)
-    assert cfg.n_seg + int(cfg.use_global) == shape0 and cfg.use_global is glob
-    assert cfg.lambda_oc == l_oc and cfg.loss_weights.cls == (3.0 if glob else 0.0)
-    # paper defaults
-    assert (cfg.lr, cfg.weight_decay, cfg.warmup_iters, cfg.warmup_ratio, cfg.max_iters,
-            cfg.global_batch, cfg.n_ctx, cfg.gamma) == (2e-4, 5e-4, 1000, 1e-3, 8000, 8, 32, 10.0)
-    sweep = train_prompts.config_from_args(train_prompts.build_parser().parse_args(
-        ["--dataset", "voc", "--data-root", "x", "--out", "y", "--variant", "multi-oc",
-         "--n-seg", "5"]))
-    assert sweep.n_seg == 5 and sweep.lambda_oc == 100.0
+@pytest.mark.parametrize("variant,shape0,glob,oc", [
+    ("single", 1, False, False), ("multi", 3, False, False), ("multi-oc", 3, False, True),
+    ("mvpseg", 4, True, True)])
+def test_table1_variants_and_recipes(variant, shape0, glob, oc):
+    def cfg_of(*extra):
+        return train_prompts.config_from_args(train_prompts.build_parser().parse_args(
+            ["--dataset", "voc", "--data-root", "x", "--out", "y", "--variant", variant, *extra]))
+
+    paper, default = cfg_of("--recipe", "paper"), cfg_of()
+    for cfg in (paper, default):
+        assert cfg.n_seg + int(cfg.use_global) == shape0 and cfg.use_global is glob
+        assert cfg.loss_weights.cls == (3.0 if glob else 0.0) and (cfg.n_ctx, cfg.gamma) == (32, 10.0)
+    # the paper's λ3 = 100 is on Eq. 5's sum over the 3 pairs: 300 on our mean
+    assert paper.lambda_oc == (300.0 if oc else 0.0) and default.lambda_oc == (1.0 if oc else 0.0)
+    assert (paper.optimizer, paper.lr, paper.weight_decay, paper.warmup_iters, paper.warmup_ratio,
+            paper.lr_policy, paper.max_iters, paper.global_batch, paper.select, paper.fresh, paper.init_fit,
+            paper.lambda_prior) == ("sgd", 2e-4, 5e-4, 1000, 1e-3, "poly", 8000, 8, "none", "off", 0, 0.0)
+    assert (default.optimizer, default.lr, default.lr_policy, default.warmup_iters, default.max_iters,
+            default.global_batch, default.select, default.fresh, default.init_fit, default.lambda_prior) == (
+        "adamw", 2e-3, "constant", 0, 500, 4, "holdout", "auto", 200, 8.0)
+    # an explicit option wins over its recipe; k = 5 rescales the paper's OCLoss weight (10 pairs)
+    assert cfg_of("--recipe", "paper", "--lr", "0.01", "--select", "seen").lr == 0.01
+    if oc:
+        assert cfg_of("--recipe", "paper", "--n-seg", "5").lambda_oc == 1000.0
+        assert cfg_of("--n-seg", "5").lambda_oc == 1.0
 
 
 def test_single_prompt_run(setup):
@@ -248,7 +263,9 @@ def test_state_written_before_the_optimizer_option_resumes_as_sgd(setup):
     for late in ("state_00000003.pt", "state_00000004.pt"):  # as if interrupted after iteration 2
         (ckpts / late).unlink()
     state = torch.load(ckpts / "state_00000002.pt", weights_only=True)
-    del state["config"]["optimizer"]  # as written by the code before --optimizer existed
+    for key in train_prompts.LEGACY_DEFAULTS:  # as written by the code before these settings existed
+        del state["config"][key]
+    del state["selection"]
     torch.save(state, ckpts / "state_00000002.pt")
     with pytest.raises(RuntimeError, match="optimizer: checkpoint 'sgd' vs now 'adamw'"):
         train_prompts.main(base_args(root, clip_args, "legacy", *args, "--resume", "--optimizer", "adamw"))

@@ -5,7 +5,10 @@ Why: prompts learned on seen classes drift towards them (CoOp's base-to-new over
 signal for "does this prompt still transfer to classes it was not trained on" is a *held-out subset of
 the seen classes*: their pixels are ignored and their names never reach the text tower while learning,
 and validation scores them next to the trained classes on images the run does not train on. The
-selection score is the harmonic mean of the two mIoUs, the same form as the final hIoU.  Unseen classes
+selection score is the held-out classes' mIoU (a combined score such as hIoU(trained, held-out) lets gains
+on the trained classes hide a loss of transfer: measured, docs/recipe.md), and a validation replaces the
+best only when a paired bootstrap over the validation images says it is better with the given confidence
+(a small validation set otherwise turns noise into "improvements" over the warm start).  Unseen classes
 are never used: validation images come from the training split in the seen label space (unseen pixels are
 255 there), and the vocabulary is the seen vocabulary.
 
@@ -138,29 +141,54 @@ class ValidationSet:
         return len(self.features)
 
     @torch.no_grad()
-    def score(self, model, vocabulary: Sequence[str], holdout: ClassHoldout, mode: str,
-              prompts=None) -> dict:
-        """Scores the model's prompts (or another prompt set, e.g. the 85 templates as a reference) on the
-        seen vocabulary. Returns mIoU over trained classes, over held-out classes, and ``score``: their
-        harmonic mean (``holdout``) or mIoU over all seen classes (``seen``)."""
+    def confusions(self, model, vocabulary: Sequence[str], prompts=None) -> np.ndarray:
+        """Per-image confusion matrices N×C×C (rows: truth, over the seen vocabulary) of the model's prompts,
+        or of another prompt set (e.g. the 85 templates as a reference)."""
         prompts = model.prompts if prompts is None else prompts
         was_training = prompts.training
         prompts.eval()
         text = prompts.encode(model.clip, tuple(vocabulary)).detach()
         prompts.train(was_training)
-        cm = ConfusionMatrix(len(vocabulary))
         tau1, tau2 = prompts.tau1(), prompts.tau2()
+        mats = []
         for feats, label in zip(self.features, self.labels):
+            cm = ConfusionMatrix(len(vocabulary))
             out = segment(feats, text, tau1, tau2, model.gamma)
             cm.update(out.log_final(tuple(label.shape)).argmax(1)[0], label)
-        iou = iou_per_class(cm.mat.numpy()) * 100
-        trained = _nanmean(iou[list(holdout.trained)])
-        held = _nanmean(iou[list(holdout.held_out)]) if holdout.held_out else float("nan")
-        if mode == "holdout" and holdout.held_out:
-            score = harmonic_iou(trained, held)
-        else:
-            score = _nanmean(iou)
-        return {"miou_trained": trained, "miou_held_out": held, "score": score}
+            mats.append(cm.mat.numpy().astype(np.int32))
+        return np.stack(mats)
+
+    def score(self, model, vocabulary: Sequence[str], holdout: ClassHoldout, mode: str, prompts=None) -> dict:
+        """``summarise`` of ``confusions``, plus the matrices under ``"confusions"``."""
+        mats = self.confusions(model, vocabulary, prompts)
+        return {**summarise(mats.sum(0), holdout, mode), "confusions": mats}
+
+
+def summarise(mat: np.ndarray, holdout: ClassHoldout, mode: str) -> dict:
+    """mIoU over trained classes, over held-out classes, and the selection ``score``: held-out mIoU
+    (``holdout``: transfer to classes not trained on is what selection is for) or mIoU over all seen
+    classes (``seen``, or ``holdout`` without held-out classes)."""
+    iou = iou_per_class(mat) * 100
+    trained = _nanmean(iou[list(holdout.trained)])
+    held = _nanmean(iou[list(holdout.held_out)]) if holdout.held_out else float("nan")
+    score = held if mode == "holdout" and holdout.held_out else _nanmean(iou)
+    return {"miou_trained": trained, "miou_held_out": held, "hiou": harmonic_iou(trained, held), "score": score}
+
+
+def prob_better(new: np.ndarray, best: np.ndarray, holdout: ClassHoldout, mode: str, draws: int = 200,
+                seed: int = 0) -> float:
+    """Paired bootstrap over validation images: the share of resamples in which ``new`` (N×C×C per-image
+    confusions) scores higher than ``best`` on the same images. Selection takes a new best only when this
+    is ≥ the confidence, so a noisy small validation set cannot turn chance into a "better" prompt."""
+    n = len(new)
+    rng = np.random.default_rng([seed, 15485863])
+    wins = 0
+    for _ in range(draws):
+        idx = rng.integers(0, n, n)
+        a = summarise(new[idx].sum(0), holdout, mode)["score"]
+        b = summarise(best[idx].sum(0), holdout, mode)["score"]
+        wins += int(a > b)  # NaN (class absent from the resample) never wins
+    return wins / draws
 
 
 def _nanmean(x: np.ndarray) -> float:
@@ -171,12 +199,16 @@ def _nanmean(x: np.ndarray) -> float:
 @dataclass
 class BestTracker:
     """The best validated prompts so far and the early-stopping count; saved in training states so a
-    resumed run selects exactly as an uninterrupted one."""
+    resumed run selects exactly as an uninterrupted one. A validation becomes the new best only when its
+    score beats the best's in at least ``confidence`` of paired bootstrap resamples of the validation
+    images (0 = any higher score); otherwise it counts towards ``patience``."""
 
     patience: int = 0  # validations without improvement before stopping; 0 = never stop early
+    confidence: float = 0.9
     best_score: float = -math.inf
     best_iter: int = 0
     best_state: dict | None = None
+    best_confusions: torch.Tensor | None = None
     bad: int = 0
     history: list = field(default_factory=list)
 
@@ -184,21 +216,33 @@ class BestTracker:
     def should_stop(self) -> bool:
         return self.patience > 0 and self.bad >= self.patience
 
-    def update(self, iteration: int, result: dict, prompts: torch.nn.Module) -> bool:
-        """Records a validation; returns True when training should stop."""
+    def update(self, iteration: int, result: dict, prompts: torch.nn.Module, holdout: ClassHoldout | None = None,
+               mode: str = "holdout") -> bool:
+        """Records a validation (``result`` from ``ValidationSet.score``); returns True when training should
+        stop."""
+        result = dict(result)
+        mats = result.pop("confusions", None)
         score = result["score"]
-        self.history.append({"iter": iteration, **result})
-        if not math.isnan(score) and score > self.best_score:
+        p = 1.0
+        if self.best_confusions is not None and mats is not None and holdout is not None and self.confidence > 0:
+            p = prob_better(mats, self.best_confusions.numpy(), holdout, mode, seed=iteration)
+        better = not math.isnan(score) and score > self.best_score and (
+            self.best_state is None or self.confidence <= 0 or p >= self.confidence)
+        self.history.append({"iter": iteration, **result, "p_better": p, "accepted": better})
+        if better:
             self.best_score, self.best_iter, self.bad = float(score), iteration, 0
             self.best_state = {k: v.detach().cpu().clone() for k, v in prompts.state_dict().items()}
+            self.best_confusions = None if mats is None else torch.from_numpy(np.ascontiguousarray(mats))
         else:
             self.bad += 1
         return self.should_stop
 
     def state_dict(self) -> dict:
-        return {"patience": self.patience, "best_score": self.best_score, "best_iter": self.best_iter,
-                "best_state": self.best_state, "bad": self.bad, "history": list(self.history)}
+        return {"patience": self.patience, "confidence": self.confidence, "best_score": self.best_score,
+                "best_iter": self.best_iter, "best_state": self.best_state,
+                "best_confusions": self.best_confusions, "bad": self.bad, "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("patience", "best_score", "best_iter", "best_state", "bad", "history"):
+        for key in ("patience", "confidence", "best_score", "best_iter", "best_state", "best_confusions", "bad",
+                    "history"):
             setattr(self, key, state[key])

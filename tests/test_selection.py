@@ -1,0 +1,171 @@
+"""Model selection for prompt learning (training/selection.py) and the default recipe's pieces in train_prompts:
+held-out seen classes, disjoint validation images, fresh samples, best-iterate selection, early stopping,
+the warm start fitted to the templates."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fixtures_data import make_voc, write_tiny_clip
+from mvpseg.checkpoint import read_meta
+from training import train_prompts
+from training.data import TrainStream
+from training.runlog import read_jsonl
+from training.selection import (FRESH_VALIDATION_OFFSET, BestTracker, choose_holdout, validation_indices)
+
+
+def test_choose_holdout_fraction_keeps_background_and_depends_on_seed():
+    names = ("background",) + tuple(f"c{i}" for i in range(15))
+    h = choose_holdout(names, 0.25, seed=0)
+    assert len(h.held_out) == 4 and 0 not in h.held_out  # round(0.25 · 15), never the catch-all
+    assert h.train_vocabulary == tuple(n for i, n in enumerate(names) if i not in h.held_out)
+    assert choose_holdout(names, 0.25, seed=0) == h
+    assert {choose_holdout(names, 0.25, seed=s).held_out for s in range(6)} != {h.held_out}
+    assert choose_holdout(names, 0.0, seed=0).held_out == ()
+    assert len(choose_holdout(("a", "b", "c", "d"), 0.1, seed=0).held_out) == 1  # at least one
+    assert len(choose_holdout(("a", "b", "c"), 0.9, seed=0).held_out) == 1  # two always left to learn
+    with pytest.raises(ValueError, match="holdout-frac"):
+        choose_holdout(names, 1.0, seed=0)
+
+
+def test_holdout_labels_map_to_the_training_vocabulary():
+    h = choose_holdout(("a", "b", "c", "d", "e"), 0.4, seed=3)
+    labels = torch.tensor([[0, 1, 2], [3, 4, 255]])
+    out = h.to_training_labels(labels)
+    for old, new in zip(labels.flatten().tolist(), out.flatten().tolist()):
+        if old == 255 or old in h.held_out:
+            assert new == 255
+        else:
+            assert h.train_vocabulary[new] == h.names[old]
+
+
+def test_validation_images_are_never_training_images():
+    data = list(range(50))
+    val, train = validation_indices(data, 64, seed=1, fresh=False)
+    assert len(val) == 10 and len(train) == 40  # at most a fifth of a fixed pool
+    assert not set(val) & set(train) and set(val) | set(train) == set(range(50))
+    assert validation_indices(data, 64, seed=1, fresh=False) == (val, train)
+    fval, ftrain = validation_indices(data, 8, seed=1, fresh=True)
+    assert ftrain is None and fval == [FRESH_VALIDATION_OFFSET + i for i in range(8)]
+    assert validation_indices(data, 0, seed=1, fresh=False) == ([], None)
+
+
+def test_fresh_stream_draws_every_position_once():
+    class Echo:
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return i, None
+
+    fresh = TrainStream(Echo(), lambda im, lb, rng: im, global_batch=2, max_iters=5, seed=0, fresh=True)
+    assert [fresh[i] for i in range(len(fresh))] == list(range(10))  # no sample repeats
+    pool = TrainStream(Echo(), lambda im, lb, rng: im, global_batch=2, max_iters=5, seed=0)
+    assert sorted(pool[i] for i in range(6)) == [0, 0, 1, 1, 2, 2]  # a pool of 3 cycles
+
+
+def test_best_tracker_keeps_the_best_state_and_stops_after_patience():
+    p = torch.nn.Linear(2, 1)
+    t = BestTracker(patience=2)
+    assert not t.update(10, {"score": 1.0}, p)
+    best = {k: v.clone() for k, v in p.state_dict().items()}
+    with torch.no_grad():
+        p.weight.add_(1.0)
+    assert not t.update(20, {"score": 0.5}, p)
+    assert t.update(30, {"score": math.nan}, p)  # NaN never counts as better: 2 bad checks → stop
+    assert t.bad == 2 and t.should_stop and t.best_iter == 10
+    assert all(torch.equal(t.best_state[k], best[k]) for k in best)
+    u = BestTracker()
+    u.load_state_dict(t.state_dict())
+    assert (u.best_iter, u.best_score, u.bad, u.patience) == (10, 1.0, 2, 2) and len(u.history) == 3
+    assert not BestTracker(patience=0).update(1, {"score": -1.0}, p)  # 0 = never stop early
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sel")
+    sets = {"train": [[1 + i % 14, 1 + (5 * i + 3) % 14] + ([16 + i % 5] if i % 3 == 0 else []) for i in range(20)],
+            "val": [[1, 16]], "aug": [[2, 3]]}
+    make_voc(root / "data", class_sets=sets)
+    return root, write_tiny_clip(root / "clip")
+
+
+def _clip(clip_args):
+    from mvpseg.clip_backbone import load_clip
+    from training.cli import clip_spec
+
+    args = train_prompts.build_parser().parse_args(["--dataset", "voc", "--data-root", "x", "--out", "y",
+                                                    *clip_args, "--device", "cpu"])
+    return load_clip(clip_spec(args), torch.device("cpu"))
+
+
+def _run(root, clip_args, out, *extra):
+    return train_prompts.main(["--dataset", "voc", "--data-root", str(root / "data" / "VOCdevkit"),
+                               "--out", str(root / out), *clip_args, "--n-ctx", "8", "--crop-size", "64",
+                               "--train-scale", "128", "64", "--num-workers", "0", "--cpu-threads", "1",
+                               "--device", "cpu", "--no-progress", *extra])
+
+
+def test_default_recipe_selects_the_best_validated_prompts_and_holds_classes_out(voc):
+    root, clip_args = voc
+    out = _run(root, clip_args, "sel", "--max-iters", "8", "--val-every", "2", "--patience", "0",
+               "--init-fit", "5", "--val-images", "4", "--lr", "0.05")
+    meta = read_meta(out)
+    sel = meta.extra["selection"]
+    assert sel["mode"] == "holdout" and len(sel["held_out_classes"]) == 4  # round(0.25 · 15 seen)
+    assert not set(sel["held_out_classes"]) & set(meta.training_classes)  # held-out names never trained on
+    history = {h["iter"]: h["score"] for h in sel["history"]}
+    assert sorted(history) == [0, 2, 4, 6, 8]  # after the warm start, then every 2 iterations
+    assert sel["best_iter"] == max(history, key=lambda i: history[i])
+    assert sel["validation_images"] == 4
+    # the written prompts are those of the best iteration, not the last: rescoring them gives the best score
+    recs = [r for r in read_jsonl(root / "sel" / "log.jsonl") if r.get("event") == "validation_reference"]
+    assert len(recs) == 1 and 0 <= recs[0]["score"] <= 100
+    from mvpseg.checkpoint import load_prompts
+    from mvpseg.model import MVPSeg
+    from training.datasets import build_dataset, get_profile
+    from training.selection import ValidationSet
+
+    clip = _clip(clip_args)
+    data = build_dataset("voc", root / "data" / "VOCdevkit", None, label_space="seen", train=True)
+    val_idx, _ = validation_indices(data, 4, 0, fresh=False)
+    vs = ValidationSet.build(clip, data, val_idx, get_profile("voc").eval_transform(), torch.device("cpu"))
+    model = MVPSeg(clip, load_prompts(out, clip), gamma=10.0)
+    holdout = choose_holdout(data.prompt_names, 0.25, 0)
+    assert vs.score(model, data.prompt_names, holdout, "holdout")["score"] == pytest.approx(sel["best_score"], abs=1e-6)
+
+
+def test_early_stopping_and_no_selection(voc):
+    root, clip_args = voc
+    out = _run(root, clip_args, "early", "--max-iters", "40", "--val-every", "1", "--patience", "1",
+               "--init-fit", "30", "--val-images", "4", "--lr", "0.5")
+    sel = read_meta(out).extra["selection"]
+    # patience 1: the run stops at the first validation that does not improve
+    scores = [h["score"] for h in sel["history"]]
+    assert sel["stopped_early_at"] == sel["history"][-1]["iter"] < 40
+    assert all(b > a for a, b in zip(scores[:-2], scores[1:-1])) and scores[-1] <= max(scores[:-1])
+    plain = read_meta(_run(root, clip_args, "nosel", "--max-iters", "3", "--select", "none"))
+    assert plain.extra["selection"] is None and plain.extra["iterations"] == 3
+    assert len(plain.training_classes) == 15  # every seen class is trained on without selection
+
+
+def test_warm_start_fits_the_template_embeddings(voc):
+    from mvpseg.handcrafted import TemplatePrompts
+    from mvpseg.prompts import LearnedPrompts
+    from training.train_prompts import fit_to_templates
+
+    _, clip_args = voc
+    clip = _clip(clip_args)
+    names = ("cat", "dog", "potted plant", "sky")
+    targets = TemplatePrompts.maskclip85().encode(clip, names).seg[0]
+    torch.manual_seed(0)
+    prompts = LearnedPrompts(clip.text_width, n_seg=3, n_ctx=8)
+    with torch.no_grad():
+        before = float((prompts.encode(clip, names).seg * targets).sum(-1).mean())
+    after = fit_to_templates(prompts, clip, None, names, targets, steps=60, lr=0.01)
+    check = prompts.encode(clip, names)
+    assert after > before + 0.05 and after > 0.9
+    views = torch.cat([check.glob[None], check.seg])
+    assert float((views * targets).sum(-1).mean()) == pytest.approx(after, abs=0.02)
