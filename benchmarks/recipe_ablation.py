@@ -28,7 +28,9 @@ sys.path.insert(0, str(REPO))
 
 # World name → toyworld spec (without length/seed). "medium-b" was designed for this study: another layout
 # *and* another zero-shot split (training/toyworld.py, UNSEEN_SPLITS["b"]).
-WORLDS = {"sparse": "world=sparse", "crowded": "world=crowded", "medium-b": "world=medium,unseen=b"}
+WORLDS = {"sparse": "world=sparse", "crowded": "world=crowded", "medium-b": "world=medium,unseen=b",
+          # needs the zoom-2 toy CLIP: --model-config assets/toyclip-zoom2/toyclip-zoom2.json --weights ...
+          "sparse-zoom2": "world=sparse,zoom=2"}
 # Arm → train_prompts arguments on top of the defaults ("old": the recipe documented before this study,
 # the issue's 20.6 row: SGD lr 2e-3, 40 warm-up, poly, 400 it × batch 8 on a fixed pool of 400 scenes,
 # λ3 = 100 on Eq. 5's sum, final iterate).
@@ -119,7 +121,7 @@ def summarise(results: dict, arms: list[str]) -> tuple[str, dict]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/recipe")
-    p.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
+    p.add_argument("--worlds", nargs="+", default=["sparse", "crowded", "medium-b"], choices=list(WORLDS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--eval-images", type=int, default=150)
