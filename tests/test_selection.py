@@ -169,3 +169,38 @@ def test_warm_start_fits_the_template_embeddings(voc):
     assert after > before + 0.05 and after > 0.9
     views = torch.cat([check.glob[None], check.seg])
     assert float((views * targets).sum(-1).mean()) == pytest.approx(after, abs=0.02)
+
+
+def test_paired_bootstrap_accepts_only_a_consistent_improvement():
+    import numpy as np
+
+    from training.selection import prob_better
+
+    h = choose_holdout(("a", "b", "c", "d"), 0.25, seed=0)  # one held-out class
+    c = h.held_out[0]
+    n, k = 40, 4
+
+    def mats(correct_per_image):
+        m = np.zeros((n, k, k), dtype=np.int32)
+        for i, ok in enumerate(correct_per_image):
+            m[i, c, c] = ok
+            m[i, c, (c + 1) % k] = 10 - ok
+            for j in range(k):
+                if j != c:
+                    m[i, j, j] = 10
+        return m
+
+    base = mats([5] * n)
+    assert prob_better(base, base, h, "holdout") == 0.0  # a tie is never "better"
+    assert prob_better(mats([6] * n), base, h, "holdout") == 1.0  # better on every image
+    # higher on average, but only through one lucky image: the bootstrap does not trust it
+    lucky = mats([10] + [5] * (n - 1))
+    p = prob_better(lucky, base, h, "holdout")
+    assert 0.3 < p < 0.9
+    t = BestTracker(patience=3, confidence=0.9)
+    prompts = torch.nn.Linear(1, 1)
+    t.update(0, {"score": 50.0, "confusions": base}, prompts, h, "holdout")
+    t.update(1, {"score": 51.0, "confusions": lucky}, prompts, h, "holdout")
+    assert t.best_iter == 0 and t.history[-1]["accepted"] is False
+    t.update(2, {"score": 60.0, "confusions": mats([6] * n)}, prompts, h, "holdout")
+    assert t.best_iter == 2 and t.bad == 0

@@ -116,38 +116,35 @@ def test_demo_examples_exist(name):
         assert im.mode == "RGB" and im.size == (256, 256)
 
 
-def test_ci_sized_prompt_learning_on_seen_classes_keeps_zero_shot_transfer(tmp_path):
-    """A 60-iteration single-prompt run through ``train_prompts`` + ``evaluate`` on the toy world.
+def test_ci_sized_default_recipe_keeps_the_templates_transfer_and_the_anchor_is_why(tmp_path):
+    """A seeded CI-sized run of the default recipe (``train_prompts`` + ``evaluate``, toy world ``sparse``,
+    100 iterations × 4 fresh scenes, seed 0) against the same run without the template warm start and anchor.
 
-    Measured (seeds 0/1/2, 64 training images, SGD lr 5e-3, 48 validation images of seed 1, temperatures
-    learned in log space): L_seg falls from 5.6 / 7.0 / 7.8 at the first step to 0.87 / 1.05 / 0.54 (mean
-    of the last 10 steps); the learned prompt, trained on the 16 seen classes only, scores mIoU(U)
-    21.9 / 26.0 / 20.9 on the 5 unseen classes — chance (random weights) is 0.0 — while the 85
-    handcrafted templates score 35.7 on the same images (with plain-scalar temperatures: 22.2 / 23.0 /
-    23.4).  So at CI scale learned prompts do **not** beat the handcrafted baseline on unseen classes;
-    nor do they in any full 400-iteration ablation with this model (docs/toyworld.md: sparse and crowded
-    worlds, background scored or ignored, plain or log temperatures; the zoom-2 model where they do is
-    tested in test_toyclip_zoom2.py).  This test pins what holds: the loss drops ≥ 3×
-    (measured ≥ 6.4×), no unseen name reaches the training vocabulary, and zero-shot transfer survives
-    (mIoU(U) ≥ 15: 5.9 points below the lowest measurement, far above chance); the baseline must stay in
-    its measured window.
+    What docs/recipe.md measured with the full default (≤ 500 iterations; 3 worlds × 3 seeds): with this toy
+    CLIP no learned prompt beats the best handcrafted set on unseen classes by a significant margin; the
+    default ties it (|Δ mIoU(U)| ≤ MEASURED_TIE, see the docs), and without warm start + anchor the same
+    recipe loses 6.6 / 7.3 / 8.7 mIoU(U) (seed 0 of sparse / crowded / medium-b). So the margin this test
+    can honestly assert is the anchor's, not a win over the templates: learned ≥ best handcrafted − 1.0
+    (mIoU(U) and hIoU), and the unanchored run ≥ 2 points below the anchored one on mIoU(U) (measured here:
+    see MEASURED below). No unseen name reaches the training vocabulary.
     """
     from training.evaluate import main as eval_main
     from training.train_prompts import main as train_main
 
     clip = ["--clip", "toyclip", "--model-config", str(CONFIG), "--pretrained", str(WEIGHTS), "--device", "cpu",
             "--num-workers", "0", "--cpu-threads", "2", "--no-progress"]
-    ckpt = train_main(["--dataset", "toyworld", "--data-root", "length=64,seed=0", "--out", str(tmp_path / "run"),
-                       "--variant", "single", "--max-iters", "60", "--lr", "5e-3", "--warmup-iters", "5",
-                       "--seed", "0", "--ckpt-every", "60", *clip])
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    seg = [r["seg"] for r in log if "seg" in r and "iter" in r]
-    assert seg[0] >= 3 * np.mean(seg[-10:])
-    report = eval_main(["--data", "toyworld=length=48,seed=1", "--baselines", "maskclip-85",
-                        "--prompts", f"learned={ckpt}", *clip])
+    runs = {}
+    for name, extra in (("default", []), ("no-anchor", ["--lambda-prior", "0", "--init-fit", "0"])):
+        runs[name] = train_main(["--dataset", "toyworld", "--data-root", "seed=0", "--out", str(tmp_path / name),
+                                 "--max-iters", "100", "--seed", "0", "--ckpt-every", "1000", *extra, *clip])
+    report = eval_main(["--data", "toyworld=length=48,seed=1", "--baselines", "maskclip-85", "a-photo-of", "parts",
+                        *[x for k, v in runs.items() for x in ("--prompts", f"{k}={v}")], *clip])
     res = report["results"]["toyworld"]
-    assert report["datasets"]["toyworld"]["unseen_in_training_vocabulary"]["learned"] == []
-    assert res["learned"]["miou_unseen"] >= 15.0
+    assert report["datasets"]["toyworld"]["unseen_in_training_vocabulary"]["default"] == []
+    best = {k: max(res[b][k] for b in ("maskclip-85", "a-photo-of", "parts")) for k in ("miou_unseen", "hiou")}
+    assert res["default"]["miou_unseen"] >= best["miou_unseen"] - 1.0
+    assert res["default"]["hiou"] >= best["hiou"] - 1.0
+    assert res["default"]["miou_unseen"] >= res["no-anchor"]["miou_unseen"] + 2.0
     assert 30.0 <= res["maskclip-85"]["miou_unseen"] <= 42.0  # measured 35.7
 
 
@@ -164,4 +161,6 @@ def test_shipped_learned_prompts_fit_the_toy_clip_and_never_saw_unseen_classes()
     assert (meta["n_seg"], meta["n_ctx"], meta["use_global"]) == (3, 32, True)
     assert tuple(prompts.ctx.shape) == (4, 32, clip.text_width)
     unseen = {tw.CLASS_NAMES[i] for i in tw.UNSEEN}
-    assert set(meta["training_classes"]) == set(tw.CLASS_NAMES) - unseen
+    held_out = set(meta["extra"]["selection"]["held_out_classes"])  # seen classes kept for model selection
+    assert not set(meta["training_classes"]) & (unseen | held_out)
+    assert set(meta["training_classes"]) | held_out == set(tw.CLASS_NAMES) - unseen

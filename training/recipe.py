@@ -45,6 +45,16 @@ RESUME_KEYS = ("dataset", "split", "n_seg", "n_ctx", "use_global", "gamma", "lam
                "crop_size", "train_scale", "clip", "pretrained", "select", "holdout_frac", "val_images",
                "val_every", "patience", "select_confidence", "fresh", "lambda_prior", "tau1_init",
                "seg_reduction", "init_fit")
+# Settings that only matter while selecting a model: a run with --select none ignores them, so they are not
+# compared on resume (a state written before they existed resumes under any of their values).
+SELECTION_KEYS = ("holdout_frac", "val_images", "val_every", "patience", "select_confidence")
+
+
+def resume_keys(cfg: "TrainConfig") -> tuple[str, ...]:
+    """RESUME_KEYS that this configuration's result depends on (selection settings only when it selects)."""
+    return RESUME_KEYS if cfg.select != "none" else tuple(k for k in RESUME_KEYS if k not in SELECTION_KEYS)
+
+
 # What states written before these settings existed implicitly used.
 LEGACY_DEFAULTS = {"optimizer": "sgd", "select": "none", "holdout_frac": 0.25, "val_images": 64,
                    "val_every": 50, "patience": 4, "select_confidence": 0.0, "fresh": "off",

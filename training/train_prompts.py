@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
@@ -45,7 +46,7 @@ from .datasets import build_dataset, get_profile
 from .distributed import (DistContext, all_reduce_sum, average_gradients, barrier,
                           distributed_session, rng_state, seed_everything)
 from .recipe import (LEGACY_DEFAULTS, OPTIMIZERS, RECIPES, RESUME_KEYS, VARIANTS,  # noqa: F401 (re-exported)
-                     TrainConfig, _config_record, build_optimizer, config_from_args)
+                     TrainConfig, _config_record, build_optimizer, config_from_args, resume_keys)
 from .recipe import build_parser as _build_parser
 from .runlog import JsonlLogger, Progress
 from .selection import (BestTracker, IndexView, ValidationSet, choose_holdout,
@@ -138,7 +139,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     tracker = BestTracker(patience=cfg.patience, confidence=cfg.select_confidence)
 
     start = 0 if resume_path is None else restore_state(
-        resume_path, _config_record(cfg), RESUME_KEYS, {"prompts": prompts}, opt, scaler,
+        resume_path, _config_record(cfg), resume_keys(cfg), {"prompts": prompts}, opt, scaler,
         cfg.schedule.state_dict(), defaults=LEGACY_DEFAULTS, optional={"selection": tracker})
 
     profile = get_profile(cfg.dataset)
@@ -265,8 +266,12 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     if ctx.is_main:
         selection = None if validation is None else {
             "mode": cfg.select, "held_out_classes": [seen_vocab[i] for i in holdout.held_out],
-            "validation_images": len(val_idx), "best_iter": tracker.best_iter, "best_score": tracker.best_score,
-            "stopped_early_at": it if tracker.should_stop else None, "history": tracker.history}
+            "validation_images": len(val_idx), "best_iter": tracker.best_iter,
+            "best_score": tracker.best_score if math.isfinite(tracker.best_score) else None,
+            "stopped_early_at": it if tracker.should_stop else None,
+            # NaN (a class absent from the validation images) is not JSON: written as null
+            "history": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in h.items()}
+                        for h in tracker.history]}
         save_prompts(final, prompts, clip, gamma=cfg.gamma, training_classes=vocab,
                      extra={"train_config": _config_record(cfg), "iterations": it,
                             "world_size": ctx.world_size, "selection": selection})
