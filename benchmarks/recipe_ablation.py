@@ -29,6 +29,8 @@ sys.path.insert(0, str(REPO))
 # World name → toyworld spec (without length/seed). "medium-b" was designed for this study: another layout
 # *and* another zero-shot split (training/toyworld.py, UNSEEN_SPLITS["b"]).
 WORLDS = {"sparse": "world=sparse", "crowded": "world=crowded", "medium-b": "world=medium,unseen=b",
+          # designed for the second addendum (docs/recipe.md): crowded layout, a third zero-shot split
+          "crowded-c": "world=crowded,unseen=c",
           # needs the zoom-2 toy CLIP: --model-config assets/toyclip-zoom2/toyclip-zoom2.json --weights ...
           "sparse-zoom2": "world=sparse,zoom=2"}
 # Arm → train_prompts arguments on top of the defaults ("old": the recipe documented before this study,
@@ -80,15 +82,19 @@ def train_arm(a, world: str, seed: int, arm: str) -> Path:
 def evaluate_world(a, world: str, seed: int, ckpts: dict[str, Path]) -> dict:
     from training.evaluate import main as eval_main
 
-    out = Path(a.out) / world / f"seed{seed}" / "eval"
-    cached = out / "results.json"
-    if cached.is_file() and set(json.loads(cached.read_text())["results"]["toyworld"]) >= set(ckpts):
-        return json.loads(cached.read_text())["results"]["toyworld"]
-    spec = f"{WORLDS[world]},seed=0,length={a.eval_images}"
-    report = eval_main(["--data", "toyworld=" + spec, "--baselines", *BASELINES,
-                        *[x for arm, p in ckpts.items() for x in ("--prompts", f"{arm}={p}")],
-                        "--out", str(out), *clip_args(a)])
-    return report["results"]["toyworld"]
+    root = Path(a.out) / world / f"seed{seed}"
+    merged = root / "eval.json"  # every method scored so far on this world × seed's evaluation set
+    rows = json.loads(merged.read_text()) if merged.is_file() else {}
+    todo = {arm: p for arm, p in ckpts.items() if arm not in rows}
+    missing = [b for b in BASELINES if b not in rows]
+    if todo or missing:  # score only what is new: the evaluation set and the frozen model are fixed
+        spec = f"{WORLDS[world]},seed=0,length={a.eval_images}"
+        report = eval_main(["--data", "toyworld=" + spec, "--baselines", *missing,
+                            *[x for arm, p in todo.items() for x in ("--prompts", f"{arm}={p}")],
+                            "--out", str(root / f"eval-{len(rows)}"), *clip_args(a)])
+        rows.update(report["results"]["toyworld"])
+        merged.write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
 
 
 def _ms(xs: list[float]) -> str:

@@ -58,6 +58,8 @@ UNSEEN: list[int] = [CLASS_NAMES.index(n) for n in UNSEEN_NAMES]
 UNSEEN_SPLITS: dict[str, tuple[str, ...]] = {
     "a": UNSEEN_NAMES,
     "b": ("red cat", "yellow bird", "blue owl", "green fox", "water"),
+    # Added for docs/recipe.md's second addendum, before any prompt was learned with it.
+    "c": ("yellow cat", "blue bird", "green owl", "red fox", "brick"),
 }
 SEEN: list[int] = [i for i in range(len(CLASS_NAMES)) if i not in UNSEEN]
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "pretrain": 3}
@@ -395,7 +397,12 @@ def export_examples(out_dir: str, count: int = 3, seed: int = 0) -> list[str]:
 
 if __name__ == "__main__":
     import argparse
+    import sys
 
+    if sys.argv[1:2] == ["export"]:  # a folder dataset (training/toyworld_export.py)
+        from training.toyworld_export import main
+
+        sys.exit(main(sys.argv[2:]))
     parser = argparse.ArgumentParser(description="Export toy-world example images for the demo.")
     parser.add_argument("--examples", default="assets/examples")
     parser.add_argument("--count", type=int, default=3)
