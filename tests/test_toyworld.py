@@ -256,3 +256,20 @@ def test_medium_world_and_second_unseen_split_through_the_dataset_adapter():
     big[10**12]  # far beyond the spec's length
     with pytest.raises(ValueError, match="unseen"):
         build_dataset("toyworld", "unseen=z", "val")
+
+
+def test_every_unseen_split_is_a_latin_square_plus_one_stuff_class_and_the_splits_are_disjoint():
+    objects = []
+    for key, names in tw.UNSEEN_SPLITS.items():
+        objs = [n for n in names if n in tw.OBJECT_NAMES]
+        stuff = [n for n in names if n in tw.STUFF]
+        assert len(objs) == 4 and len(stuff) == 1 and len(names) == 5, key
+        colours, creatures = zip(*(n.split() for n in objs))
+        assert sorted(colours) == sorted(tw.COLOURS) and sorted(creatures) == sorted(tw.CREATURES), key
+        objects.append(set(objs))
+    for i, a in enumerate(objects):  # each split tests transfer to object classes no other split holds out
+        for b in objects[i + 1:]:
+            assert not a & b
+    seen = tw.SEEN  # the default split is "a"
+    assert [tw.CLASS_NAMES[i] for i in range(len(tw.CLASS_NAMES)) if i not in seen] == sorted(
+        tw.UNSEEN_SPLITS["a"], key=tw.CLASS_NAMES.index)

@@ -37,29 +37,34 @@ RECIPES = {
                   global_batch=8, weight_decay=5e-4, lambda_oc="paper", select="none", fresh="off",
                   seg_reduction="pixel", init_fit=0, lambda_prior=0.0),
 }
-OPTIMIZERS = ("sgd", "adamw")  # sgd: the paper's; adamw: an extension (build_optimizer)
+OPTIMIZERS = ("sgd", "adamw")
+PRIOR_CHOICES = ("auto", "maskclip-85", "a-photo-of", "parts")  # mvpseg.baseline_prompt_sets() names  # sgd: the paper's; adamw: an extension (build_optimizer)
 # Settings a resumed run must share with its checkpoint.
 RESUME_KEYS = ("dataset", "split", "n_seg", "n_ctx", "use_global", "gamma", "lambda_seg", "text_encoder",
                "lambda_cls", "lambda_oc", "cls_mode", "optimizer", "lr", "momentum", "weight_decay",
                "warmup_iters", "warmup_ratio", "lr_policy", "max_iters", "global_batch", "seed",
                "crop_size", "train_scale", "clip", "pretrained", "select", "holdout_frac", "val_images",
                "val_every", "patience", "select_confidence", "fresh", "lambda_prior", "tau1_init",
-               "seg_reduction", "init_fit")
+               "seg_reduction", "init_fit", "prior_prompts")
 # Settings that only matter while selecting a model: a run with --select none ignores them, so they are not
 # compared on resume (a state written before they existed resumes under any of their values).
 SELECTION_KEYS = ("holdout_frac", "val_images", "val_every", "patience", "select_confidence")
 
 
 def resume_keys(cfg: "TrainConfig") -> tuple[str, ...]:
-    """RESUME_KEYS that this configuration's result depends on (selection settings only when it selects)."""
-    return RESUME_KEYS if cfg.select != "none" else tuple(k for k in RESUME_KEYS if k not in SELECTION_KEYS)
+    """RESUME_KEYS that this configuration's result depends on: selection settings only when it selects, the
+    handcrafted prior only when something uses it (warm start or anchor)."""
+    unused = set(SELECTION_KEYS) if cfg.select == "none" else set()
+    if cfg.init_fit == 0 and cfg.lambda_prior == 0:
+        unused.add("prior_prompts")
+    return tuple(k for k in RESUME_KEYS if k not in unused)
 
 
 # What states written before these settings existed implicitly used.
 LEGACY_DEFAULTS = {"optimizer": "sgd", "select": "none", "holdout_frac": 0.25, "val_images": 64,
                    "val_every": 50, "patience": 4, "select_confidence": 0.0, "fresh": "off",
                    "lambda_prior": 0.0, "tau1_init": None,
-                   "seg_reduction": "pixel", "init_fit": 0}
+                   "seg_reduction": "pixel", "init_fit": 0, "prior_prompts": "maskclip-85"}
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,8 @@ class TrainConfig:
     lambda_prior: float = 8.0  # pull of the mean view towards the 85-template embeddings (KgCoOp-style)
     tau1_init: float | None = None  # None: 100/k
     seg_reduction: str = "pixel"  # L_seg: mean over pixels (paper) | over classes (mvpseg.losses.seg_loss)
-    init_fit: int = 200  # text-only steps fitting every view to the 85-template embeddings before training
+    init_fit: int = 200  # text-only steps fitting every view to the handcrafted embeddings before training
+    prior_prompts: str = "auto"  # handcrafted set behind the warm start and the anchor (PRIOR_CHOICES)
     crop_size: int | None = None
     train_scale: tuple[int, int] | None = None
     ckpt_every: int = 500
@@ -134,12 +140,16 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--lambda-oc", type=float, default=None,
                    help="weight of the mean-over-pairs OCLoss (default: the recipe's; 0 without OCLoss)")
     p.add_argument("--lambda-prior", type=float, default=None,
-                   help="pull of each class's mean view embedding towards its 85-template embedding "
+                   help="pull of each class's mean view embedding towards its --prior-prompts embedding "
                         "(KgCoOp-style, 0 = off; docs/recipe.md)")
+    p.add_argument("--prior-prompts", default="auto", choices=PRIOR_CHOICES,
+                   help="handcrafted set the warm start fits and the anchor pulls towards; auto: the best of "
+                        "them on the validation images' seen classes (paired bootstrap; 85 templates unless "
+                        "another wins with --select-confidence; without validation: the 85 templates)")
     p.add_argument("--tau1-init", type=float, default=None, help="initial τ1 (default 100/k)")
     p.add_argument("--init-fit", type=int, default=None,
-                   help="text-only AdamW steps that first fit every prompt's class embeddings to the 85-template "
-                        "ones (a handcrafted starting point for 32 context tokens; 0 = random start)")
+                   help="text-only AdamW steps that first fit every prompt's class embeddings to the handcrafted "
+                        "ones of --prior-prompts (a handcrafted starting point for 32 context tokens; 0 = random start)")
     p.add_argument("--seg-reduction", default=None, choices=["pixel", "class"],
                    help="L_seg mean over labelled pixels (paper) or over the classes present (mIoU's weighting)")
     p.add_argument("--cls-loss", dest="cls_mode", default="bce", choices=["bce", "paper"])
@@ -218,7 +228,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         select=pick("select"), holdout_frac=a.holdout_frac, val_images=a.val_images, val_every=a.val_every,
         patience=a.patience, select_confidence=a.select_confidence, fresh=pick("fresh"),
         lambda_prior=pick("lambda_prior"), tau1_init=a.tau1_init, seg_reduction=pick("seg_reduction"),
-        init_fit=pick("init_fit"),
+        init_fit=pick("init_fit"), prior_prompts=a.prior_prompts,
     )
 
 

@@ -49,7 +49,7 @@ from .recipe import (LEGACY_DEFAULTS, OPTIMIZERS, RECIPES, RESUME_KEYS, VARIANTS
                      TrainConfig, _config_record, build_optimizer, config_from_args, resume_keys)
 from .recipe import build_parser as _build_parser
 from .runlog import JsonlLogger, Progress
-from .selection import (BestTracker, IndexView, ValidationSet, choose_holdout,
+from .selection import (BestTracker, IndexView, ValidationSet, choose_holdout, prob_better, summarise,
                         validation_indices)
 from .shared_prefix import SharedPrefixEncoder, supports_shared_prefix
 
@@ -87,12 +87,37 @@ def _training_data(cfg: TrainConfig, clip):
     return stream_data, data, val_idx, fresh
 
 
-def _prior_targets(clip, vocab: tuple[str, ...], device) -> torch.Tensor:
-    """C×D unit 85-template embeddings of the training vocabulary (the KgCoOp-style anchor)."""
-    from mvpseg.handcrafted import TemplatePrompts
+def _prior_targets(clip, vocab: tuple[str, ...], device, name: str = "maskclip-85") -> torch.Tensor:
+    """C×D unit embeddings of handcrafted set ``name`` for the training vocabulary (the KgCoOp-style anchor);
+    a multi-view set (parts) gives its normalised mean view."""
+    from mvpseg import baseline_prompt_sets
 
     with torch.no_grad():
-        return TemplatePrompts.maskclip85().to(device).encode(clip, vocab).seg[0].float()
+        seg = baseline_prompt_sets()[name].to(device).encode(clip, vocab).seg.float()
+    return torch.nn.functional.normalize(seg.mean(0), dim=-1)
+
+
+def choose_prior(cfg: TrainConfig, validation, model, seen_vocab, holdout) -> tuple[str, dict]:
+    """The handcrafted set behind the warm start and the anchor. ``--prior-prompts auto`` scores the three
+    sets on the validation images (mIoU over every seen class: choosing among fixed prompts learns nothing
+    from those classes) and leaves the 85 templates only for a set that beats them in ≥ the selection
+    confidence of paired bootstrap resamples — which template suits a CLIP depends on its captions, and a
+    world's own noise must not decide it. Returns (name, {set: mIoU})."""
+    if cfg.prior_prompts != "auto":
+        return cfg.prior_prompts, {}
+    if validation is None:
+        return "maskclip-85", {}
+    from mvpseg import baseline_prompt_sets
+
+    sets = baseline_prompt_sets()
+    mats = {name: validation.confusions(model, seen_vocab, sets[name].to(model.clip.device))
+            for name in ("maskclip-85", "a-photo-of", "parts")}
+    scores = {name: summarise(m.sum(0), holdout, "seen")["score"] for name, m in mats.items()}
+    best, confidence = "maskclip-85", max(cfg.select_confidence, 0.5)
+    for name in ("a-photo-of", "parts"):
+        if scores[name] > scores[best] and prob_better(mats[name], mats[best], holdout, "seen") >= confidence:
+            best = name
+    return best, scores
 
 
 def fit_to_templates(prompts: LearnedPrompts, clip, encoder, vocab: tuple[str, ...], targets: torch.Tensor,
@@ -150,13 +175,19 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     validation = None
     if val_idx:
         validation = ValidationSet.build(clip, data, val_idx, profile.eval_transform(), ctx.device)
-    targets = _prior_targets(clip, vocab, ctx.device) if cfg.lambda_prior > 0 or cfg.init_fit > 0 else None
+    targets, prior_name = None, None
+    if cfg.lambda_prior > 0 or cfg.init_fit > 0:
+        prior_name, prior_scores = choose_prior(cfg, validation, model, seen_vocab, holdout)
+        targets = _prior_targets(clip, vocab, ctx.device, prior_name)
+        log.info("handcrafted prior: %s%s", prior_name, "".join(
+            f" | {k} {v:.1f}" for k, v in prior_scores.items()) + (" (validation mIoU, seen classes)"
+                                                                  if prior_scores else ""))
     prior = targets if cfg.lambda_prior > 0 else None
     if cfg.init_fit > 0 and resume_path is None:  # every process does the same deterministic steps
         t = time.perf_counter()
         fit_cos = fit_to_templates(prompts, clip, encoder, vocab, targets, cfg.init_fit, cfg.lr)
-        log.info("warm start: %d text-only steps, mean cosine to the 85-template embeddings %.3f (%.1f s)",
-                 cfg.init_fit, fit_cos, time.perf_counter() - t)
+        log.info("warm start: %d text-only steps, mean cosine to the %s embeddings %.3f (%.1f s)",
+                 cfg.init_fit, prior_name, fit_cos, time.perf_counter() - t)
     overrides = {"pad_value": tuple(clip.pixel_mean.flatten().tolist())}
     if cfg.crop_size:
         overrides["crop_size"] = cfg.crop_size
@@ -174,7 +205,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                 "world_size": ctx.world_size, "device": str(ctx.device),
                 "dataset_size": None if fresh else len(stream_data), "fresh_samples": fresh,
                 "skipped_missing": getattr(data, "skipped", 0), "crop_size": transform.crop_size,
-                "vocabulary": list(vocab), "held_out_classes": [seen_vocab[i] for i in holdout.held_out],
+                "vocabulary": list(vocab), "prior_prompts": prior_name, "held_out_classes": [seen_vocab[i] for i in holdout.held_out],
                 "validation_images": len(val_idx), "config": _config_record(cfg)})
     if ctx.is_main:
         log.info("%s | %d training classes (%d seen held out for selection) | %d prompts per step | "
