@@ -1,59 +1,99 @@
-"""Command line: ``python -m mvpseg segment IMAGE --classes "cat, dog, sky" [--prompts CKPT] --out overlay.png``."""
+"""Command line: ``python -m mvpseg segment INPUT… --classes "cat, dog, sky" [--prompts CKPT | --student CKPT]``.
+
+One image file: ``--out overlay.png`` writes ``overlay.png``, ``overlay_labels.png`` and ``overlay.json``.
+Folders, glob patterns or several files: ``--out DIR`` gets ``<stem>_overlay.png``, ``<stem>_labels.png`` and
+``<stem>.json`` per image (``mvpseg/batch.py``), unreadable files are reported and skipped, ``--summary``
+writes the pixel share of every class over all images.  Exit status: 0, 1 when some images were skipped,
+2 for an error that stops the run.
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from .builder import build_predictor
+from .batch import collect_inputs, segment_many, write_prediction, write_summary
+from .builder import build_predictor, resolve_device
 from .checkpoint import CheckpointError
 from .clip_backbone import ClipSpec, ClipWeightsUnavailable, add_clip_args
 from .image_io import ImageError, load_image
-from .predictor import VocabularyError
-from .visualize import legend_entries, overlay, palette
+from .predictor import VocabularyError, parse_vocabulary
+
+SINGLE_OUT = "overlay.png"
+BATCH_OUT = "segmented"
 
 
-def _segment(args: argparse.Namespace) -> int:
+def _predictor(args: argparse.Namespace):
+    """(predictor, prompt set name): the student, learned prompts, or a handcrafted set."""
+    if args.student:
+        from .student_predictor import StudentPredictor
+
+        pred = StudentPredictor.from_checkpoint(args.student, ClipSpec.from_args(args), resolve_device(args.device),
+                                                short_side=args.short_side)
+        return pred, pred.name
     baselines = args.baseline is not None or args.prompts is None
     pred = build_predictor(ClipSpec.from_args(args), checkpoints={"learned": args.prompts} if args.prompts else None,
                            baselines=baselines, device=args.device, short_side=args.short_side)
-    prompt_set = "learned" if args.prompts else (args.baseline or "maskclip-85")
-    image = load_image(args.image)
-    pred.set_image(image)
-    result = pred.predict(args.classes, prompts=prompt_set)
-    colors = palette(len(result.classes))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay(image, result.label_map, colors)).save(out)
-    labels_path = out.with_name(out.stem + "_labels.png")
-    dtype = np.uint8 if len(result.classes) < 256 else np.uint16
-    Image.fromarray(result.label_map.astype(dtype)).save(labels_path)
-    legend = {"classes": list(result.classes), "colors": dict(legend_entries(result.classes, colors)),
-              "prompt_set": prompt_set, "label_map": labels_path.name,
-              "gpr_scores": None if result.gpr_scores is None else
-              {c: round(float(s), 4) for c, s in zip(result.classes, result.gpr_scores)},
-              "pixel_share": {c: round(float((result.label_map == i).mean()), 4) for i, c in enumerate(result.classes)}}
-    legend_path = out.with_suffix(".json")
-    legend_path.write_text(json.dumps(legend, indent=2))
-    print(f"wrote {out}, {labels_path} and {legend_path}")
-    return 0
+    return pred, "learned" if args.prompts else (args.baseline or "maskclip-85")
+
+
+def _is_batch(args: argparse.Namespace) -> bool:
+    return len(args.inputs) > 1 or not Path(args.inputs[0]).is_file() or args.summary is not None
+
+
+def _segment(args: argparse.Namespace) -> int:
+    vocabulary = parse_vocabulary(args.classes)  # before loading any model: a bad vocabulary fails at once
+    if not _is_batch(args):
+        image = load_image(args.inputs[0])
+        pred, prompt_set = _predictor(args)
+        pred.set_image(image)
+        out = Path(args.out or SINGLE_OUT)
+        labels, legend = out.with_name(out.stem + "_labels.png"), out.with_suffix(".json")
+        write_prediction(image, pred.predict(vocabulary, prompts=prompt_set), out, labels, legend, prompt_set)
+        print(f"wrote {out}, {labels} and {legend}")
+        return 0
+    paths, problems = collect_inputs(args.inputs)
+    if not paths:
+        raise FileNotFoundError("; ".join(problems) or "no input images")
+    out_dir = Path(args.out or BATCH_OUT)
+    if out_dir.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        raise ValueError(f"--out {out_dir} looks like an image file; with several inputs it must be a folder")
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    pred, prompt_set = _predictor(args)
+    report = segment_many(pred, paths, vocabulary, prompt_set, out_dir, progress=not args.no_progress)
+    print(f"segmented {len(report.written)} of {len(paths)} images into {out_dir}")
+    for path, message in report.failed:
+        print(f"skipped {path}: {message}", file=sys.stderr)
+    if args.summary is not None:
+        target = Path(args.summary) if args.summary else out_dir / "summary.json"
+        stats = getattr(pred, "stats", {})
+        write_summary(report, target, {"prompt_set": prompt_set, "vocabulary": list(vocabulary),
+                                       "text_encodes": stats.get("text_encodes")})
+        print(f"wrote {target}")
+    return 1 if report.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mvpseg", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mvpseg", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    seg = sub.add_parser("segment", help="segment one image into a vocabulary")
-    seg.add_argument("image")
+    seg = sub.add_parser("segment", help="segment images into a vocabulary")
+    seg.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     seg.add_argument("--classes", required=True, help='comma-separated vocabulary, e.g. "cat, dog, sky"')
-    seg.add_argument("--prompts", default=None, help="learned prompt checkpoint (.safetensors with its .json)")
-    seg.add_argument("--baseline", default=None, choices=["maskclip-85", "parts", "a-photo-of"],
-                     help="handcrafted prompt set to use instead of learned prompts (default without --prompts: maskclip-85)")
+    which = seg.add_mutually_exclusive_group()
+    which.add_argument("--prompts", default=None, help="learned prompt checkpoint (.safetensors with its .json)")
+    which.add_argument("--baseline", default=None, choices=["maskclip-85", "parts", "a-photo-of"],
+                       help="handcrafted prompt set to use instead of learned prompts "
+                            "(default without --prompts: maskclip-85)")
+    which.add_argument("--student", default=None, help="MVP-SEG+ student checkpoint (.safetensors with its .json)")
     seg.add_argument("--short-side", type=int, default=512)
-    seg.add_argument("--out", default="overlay.png", help="overlay PNG; the label map and a legend JSON go beside it")
+    seg.add_argument("--out", default=None,
+                     help=f"one image: the overlay PNG (default {SINGLE_OUT}; the label map and a legend JSON go "
+                          f"beside it); several: a folder (default {BATCH_OUT})")
+    seg.add_argument("--summary", nargs="?", const="", default=None, metavar="PATH",
+                     help="write the pixel share of every class over all images (default PATH: OUT/summary.json)")
+    seg.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_clip_args(seg)
     seg.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
     args = parser.parse_args(argv)

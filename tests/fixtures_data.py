@@ -130,3 +130,25 @@ def write_tiny_clip(folder: Path, seed: int = 0) -> list[str]:
     save_file({k: v.contiguous() for k, v in clip.model.state_dict().items()}, str(weights))
     cfg = tiny_config_file(folder)
     return ["--clip", "mvpseg-tiny", "--model-config", str(cfg), "--pretrained", str(weights)]
+
+
+def make_folder(root: Path, n: int = 6, h: int = 40, w: int = 56, seed: int = 3,
+                classes: str = "background\ncat\ndog unseen\ngrass | green grass\n",
+                offset: int = 0, ext: str = ".png") -> dict:
+    """A ``--dataset folder`` tree (training/datasets/folder.py): images/, masks/ (ids + ``offset``),
+    classes.txt; no splits/ (the seeded split applies).  Returns {name: set of raw ids in its mask}."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / "classes.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text(classes)
+    n_classes = len([ln for ln in classes.splitlines() if ln.strip()])
+    out = {}
+    for i in range(n):
+        ids = [int(c) + offset for c in rng.choice(np.arange(1, n_classes), size=2, replace=False)]
+        image, label = _scene(rng, h, w, offset, ids, boundary=255)
+        if offset:
+            label[-3:] = 0  # unlabelled pixels, as ADE20K's id 0
+        name = f"img{i:02d}"
+        _save(image, label, root / "images" / f"{name}{ext}", root / "masks" / f"{name}.png")
+        out[name] = set(np.unique(label).tolist())
+    return out

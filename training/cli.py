@@ -5,17 +5,83 @@ import argparse
 
 from mvpseg.clip_backbone import ClipSpec, add_clip_args  # noqa: F401  (re-exported for the scripts)
 
+from .datasets import DatasetError
+from .datasets.folder import compose_spec
+
 
 def clip_spec(args: argparse.Namespace) -> ClipSpec:
     return ClipSpec.from_args(args)
 
 
+class _FolderRootAction(argparse.Action):
+    """``--data-root`` / ``--label-offset`` / ``--reduce-zero-label`` in any order: the label offset is folded
+    into the data root (``DIR::label_offset=K``, ``training/datasets/folder.py``) so that it reaches the
+    dataset through the run's recorded ``data_root`` like any other part of the data's identity."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if self.dest == "data_root":
+            namespace.data_root_path = values
+        else:
+            namespace.label_offset = self.const if values in (None, []) else values
+        if getattr(namespace, "data_root_path", None) is not None:
+            namespace.data_root = compose_spec(namespace.data_root_path, getattr(namespace, "label_offset", None))
+
+
+def label_offset(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 255:
+        raise argparse.ArgumentTypeError(f"label offset must be 0..254, got {value}")
+    return value
+
+
+def add_label_offset_args(p: argparse.ArgumentParser, action: type[argparse.Action] | None = None) -> None:
+    """mmseg's ``reduce_zero_label`` and its generalisation, for ``--dataset folder`` (folder.py)."""
+    g = p.add_mutually_exclusive_group()
+    extra = {"action": action} if action else {}
+    g.add_argument("--label-offset", type=label_offset, default=None, metavar="K", **extra,
+                   help="folder datasets: mask id of classes.txt's line i is i+K; ids below K are ignored")
+    zero = {"action": action, "nargs": 0} if action else {"action": "store_const"}
+    g.add_argument("--reduce-zero-label", dest="label_offset", const=1, **zero,
+                   help="folder datasets: mask id 0 is ignored and classes start at 1 (ADE20K; = --label-offset 1)")
+
+
 def add_data_args(p: argparse.ArgumentParser, out_help: str) -> None:
     """The training dataset and run folder, shared by the training scripts."""
-    p.add_argument("--dataset", required=True, help="voc | context | cocostuff | toyworld")
-    p.add_argument("--data-root", required=True, help="dataset folder (toyworld: a spec, docs/training.md)")
+    p.add_argument("--dataset", required=True, help="voc | context | cocostuff | toyworld | folder (your own data)")
+    p.add_argument("--data-root", required=True, action=_FolderRootAction,
+                   help="dataset folder (toyworld: a spec; folder: DIR with images/, masks/, classes.txt; "
+                        "docs/training.md)")
+    add_label_offset_args(p, _FolderRootAction)
     p.add_argument("--split", default=None, help="training split (default: the dataset's)")
     p.add_argument("--out", required=True, help=out_help)
+    one_line_dataset_errors()
+
+
+def user_message(exc: BaseException) -> str:
+    """One line for a user error.  DataLoader workers re-raise with the worker's traceback inside the
+    message; its last line is the error itself."""
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    return last.split(f"{type(exc).__name__}: ", 1)[-1].strip()
+
+
+def one_line_dataset_errors() -> None:
+    """Command-line runs report a ``DatasetError`` (a bad file or folder; the message names the path) as
+    one ``error:`` line, not a traceback: installed by the scripts' parsers, other exceptions untouched."""
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "_mvpseg_dataset_errors", False):
+        return
+
+    def hook(kind, exc, tb):
+        if issubclass(kind, DatasetError):
+            print(f"error: {user_message(exc)}", file=sys.stderr)
+        else:
+            previous(kind, exc, tb)
+
+    hook._mvpseg_dataset_errors = True
+    sys.excepthook = hook
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,9 @@ Table 3 (prompts learned on one dataset, tested on another's classes)::
     python -m training.evaluate --data voc=data/VOCdevkit/VOC2012 \\
         --prompts voc=runs/voc/prompts.safetensors --baselines maskclip-85 --out results/voc
 
+Your own data: ``--data folder=DIR`` (``training/datasets/folder.py``; ``--reduce-zero-label`` /
+``--label-offset K`` for masks whose class ids start at K), the same tables as for VOC.
+
 Writes ``<out>/results.md`` (summary, per-class IoU and cross-dataset tables) and
 ``<out>/results.json``.  Works under ``torchrun`` (images sharded, confusion matrices summed).
 """
@@ -32,10 +35,11 @@ from mvpseg.heads import segment
 from mvpseg.prompts import PromptSet
 
 from .checkpointing import atomic_write_text
-from .cli import (add_clip_args, add_runtime_args, amp_dtype, apply_runtime, clip_spec,
-                  parse_pairs)
+from .cli import (add_clip_args, add_label_offset_args, add_runtime_args, amp_dtype, apply_runtime, clip_spec,
+                  parse_pairs, user_message)
 from .data import EvalShard, eval_loader
-from .datasets import build_dataset, get_profile
+from .datasets import DatasetError, build_dataset, get_profile
+from .datasets.folder import compose_spec
 from .distributed import DistContext, distributed_session, seed_everything
 from .metrics import (ConfusionMatrix, SegScores, cross_table, dumps, per_class_table, summarize,
                       summary_table)
@@ -116,8 +120,9 @@ def render_markdown(results: dict[str, dict[str, SegScores]], header: dict) -> s
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", action="append", required=True, metavar="NAME=ROOT",
-                   help="dataset to test on (voc | context | cocostuff | toyworld); repeat for Table 3")
-    p.add_argument("--split", default=None, help="default: each dataset's validation split")
+                   help="dataset to test on (voc | context | cocostuff | toyworld | folder); repeat for Table 3")
+    p.add_argument("--split", default=None, help="default: each dataset's validation split (folder: also all)")
+    add_label_offset_args(p)
     p.add_argument("--prompts", action="append", default=[], metavar="NAME=PATH",
                    help="learned prompt checkpoint (.safetensors + .json); repeatable")
     p.add_argument("--baselines", nargs="*", default=list(BASELINES),
@@ -133,11 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
+    """Runs the evaluation; a bad dataset file or folder stops it with one line naming the path."""
+    try:
+        return _main(argv)
+    except DatasetError as exc:
+        raise SystemExit(f"error: {user_message(exc)}") from None
+
+
+def _main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     apply_runtime(args)
     datasets = parse_pairs(args.data, "--data")
     prompt_paths = parse_pairs(args.prompts, "--prompts")
+    if args.label_offset is not None and not any(get_profile(k).name == "folder" for k in datasets):
+        raise SystemExit("--label-offset / --reduce-zero-label apply to folder datasets (--data folder=DIR) only")
     with distributed_session(args.device) as ctx:
         seed_everything(args.seed)
         clip = load_clip(clip_spec(args), ctx.device)
@@ -148,6 +163,8 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         for key, root in datasets.items():
             prof = get_profile(key)
+            if prof.name == "folder":
+                root = compose_spec(root, args.label_offset)
             ds = build_dataset(key, root, args.split, label_space="full")
             tf = prof.eval_transform(**({"scale": tuple(args.eval_scale)} if args.eval_scale else {}))
             results[prof.name] = evaluate_dataset(clip, methods, ds, tf, ctx, args.limit,

@@ -3,7 +3,8 @@
 ``build_dataset(name, root, split, label_space)`` returns an object with ``class_names``,
 ``prompt_names``, ``unseen_indices`` (in its label space), ``ignore_index``, ``__len__`` and
 ``__getitem__ -> (image H×W×3 uint8, label H×W uint8)``.  ``PROFILES[name]`` holds the MaskCLIP
-crop/scale settings used to build transforms.
+crop/scale settings used to build transforms.  ``folder`` is any folder of images, masks and a class
+list (``folder.py``).
 """
 from __future__ import annotations
 
@@ -49,6 +50,26 @@ class DatasetProfile:
         return EvalTransform(**kw)
 
 
+@dataclass(frozen=True)
+class FolderProfile(DatasetProfile):
+    """``--dataset folder``: the training crop / scale come from the dataset (``FolderDataset.train_defaults``,
+    chosen from its image sizes and ``profile.json``); evaluation never enlarges an image."""
+
+    def train_transform(self, dataset: object = None, **overrides) -> TrainTransform:
+        kw = dict(getattr(dataset, "train_defaults", {}))
+        kw.update(overrides)  # the command line (--crop-size, --train-scale) wins over the folder's defaults
+        return super().train_transform(None, **kw)
+
+    def eval_transform(self, **overrides) -> EvalTransform:
+        return super().eval_transform(**{"upscale": False, **overrides})
+
+
+def _folder(root, split, label_space="full", on_missing="error"):
+    from .folder import folder_dataset
+
+    return folder_dataset(root, split, label_space, on_missing)
+
+
 def _toyworld(root, split, label_space="full", on_missing="error"):
     from ._toyworld_adapter import toyworld_dataset
 
@@ -69,6 +90,8 @@ PROFILES: dict[str, DatasetProfile] = {
     # the world's image_size.
     "toyworld": DatasetProfile("toyworld", _toyworld, "train", "val", None, 128, None,
                                ratio_range=(1.0, 1.0), photometric=False),
+    # Your own data (folder.py): these are the fallbacks; a folder's image sizes and profile.json decide.
+    "folder": FolderProfile("folder", _folder, "train", "val", (2048, 512), 512, (2048, 512)),
 }
 ALIASES = {"voc": "voc20", "context": "context60", "pascal_context": "context60",
            "cocostuff": "cocostuff171", "coco_stuff": "cocostuff171"}
@@ -85,13 +108,15 @@ def build_dataset(name: str, root: str | Path, split: str | None = None, label_s
                   on_missing: str = "error", train: bool = False):
     """Build a dataset by name; ``split=None`` picks the profile's train or eval split."""
     prof = get_profile(name)
+    if prof.name != "folder" and "::label_offset=" in str(root):
+        raise ValueError(f"--label-offset / --reduce-zero-label apply to --dataset folder only, not {name!r}")
     if split is None:
         split = prof.train_split if train else prof.eval_split
     return prof.factory(Path(root), split, label_space=label_space, on_missing=on_missing)
 
 
 __all__ = [
-    "ALIASES", "COCOSTUFF171", "CONTEXT60", "ClassSplit", "DatasetError", "DatasetProfile",
+    "ALIASES", "COCOSTUFF171", "CONTEXT60", "ClassSplit", "DatasetError", "DatasetProfile", "FolderProfile",
     "EvalTransform", "IGNORE_INDEX", "PROFILES", "SegmentationDataset", "TrainTransform", "VOC20",
     "build_dataset", "get_profile",
 ]

@@ -142,11 +142,15 @@ class TrainTransform:
 @dataclass(frozen=True)
 class EvalTransform:
     """Whole-image, single-scale: keep-ratio resize to ``scale`` (mmcv rule), label untouched;
-    ``scale=None`` keeps the native size."""
+    ``scale=None`` keeps the native size.  ``upscale=False`` never enlarges an image (folder datasets:
+    small images keep the size their training used)."""
 
     scale: tuple[int, int] | None = (2048, 512)
+    upscale: bool = True
 
     def __call__(self, image: np.ndarray, label: np.ndarray):
         size = image.shape[:2] if self.scale is None else rescale_size(*image.shape[:2], self.scale)
+        if not self.upscale and size[0] * size[1] > image.shape[0] * image.shape[1]:
+            size = image.shape[:2]
         image, _ = resize_pair(image, None, size)
         return to_tensor(image), torch.from_numpy(label.astype(np.int64))
