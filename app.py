@@ -38,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-classes", type=int, default=30, help="largest vocabulary accepted")
     p.add_argument("--fallback", default="auto", choices=["auto", "random", "none"],
                    help="without pretrained weights: toy model then random weights (auto), random weights, or fail")
+    p.add_argument("--text-cache-dir", default=None, metavar="DIR|none",
+                   help="keep text embeddings here across restarts (default: $MVPSEG_TEXT_CACHE_DIR, else /data/"
+                        "mvpseg-text-cache on a Space with persistent storage, else ~/.cache/mvpseg/text-embeddings); "
+                        "'none': in memory only")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="interface to listen on (0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
@@ -59,15 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from demo import DemoConfig, build_demo, launch_kwargs, load_models
+    from demo.models import text_cache_dir_from
     from demo.sources import MAX_PIXELS
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow refuses bigger images before decoding them
     spec = ClipSpec.from_args(args)
+    text_cache = text_cache_dir_from(args.text_cache_dir)
     config = DemoConfig(clip=spec.model_name, pretrained=spec.pretrained, model_config=spec.model_config,
                         cache_dir=spec.cache_dir, normalization=spec.normalization, device=args.device,
                         checkpoints=tuple(_checkpoint(c) for c in args.checkpoint), discover=not args.no_discover,
                         student=args.student, short_side=args.short_side, max_classes=args.max_classes,
-                        fallback=args.fallback)
+                        fallback=args.fallback, text_cache_dir=text_cache)
     try:
         models = load_models(config)
     except Exception as e:  # e.g. --device cuda without CUDA, --fallback none offline, unknown model

@@ -104,7 +104,9 @@ def _timings(run: SegmentRun, stages: dict[str, tuple[float, str]], total: float
                  "work size {1}×{0}".format(*run.primary.prediction.work_size)))
     for r in run.results:
         rows.append((f"text embeddings · {r.label}", r.text_seconds,
-                     "cached: same vocabulary and prompts" if r.text_cached else f"{len(run.classes)} classes"))
+                     "cached: every class seen before with these prompts" if r.text_cached else
+                     f"{r.classes_encoded} of {len(run.classes)} classes encoded, the rest cached"
+                     if r.classes_encoded < len(run.classes) else f"{len(run.classes)} classes"))
         rows.append((f"head + GPR · {r.label}", r.head_seconds, ""))
     rows.append(("label maps (full size)", run.label_seconds, ""))
     if run.student_map is not None:

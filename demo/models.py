@@ -40,6 +40,8 @@ class DemoConfig:
         ``assets/`` that fit the loaded CLIP.
     fallback: when the weights are missing, ``"auto"`` runs the toy model if bundled, else random weights;
         ``"random"`` goes straight to random weights; ``"none"`` re-raises.
+    text_cache_dir: where text embeddings are kept across restarts (``default_text_cache_dir()`` in the app);
+        None: in memory only.
     """
 
     clip: str = "RN50"
@@ -54,6 +56,24 @@ class DemoConfig:
     max_classes: int = 30
     fallback: Literal["auto", "random", "none"] = "auto"
     normalization: str | None = None
+    text_cache_dir: str | None = None
+
+
+def default_text_cache_dir() -> str:
+    """``$MVPSEG_TEXT_CACHE_DIR``; else Spaces' persistent storage (``/data/mvpseg-text-cache``, when ``/data``
+    is a writable folder); else ``$XDG_CACHE_HOME/mvpseg/text-embeddings`` (``~/.cache/…``)."""
+    if os.environ.get("MVPSEG_TEXT_CACHE_DIR"):
+        return os.environ["MVPSEG_TEXT_CACHE_DIR"]
+    if os.path.isdir("/data") and os.access("/data", os.W_OK):
+        return "/data/mvpseg-text-cache"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mvpseg", "text-embeddings")
+
+
+def text_cache_dir_from(arg: str | None) -> str | None:
+    """``--text-cache-dir``: None → ``default_text_cache_dir()``; "none" / "off" → None (memory only)."""
+    folder = arg if arg else default_text_cache_dir()
+    return None if folder.strip().lower() in ("none", "off", "") else folder
 
 
 StudentRunner = Callable[[np.ndarray, str, tuple[str, ...]], np.ndarray]
@@ -240,7 +260,8 @@ def load_models(config: DemoConfig = DemoConfig(), toy_spec: mvpseg.ClipSpec = m
     paths, descriptions, more = _load_learned(clip, config.checkpoints, discovered, reserved=tuple(baselines))
     notices += more
     short_side = config.short_side or (TOY_SHORT_SIDE if mode == "toy" else DEFAULT_SHORT_SIDE)
-    predictor = mvpseg.build_predictor(clip, checkpoints=paths, baselines=True, short_side=short_side)
+    predictor = mvpseg.build_predictor(clip, checkpoints=paths, baselines=True, short_side=short_side,
+                                       text_cache_dir=config.text_cache_dir)
     description = f"{clip.spec.describe()}" if mode != "toy" else "bundled toy-world CLIP (toyclip)"
     if mode == "toy" and not paths:
         notices.append("ℹ️ No learned prompts for the toy model are shipped yet: the handcrafted prompt sets are "

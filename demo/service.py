@@ -2,8 +2,8 @@
 
 The predictor holds a single image's features, and several browser sessions share it, so every use of it
 happens under one lock and the image is re-encoded only when its content key differs from the cached one.
-Changing only the vocabulary or only the prompt sets therefore never re-runs the image tower, and a
-(prompt set, vocabulary) pair seen before never re-runs the text tower (``predictor.stats`` counts both).
+Changing only the vocabulary or only the prompt sets therefore never re-runs the image tower, and the text
+tower encodes only class names not seen before with a prompt set (``predictor.stats`` counts both).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ class SetResult:
     text_seconds: float
     head_seconds: float
     text_cached: bool
+    classes_encoded: int = 0  # class names the text tower encoded for this request (the rest were cached)
 
     @property
     def multi_view(self) -> bool:
@@ -150,12 +151,12 @@ class SegmentService:
             image_seconds = 0.0 if image_cached else self.predictor.image_seconds
             for i, name in enumerate(names):
                 step(0.3 + 0.5 * i / len(names), f"prompt set {self.label(name)}")
-                before = self.predictor.stats["text_encodes"]
+                before = self.predictor.stats["text_classes_encoded"]
                 pred = self.predictor.predict(classes, prompts=name)
-                cached = self.predictor.stats["text_encodes"] == before
-                text = self.predictor.text_features(classes, name)  # a cache hit: the same TextViews
+                encoded = self.predictor.stats["text_classes_encoded"] - before
+                text = self.predictor.text_features(classes, name)  # a cache hit: the same embeddings
                 results.append(SetResult(name, self.label(name), pred, text, pred.timings["text"],
-                                         pred.timings["head"], cached))
+                                         pred.timings["head"], encoded == 0, encoded))
         run = SegmentRun(img, classes, visualize.palette(len(classes)), results, load_seconds, image_seconds,
                          image_cached, notes=[img.note] if img.note else [])
         t1 = time.perf_counter()

@@ -47,8 +47,9 @@ def build_mvpseg(clip: ClipSpec | FrozenCLIP = ClipSpec(), n_seg: int = 3, n_ctx
 
 def build_predictor(clip: ClipSpec | FrozenCLIP = ClipSpec(), checkpoints: dict[str, str] | None = None,
                     baselines: bool = True, device: str | None = "cpu", short_side: int = 512,
-                    max_long_side: int = 2048) -> Predictor:
-    """A Predictor with the learned prompt sets in ``checkpoints`` (name → path) first, then the baselines."""
+                    max_long_side: int = 2048, text_cache_dir: str | Path | None = None) -> Predictor:
+    """A Predictor with the learned prompt sets in ``checkpoints`` (name → path) first, then the baselines;
+    ``text_cache_dir`` keeps text embeddings on disk across restarts (see ``Predictor``)."""
     frozen = clip if isinstance(clip, FrozenCLIP) else load_clip(clip, resolve_device(device))
     sets: dict[str, PromptSet] = {}
     gamma = 10.0
@@ -57,4 +58,5 @@ def build_predictor(clip: ClipSpec | FrozenCLIP = ClipSpec(), checkpoints: dict[
         gamma = sets[name].meta.gamma
     if baselines:
         sets.update(baseline_prompt_sets())
-    return Predictor(frozen, sets, gamma=gamma, short_side=short_side, max_long_side=max_long_side)
+    return Predictor(frozen, sets, gamma=gamma, short_side=short_side, max_long_side=max_long_side,
+                     text_cache_dir=text_cache_dir)

@@ -14,6 +14,7 @@ import os
 import socket
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -211,6 +212,17 @@ class FrozenCLIP(nn.Module):
         self.text_width = int(model.token_embedding.weight.shape[1])
         self.context_length = int(model.positional_embedding.shape[0])
         self.fingerprint = _fingerprint(model)
+
+    @cached_property
+    def text_fingerprint(self) -> str:
+        """Digest of every text-tower tensor (all bytes, names, dtypes, shapes), computed once on first use
+        (≈ 0.1 s for RN50): text-embedding caches key on it. ``fingerprint`` (prompt checkpoints) samples
+        only the embeddings and stays as it is so that existing checkpoints keep loading."""
+        from .text_cache import digest
+
+        tensors = {n: t for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
+                   if not n.startswith("visual.") and n not in ("logit_scale", "logit_bias")}
+        return digest((type(self.model).__qualname__,), tensors)
 
     def train(self, mode: bool = True) -> "FrozenCLIP":  # noqa: D401 - frozen on purpose
         return super().train(False)

@@ -63,6 +63,10 @@ class _HandcraftedBase(PromptSet):
         self.name = name
         self.chunk_size = chunk_size
 
+    def text_identity(self) -> tuple[tuple, dict[str, torch.Tensor]]:
+        """The templates of every view (nothing learned)."""
+        return (type(self).__qualname__, self.views, self.view_names), {}
+
     def tau1(self) -> float:
         # A temperature-100 softmax (CLIP's logit scale) over the mean of the K views.
         return CLIP_LOGIT_SCALE / len(self.views)

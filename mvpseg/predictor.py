@@ -1,16 +1,18 @@
 """The public inference API: ``set_image()`` caches dense image features, ``predict(vocabulary)`` caches text.
 
-Changing only the vocabulary or only the prompt set reuses the cached image features; re-running a
-(prompt set, vocabulary) pair reuses its text embeddings, so a warm request costs the head only.
+Changing only the vocabulary or only the prompt set reuses the cached image features. Text embeddings are
+cached per (CLIP, prompt set, class name) (mvpseg/text_cache.py): a vocabulary seen before costs nothing,
+and an edited one encodes only its new names. With ``text_cache_dir`` they also survive restarts.
 """
 from __future__ import annotations
 
+import logging
 import re
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -20,6 +22,10 @@ from .clip_backbone import FrozenCLIP
 from .heads import MVPSegOutput, segment
 from .image_io import ImageLike, prepare_image
 from .prompts import PromptSet, TextViews
+from .text_cache import ClassTextCache, DiskTextCache, LRUCache, TextKey, prompt_fingerprint
+
+__all__ = ["LRUCache", "Prediction", "Predictor", "VocabularyError", "amp_autocast", "parse_vocabulary"]
+log = logging.getLogger("mvpseg.predictor")
 
 MAX_CLASSES = 200
 MAX_NAME_CHARS = 60
@@ -28,29 +34,6 @@ MAX_NAME_CHARS = 60
 def amp_autocast(device: torch.device, enabled: bool = True):
     """bfloat16 autocast on CUDA (frozen towers at inference), a no-op context elsewhere."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
-
-
-class LRUCache:
-    """At most ``size`` values, least recently used dropped first (text embeddings per vocabulary)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: OrderedDict = OrderedDict()
-
-    def get(self, key, compute: Callable[[], object]):
-        """The cached value of ``key``, or ``compute()`` stored under it."""
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        value = self._items[key] = compute()
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
-        return value
-
-    def drop(self, keep: Callable[[object], bool]) -> None:
-        """Forget every key for which ``keep(key)`` is false."""
-        for key in [k for k in self._items if not keep(k)]:
-            del self._items[key]
 
 
 class VocabularyError(ValueError):
@@ -146,13 +129,19 @@ class Predictor:
         gamma: GPR spatial softmax scale (Eq. 6).
         short_side / max_long_side: the image is resized so its short side is ``short_side`` (MaskCLIP: 512)
             unless the long side would exceed ``max_long_side``.
-        text_cache_size: how many (prompt set, vocabulary) text embeddings to keep.
+        text_cache_size: unused, kept for compatibility (the text cache is bounded by ``text_cache_bytes``).
         amp: run the CLIP towers in bfloat16 autocast on CUDA.
+        text_cache_bytes: memory for per-class text embeddings (least recently used dropped first; RN50:
+            4 KB per class and view, so 256 MB hold ~16 k class × prompt-set entries of 4 views).
+        text_cache_dir: also keep text embeddings in this folder (safetensors, one file per CLIP × prompt
+            set), reused across restarts; None: memory only. A folder that cannot be created is logged and
+            ignored.
     """
 
     def __init__(self, clip: FrozenCLIP, prompt_sets: dict[str, PromptSet], gamma: float = 10.0,
                  short_side: int = 512, max_long_side: int = 2048, text_cache_size: int = 32,
-                 amp: bool = True) -> None:
+                 amp: bool = True, text_cache_bytes: int = 256 << 20,
+                 text_cache_dir: str | Path | None = None) -> None:
         if not prompt_sets:
             raise ValueError("a predictor needs at least one prompt set")
         self.clip = clip
@@ -160,13 +149,22 @@ class Predictor:
         self.short_side, self.max_long_side = short_side, max_long_side
         self.amp = amp
         self._prompt_sets: dict[str, PromptSet] = {}
-        self._text_cache = LRUCache(text_cache_size)  # (prompt set, vocabulary) → TextViews
+        disk = None
+        if text_cache_dir is not None:
+            try:
+                disk = DiskTextCache(text_cache_dir)
+            except OSError as e:
+                log.warning("text cache folder %s is not usable (%s): text embeddings stay in memory",
+                            text_cache_dir, e)
+        self.text_cache = ClassTextCache(text_cache_bytes, disk)
         for name, ps in prompt_sets.items():
             self.add_prompt_set(name, ps)
         self._features: torch.Tensor | None = None
         self._image_size: tuple[int, int] | None = None
         self._work_size: tuple[int, int] | None = None
-        self.stats = {"image_encodes": 0, "text_encodes": 0}
+        # text_encodes: text-tower runs (one per request with any new class); text_classes_encoded: class names
+        # encoded by them (a vocabulary edit adds only its new names)
+        self.stats = {"image_encodes": 0, "text_encodes": 0, "text_classes_encoded": 0}
         self.image_seconds = 0.0
 
     # ----------------------------------------------------------------- prompt sets
@@ -180,9 +178,9 @@ class Predictor:
         return self._prompt_sets[name]
 
     def add_prompt_set(self, name: str, prompts: PromptSet) -> None:
-        """Registers (or replaces) a prompt set; cached text of a replaced set is dropped."""
+        """Registers (or replaces) a prompt set. Cached text is keyed by the prompts' content, not by name:
+        a replaced set never sees the old one's embeddings (they age out of the cache)."""
         self._prompt_sets[name] = prompts.to(self.clip.device).eval()
-        self._text_cache.drop(keep=lambda key: key[0] != name)
 
     # ----------------------------------------------------------------- image
     @torch.no_grad()
@@ -207,16 +205,29 @@ class Predictor:
         return self._features
 
     # ----------------------------------------------------------------- text
+    def text_key(self, prompts: str) -> TextKey:
+        """The cache key of a prompt set's text embeddings under this CLIP, device and precision."""
+        device = self.clip.device
+        precision = f"{device.type}-{str(self.clip.model.token_embedding.weight.dtype).replace('torch.', '')}"
+        if self.amp and device.type == "cuda":
+            precision += "-bf16-autocast"
+        return TextKey(self.clip.text_fingerprint, precision, prompt_fingerprint(self.prompt_set(prompts)))
+
     @torch.no_grad()
     def text_features(self, vocabulary: tuple[str, ...], prompts: str) -> TextViews:
-        """Cached per (prompt set, vocabulary)."""
-        def encode() -> TextViews:
+        """K×C×D (+ C×D global) text embeddings, cached per class: only names not seen before with this
+        prompt set are encoded, all in one call."""
+        ps = self.prompt_set(prompts)
+
+        def encode(names: tuple[str, ...]) -> TextViews:
             with amp_autocast(self.clip.device, self.amp):
-                views = self.prompt_set(prompts).encode(self.clip, vocabulary).detach()
+                views = ps.encode(self.clip, names).detach()
             self.stats["text_encodes"] += 1
+            self.stats["text_classes_encoded"] += len(names)
             return views
 
-        return self._text_cache.get((prompts, vocabulary), encode)
+        return self.text_cache.get(self.text_key(prompts), tuple(vocabulary), encode, tuple(ps.view_names),
+                                   self.clip.device, per_class=getattr(ps, "per_class_text", True))
 
     # ----------------------------------------------------------------- predict
     @torch.no_grad()

@@ -38,6 +38,9 @@ class PromptSet(nn.Module):
 
     name: str = "prompts"
     view_names: tuple[str, ...] = ()
+    # encode() treats every class name independently of the others, so text caches may store and reuse the
+    # embeddings per class (mvpseg/text_cache.py); a subclass mixing classes must set this to False.
+    per_class_text: bool = True
 
     @property
     def has_global(self) -> bool:
@@ -53,6 +56,12 @@ class PromptSet(nn.Module):
 
     def encode(self, clip: FrozenCLIP, class_names: Sequence[str]) -> TextViews:
         raise NotImplementedError
+
+    def text_identity(self) -> tuple[tuple, dict[str, torch.Tensor]]:
+        """What ``encode`` depends on besides the class names and the CLIP, as (plain values, tensors); text
+        caches key on its digest. The default is conservative: the class, the view names and every parameter
+        and buffer."""
+        return (type(self).__qualname__, tuple(self.view_names)), dict(self.state_dict(keep_vars=True))
 
 
 class LearnedPrompts(PromptSet):
@@ -100,6 +109,11 @@ class LearnedPrompts(PromptSet):
 
     def tau2(self) -> torch.Tensor | None:
         return self.log_tau2.exp() if self.use_global else None
+
+    def text_identity(self) -> tuple[tuple, dict[str, torch.Tensor]]:
+        """The context vectors and the layout: the temperatures do not change the text embeddings."""
+        return ((type(self).__qualname__, self.n_seg, self.n_ctx, self.use_global, self.view_names),
+                {"ctx": self.ctx})
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """What prompt checkpoints store: ``ctx`` (P×n_ctx×W) and the temperatures ``tau1``, ``tau2``

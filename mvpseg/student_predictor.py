@@ -19,9 +19,10 @@ import torch
 from .clip_backbone import ClipSpec, FrozenCLIP, load_clip
 from .heads import MVPSegOutput
 from .image_io import ImageLike, prepare_image
-from .predictor import LRUCache, Prediction, amp_autocast, parse_vocabulary
+from .predictor import Prediction, amp_autocast, parse_vocabulary
 from .prompts import PromptSet
 from .student import LoadedStudent, StudentNet, fuse_views, load_student
+from .text_cache import LRUCache
 
 BACKGROUND = "background"
 

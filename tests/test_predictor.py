@@ -41,13 +41,13 @@ def test_features_and_text_are_cached(pred, tiny):
     pred.set_image(np.zeros((64, 64, 3), np.uint8))
     pred.predict("cat, dog", prompts="parts")
     pred.predict("cat, dog", prompts="parts")
-    assert pred.stats == {"image_encodes": 1, "text_encodes": 1}
-    pred.predict("cat, dog, sky", prompts="parts")
+    assert pred.stats == {"image_encodes": 1, "text_encodes": 1, "text_classes_encoded": 2}
+    pred.predict("cat, dog, sky", prompts="parts")  # only "sky" is new to this prompt set
     pred.predict("cat, dog", prompts="maskclip-85")
-    assert pred.stats == {"image_encodes": 1, "text_encodes": 3}
+    assert pred.stats == {"image_encodes": 1, "text_encodes": 3, "text_classes_encoded": 5}
     pred.set_image(np.ones((64, 64, 3), np.uint8))
     r = pred.predict("cat, dog", prompts="parts")
-    assert pred.stats == {"image_encodes": 2, "text_encodes": 3}
+    assert pred.stats == {"image_encodes": 2, "text_encodes": 3, "text_classes_encoded": 5}
     # the cached result equals a fresh computation
     text = pred.prompt_set("parts").encode(tiny, ("cat", "dog"))
     ref = segment(pred.image_features, text, pred.prompt_set("parts").tau1(), None)
