@@ -118,15 +118,17 @@ def test_demo_examples_exist(name):
 
 def test_ci_sized_default_recipe_keeps_the_templates_transfer_and_the_anchor_is_why(tmp_path):
     """A seeded CI-sized run of the default recipe (``train_prompts`` + ``evaluate``, toy world ``sparse``,
-    100 iterations × 4 fresh scenes, seed 0) against the same run without the template warm start and anchor.
+    100 iterations × 4 fresh scenes, seed 0) against the same run without the warm start and the anchor.
 
-    What docs/recipe.md measured with the full default (≤ 500 iterations; 3 worlds × 3 seeds): with this toy
-    CLIP no learned prompt beats the best handcrafted set on unseen classes by a significant margin; the
-    default ties it (|Δ mIoU(U)| ≤ MEASURED_TIE, see the docs), and without warm start + anchor the same
-    recipe loses 6.6 / 7.3 / 8.7 mIoU(U) (seed 0 of sparse / crowded / medium-b). So the margin this test
-    can honestly assert is the anchor's, not a win over the templates: learned ≥ best handcrafted − 1.0
-    (mIoU(U) and hIoU), and the unanchored run ≥ 2 points below the anchored one on mIoU(U) (measured here:
-    see MEASURED below). No unseen name reaches the training vocabulary.
+    What docs/recipe.md measured with the full default (≤ 500 iterations, 150 evaluation images): with this
+    toy CLIP no learned prompt reliably beats the best handcrafted set on unseen classes; Δ mIoU(U) over
+    12 world × seed runs lies in [−2.7, +1.6] (sparse −0.5 / +1.6 / +0.9; crowded ±0.0 ×3, selection keeps
+    the warm start), and probe (c) in docs/toyworld.md says why (no class-agnostic correction learned on seen
+    classes transfers). So the margin this test can honestly assert is the anchor's, not a win over the
+    templates. Measured here (48 images of seed 1, mIoU(U) / hIoU): default 35.6 / 35.7, best handcrafted
+    35.7 / 36.1 (Δ −0.1 / −0.4), no anchor 25.6 / 27.6 (10.0 below the default). Asserted: default ≥ best
+    handcrafted − 1.0 (mIoU(U) and hIoU), the unanchored run ≥ 2 points below the default on mIoU(U), and
+    no unseen name in the training vocabulary.
     """
     from training.evaluate import main as eval_main
     from training.train_prompts import main as train_main
@@ -140,12 +142,13 @@ def test_ci_sized_default_recipe_keeps_the_templates_transfer_and_the_anchor_is_
     report = eval_main(["--data", "toyworld=length=48,seed=1", "--baselines", "maskclip-85", "a-photo-of", "parts",
                         *[x for k, v in runs.items() for x in ("--prompts", f"{k}={v}")], *clip])
     res = report["results"]["toyworld"]
+    print({k: (round(v["miou_unseen"], 1), round(v["hiou"], 1)) for k, v in res.items()})  # shown by -s / failure
     assert report["datasets"]["toyworld"]["unseen_in_training_vocabulary"]["default"] == []
     best = {k: max(res[b][k] for b in ("maskclip-85", "a-photo-of", "parts")) for k in ("miou_unseen", "hiou")}
     assert res["default"]["miou_unseen"] >= best["miou_unseen"] - 1.0
     assert res["default"]["hiou"] >= best["hiou"] - 1.0
     assert res["default"]["miou_unseen"] >= res["no-anchor"]["miou_unseen"] + 2.0
-    assert 30.0 <= res["maskclip-85"]["miou_unseen"] <= 42.0  # measured 35.7
+    assert 30.0 <= res["maskclip-85"]["miou_unseen"] <= 42.0  # measured 35.7 (48 images of seed 1)
 
 
 def test_shipped_learned_prompts_fit_the_toy_clip_and_never_saw_unseen_classes():
