@@ -67,6 +67,11 @@ class _HandcraftedBase(PromptSet):
         """The templates of every view (nothing learned)."""
         return (type(self).__qualname__, self.views, self.view_names), {}
 
+    def name_token_budget(self, clip: FrozenCLIP) -> int:
+        """Tokens a class name may take so that every template still fits CLIP's context (SOT, EOT)."""
+        longest = max(len(clip.tokenizer.encode(t.replace("{}", ""))) for tpls in self.views for t in tpls)
+        return clip.context_length - 2 - longest
+
     def tau1(self) -> float:
         # A temperature-100 softmax (CLIP's logit scale) over the mean of the K views.
         return CLIP_LOGIT_SCALE / len(self.views)

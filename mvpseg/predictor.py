@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -48,7 +49,9 @@ def parse_vocabulary(vocabulary: str | Sequence[str], max_classes: int = MAX_CLA
     for item in items:
         if not isinstance(item, str):
             raise VocabularyError(f"class names must be text, got {type(item).__name__}")
-        name = " ".join(item.split())
+        # zero-width, NUL and other control/format characters are invisible: they would make "cat" and
+        # "c\u200bat" two different classes that look the same, so they are dropped before anything else
+        name = " ".join("".join(ch for ch in item if unicodedata.category(ch) not in ("Cc", "Cf")).split())
         if name:
             names.append(name)
     if not names:
@@ -64,6 +67,21 @@ def parse_vocabulary(vocabulary: str | Sequence[str], max_classes: int = MAX_CLA
             raise VocabularyError(f"'{name}' appears twice in the vocabulary")
         seen[key] = name
     return tuple(names)
+
+
+def check_token_budget(clip, prompt_set, names: Sequence[str], set_name: str) -> None:
+    """Refuses a name that does not fit the prompt set's share of CLIP's token context, saying how many tokens
+    are left: names are short in characters but not always in tokens (e.g. non-Latin scripts)."""
+    budget_of = getattr(prompt_set, "name_token_budget", None)
+    encode = getattr(clip.tokenizer, "encode", None)
+    if budget_of is None or encode is None:
+        return
+    budget = budget_of(clip)
+    for n in names:
+        used = len(encode(n))
+        if used > budget:
+            raise VocabularyError(f"class name '{n}' is {used} tokens, but prompt set '{set_name}' leaves room for "
+                                  f"{budget}: shorten it or use fewer words")
 
 
 @dataclass
@@ -237,6 +255,7 @@ class Predictor:
         names = parse_vocabulary(vocabulary)
         name = prompts or self.prompt_set_names[0]
         ps = self.prompt_set(name)
+        check_token_budget(self.clip, ps, names, name)
         t0 = time.perf_counter()
         text = self.text_features(names, name)
         t1 = time.perf_counter()

@@ -139,11 +139,15 @@ class LearnedPrompts(PromptSet):
         self.load_state_dict({"ctx": tensors["ctx"], "log_tau1": tensors["tau1"].float().log(),
                               "log_tau2": tensors["tau2"].float().log()}, strict=True)
 
+    def name_token_budget(self, clip: FrozenCLIP) -> int:
+        """Tokens a class name may take after the n_ctx learned tokens (SOT, '.', EOT take three)."""
+        return clip.context_length - self.n_ctx - 3
+
     def _frozen_tokens(self, clip: FrozenCLIP, class_names: tuple[str, ...]):
         """(prefix C×1×W, suffix C×(L-1-n_ctx)×W, eot C) for the vocabulary, cached per (names, device)."""
         key = (class_names, str(clip.device), clip.fingerprint)
         if key not in self._token_cache:
-            budget = clip.context_length - self.n_ctx - 3  # SOT, '.', EOT
+            budget = self.name_token_budget(clip)
             for name in class_names:
                 n = len(clip.tokenizer.encode(name)) if hasattr(clip.tokenizer, "encode") else 0
                 if n > budget:

@@ -93,3 +93,31 @@ def test_lru_cache_keeps_the_most_recently_used_and_computes_once():
     cache.drop(keep=lambda key: key != "b")
     cache.get("b", make("b"))
     assert calls[-1] == "b" and len(calls) == 5
+
+
+def test_invisible_characters_are_dropped_from_names():
+    assert parse_vocabulary("c\u200bat, d\x00og, \ufeffsky") == ("cat", "dog", "sky")
+    with pytest.raises(VocabularyError, match="twice"):  # "cat" and "ca\u200dt" look the same: one class
+        parse_vocabulary("cat, ca\u200dt")
+    with pytest.raises(VocabularyError, match="empty"):
+        parse_vocabulary("\u200b\u200c, \x00")
+
+
+def test_a_name_over_the_prompt_sets_token_budget_is_a_vocabulary_error_that_says_what_is_left(pred, tiny):
+    pred.set_image(np.zeros((40, 40, 3), np.uint8))
+    pred.add_prompt_set("learned32", LearnedPrompts(tiny.text_width, n_seg=3, n_ctx=32))  # the paper's 32 tokens
+    budget = pred.prompt_set("learned32").name_token_budget(tiny)
+    assert budget == tiny.context_length - 32 - 3
+    long_name = "большая собака на траве"  # short in characters, many byte-pair tokens
+    used = len(tiny.tokenizer.encode(long_name))
+    assert used > budget and len(long_name) < 60
+    with pytest.raises(VocabularyError, match=rf"is {used} tokens, but prompt set 'learned32' leaves room for {budget}"):
+        pred.predict(f"cat, {long_name}", prompts="learned32")
+    fitting = " ".join(["dog"] * budget)  # exactly the budget: accepted
+    assert len(tiny.tokenizer.encode(fitting)) == budget
+    assert pred.predict(f"cat, {fitting}", prompts="learned32").label_map.shape == (40, 40)
+    # handcrafted sets have their own budget: the context minus their longest template
+    from mvpseg import TemplatePrompts
+
+    single = TemplatePrompts.single()
+    assert single.name_token_budget(tiny) == tiny.context_length - 2 - len(tiny.tokenizer.encode("a photo of a ."))
