@@ -85,12 +85,25 @@ def load_examples(mode: str) -> list[list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ outputs
+_MARKDOWN_SPECIALS = "\\`*_{}[]()<>#+-.!|~"
+# Uploaded files and rendered outputs live in Gradio's cache folder: delete what is older than an hour, every
+# 15 minutes (and on shutdown), so a long-running Space does not fill its disk (≈ 1 MB per request).
+DELETE_CACHE = (900, 3600)
+
+
+def plain(text: str) -> str:
+    """``text`` as literal characters inside Markdown: user-typed class names must not become links, images
+    or HTML (a name such as ``![x](http://host/y.png)`` made the browser fetch that URL)."""
+    return "".join(f"&#{ord(ch)};" if ch in _MARKDOWN_SPECIALS else ch for ch in text)
+
+
 def _summary(run: SegmentRun, total: float) -> str:
     p = run.primary.prediction
     shares = render.class_shares(p.label_map, len(run.classes))
     found = sorted(((s, c) for c, s in zip(run.classes, shares) if s >= 0.005), reverse=True)
     (w, h), (wh, ww) = run.image.original_size, p.work_size
-    lines = [f"**{run.primary.label}** — " + (", ".join(f"{c} {s:.0%}" for s, c in found) or "nothing found"),
+    lines = [f"**{plain(run.primary.label)}** — " + (", ".join(f"{plain(c)} {s:.0%}" for s, c in found)
+                                                       or "nothing found"),
              f"Image {w}×{h} · CLIP input {ww}×{wh} · {total:.2f} s"
              + (" (image features reused)" if run.image_cached else "")]
     return "\n\n".join(lines + [f"_{n}_" for n in run.notes])
@@ -210,7 +223,8 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
                 "It is ticked above as 'Learned · Hugging Face Hub repo'.", selected + [HUB])
 
     run_segment = gpu_decorator(segment) if gpu_decorator else segment
-    with gr.Blocks(title="MVP-SEG · open-vocabulary segmentation", analytics_enabled=False) as demo:
+    with gr.Blocks(title="MVP-SEG · open-vocabulary segmentation", analytics_enabled=False,
+                   delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# MVP-SEG · open-vocabulary segmentation with multi-view prompts\n"
                     "Upload an image (or click an example), list the classes to look for, pick prompt sets and "
                     "click **Segment**. Frozen CLIP + learned multi-view prompts + global prompt refining (GPR), "

@@ -328,3 +328,28 @@ def test_app_py_starts_offline_and_serves(tmp_path):
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert "Traceback" not in out, out
+
+
+def test_class_names_are_shown_as_plain_text_and_the_file_cache_is_bounded(app):
+    from markdown_it import MarkdownIt
+
+    from demo.layout import DELETE_CACHE, plain
+
+    client, demo = app
+    hostile = ["![x](http://127.0.0.1:9/y.png)", "[click](http://127.0.0.1:9/)", "<img src=x onerror=alert(1)>",
+               "**bold** _it_ `code` # h | t ~ s"]
+    md = MarkdownIt("commonmark").enable("table").enable("strikethrough")
+    for name in hostile:
+        html = md.render(plain(name))
+        assert "<img" not in html and "<a " not in html and "<strong>" not in html and "<code>" not in html
+        assert html == f"<p>{html_text(name)}</p>\n"  # the same characters, nothing rendered
+    # through the app: a hostile name in the vocabulary comes back escaped in the summary
+    summary = segment(client, vocabulary="background, [cat](http://127.0.0.1:9/)", sets=["maskclip-85"])[1]
+    assert "](http" not in summary and "&#91;cat&#93;" in summary
+    assert demo.delete_cache == DELETE_CACHE and DELETE_CACHE[1] <= 24 * 3600
+
+
+def html_text(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=False)
