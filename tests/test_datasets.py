@@ -297,6 +297,8 @@ def test_toyworld_zoom_spec_magnifies_images_and_labels():
     assert profile.train_transform(plain).crop_size == profile.crop_size == 128
     assert profile.train_transform(zoomed).crop_size == 256
     assert profile.train_transform(zoomed, crop_size=96).crop_size == 96
-    for bad in ("zoom=0", "zoom=x", "zoom=2,zoom=2"):
+    for bad in ("zoom=0", "zoom=x", "zoom=2,zoom=2", "image_size=100000", "image_size=1024,zoom=4", "zoom=9",
+                "image_size=8", "length=0", "length=99999999999"):
         with pytest.raises(ValueError, match="bad toyworld spec"):
             build_dataset("toyworld", bad, "val")
+    assert build_dataset("toyworld", "image_size=1024,zoom=2,length=2", "val")[0][0].shape == (2048, 2048, 3)

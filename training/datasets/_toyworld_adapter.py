@@ -21,6 +21,8 @@ from .base import IGNORE_INDEX, LabelSpace
 from .classes import ClassSplit
 
 BACKGROUND_MODES = ("class", "ignore")
+MAX_SIDE = 2048  # rendered pixels per image side (image_size × zoom)
+MAX_LENGTH = 10_000_000  # images in a bounded world (fresh sampling is unbounded anyway)
 
 
 def parse_spec(spec) -> dict:
@@ -46,6 +48,13 @@ def parse_spec(spec) -> dict:
                              f"unseen: {' | '.join(sorted(UNSEEN_SPLITS))}; "
                              f"each key once)")
         out[key] = value if key in ("world", "background", "unseen") else int(value)
+    # Bounds, so a typo cannot ask for a 100000 px world (≈ 10 GB per image) or an empty one.
+    side = out.get("image_size", 256) * out.get("zoom", 1)
+    if not 16 <= out.get("image_size", 256) or side > MAX_SIDE or out.get("zoom", 1) > 8:
+        raise ValueError(f"bad toyworld spec {text!r}: image_size must be ≥ 16 and image_size × zoom ≤ {MAX_SIDE} "
+                         f"(got {side}), zoom ≤ 8")
+    if "length" in out and not 1 <= out["length"] <= MAX_LENGTH:
+        raise ValueError(f"bad toyworld spec {text!r}: length must be in 1…{MAX_LENGTH}, got {out['length']}")
     return out
 
 
