@@ -41,6 +41,9 @@ class PromptMeta:
     gamma: float = 10.0
     training_classes: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    # input statistics the prompts were learned under ("imagenet" | "clip" | "custom"); None: written before
+    # it was recorded. Prompts run under other statistics lose most of their accuracy without any error.
+    normalization: str | None = None
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
@@ -98,7 +101,7 @@ def save_prompts(path: str | os.PathLike, prompts: LearnedPrompts, clip: FrozenC
     st.parent.mkdir(parents=True, exist_ok=True)
     meta = PromptMeta(clip.spec.model_name, clip.spec.pretrained, clip.fingerprint, clip.text_width, clip.embed_dim,
                       prompts.n_seg, prompts.n_ctx, prompts.use_global, float(gamma), tuple(training_classes),
-                      dict(extra or {}))
+                      dict(extra or {}), normalization=clip.normalization)
     save_safetensors(st, prompts.checkpoint_tensors(), FORMAT)
     atomic_write(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
     return st
@@ -127,6 +130,11 @@ def check_compatible(meta: PromptMeta, clip: FrozenCLIP) -> None:
     elif meta.clip_fingerprint != clip.fingerprint:
         problems.append(f"text-tower weights differ (fingerprint {meta.clip_fingerprint} vs {clip.fingerprint}; "
                         f"learned with pretrained={meta.clip_pretrained!r}, loaded {clip.spec.pretrained!r})")
+    if meta.normalization is not None and meta.normalization != clip.normalization and not problems:
+        raise CheckpointError(f"these prompts were learned with {meta.normalization!r} input normalisation, but the "
+                              f"CLIP is loaded with {clip.normalization!r}: pass --normalization "
+                              f"{meta.normalization} (the same CLIP under other input statistics gives far worse "
+                              "masks)")
     if problems:
         raise CheckpointError("these prompts were learned for another CLIP: " + "; ".join(problems) +
                               f". Load {meta.clip_model} ({meta.clip_pretrained}) to use them.")

@@ -87,3 +87,22 @@ def test_temperatures_are_learned_in_log_space(tiny):
     assert float(p.log_tau2.grad) == pytest.approx(3 * 0.07 ** 3, rel=1e-4)
     with pytest.raises(ValueError, match="positive"):
         LearnedPrompts(tiny.text_width, tau1_init=0.0)
+
+
+def test_normalisation_is_recorded_and_a_mismatch_is_refused_with_the_fix(tiny, tmp_path):
+    from mvpseg.clip_backbone import ClipSpec, load_clip
+    from mvpseg.testing import tiny_config_file
+
+    p, path = _saved(tiny, tmp_path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["normalization"] == tiny.normalization == "imagenet"
+    with torch.random.fork_rng(devices=[]):  # the same weights as ``tiny``, under CLIP's own statistics
+        torch.manual_seed(0)
+        clip_norm = load_clip(ClipSpec(model_name="mvpseg-tiny", pretrained=None,
+                                       model_config=str(tiny_config_file(name="mvpseg-tiny")), normalization="clip"))
+    assert clip_norm.fingerprint == tiny.fingerprint and clip_norm.normalization == "clip"
+    with pytest.raises(CheckpointError, match="learned with 'imagenet' input normalisation.*--normalization imagenet"):
+        load_prompts(path, clip_norm)
+    del meta["normalization"]  # a checkpoint written before it was recorded: loads as before
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    assert torch.equal(load_prompts(path, clip_norm).ctx, p.ctx)
