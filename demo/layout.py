@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -56,6 +57,15 @@ class ValidatedImage(gr.Image):
                            "or TIFF).") from e
 
 
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\"`()<>,;]+/)+([^\s'\"`()<>,;]*)")
+
+
+def redact_paths(message: str) -> str:
+    """``message`` with every absolute path cut to its file name: where the server keeps uploads, temporary
+    files and checkpoints is nobody's business (and says which user and folders it runs under)."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "…", message)
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turns the library's input errors into ``gr.Error`` (shown to the user); logs anything unexpected."""
 
@@ -66,7 +76,7 @@ def user_errors(fn: Callable) -> Callable:
         except gr.Error:
             raise
         except USER_ERRORS as e:
-            raise gr.Error(str(e)) from e
+            raise gr.Error(redact_paths(str(e))) from e
         except Exception as e:
             log.exception("request failed")
             raise gr.Error(f"Something went wrong on the server ({type(e).__name__}); it has been logged.") from e

@@ -201,8 +201,10 @@ BAD_INPUTS = {
 def test_bad_input_is_answered_with_its_message(app, tmp_path, case):
     client, _ = app
     make, message = BAD_INPUTS[case]
-    with pytest.raises(AppError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(AppError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
         segment(client, **make(tmp_path))
+    shown = str(err.value)
+    assert "/tmp" not in shown and str(tmp_path) not in shown and "Traceback" not in shown  # no server paths
 
 
 def test_server_keeps_serving_after_errors_and_oversized_uploads(app, tmp_path):
@@ -328,6 +330,15 @@ def test_app_py_starts_offline_and_serves(tmp_path):
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert "Traceback" not in out, out
+
+
+def test_paths_in_messages_are_cut_to_file_names():
+    from demo.layout import redact_paths
+
+    assert redact_paths("image /tmp/gradio/ab12/cut.png is truncated") == "image cut.png is truncated"
+    assert redact_paths("(/root/.cache/mvpseg/x.json)") == "(x.json)"
+    for kept in ("hf-hub:org/repo is not reachable", "see https://example.org/a/b", "3/4 of the pixels"):
+        assert redact_paths(kept) == kept
 
 
 def test_class_names_are_shown_as_plain_text_and_the_file_cache_is_bounded(app):
