@@ -31,12 +31,21 @@ def _check_size(w: int, h: int, max_pixels: int) -> None:
         raise ImageError(f"image aspect ratio {max(w, h) / min(w, h):.0f}:1 is too extreme (limit {MAX_ASPECT:.0f}:1)")
 
 
+def _to_uint8(f: np.ndarray, is_float: bool) -> np.ndarray:
+    """High-bit-depth or float pixel values → uint8, one rule for files and arrays: floats in [0, 1] scale by
+    255, values above 255 are 16-bit (65535 → 255, i.e. ÷ 257). A fixed scale, never the image's own maximum,
+    so a dark 16-bit image stays dark and two routes to the same pixels agree."""
+    if f.size and is_float and f.max() <= 1.0:
+        f = f * 255.0
+    elif f.size and f.max() > 255.0:
+        f = f / 257.0
+    return np.clip(f.round(), 0, 255).astype(np.uint8)
+
+
 def _to_rgb(im: Image.Image) -> np.ndarray:
     """Any PIL mode → RGB uint8. Transparent pixels are composited over white, high-bit-depth gray rescaled."""
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        hi = a.max() if a.size and a.max() > 0 else 1.0
-        a = np.clip(a / hi * 255.0, 0, 255).astype(np.uint8)
+        a = _to_uint8(np.asarray(im, dtype=np.float64), is_float=im.mode == "F")
         return np.repeat(a[:, :, None], 3, axis=2)
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
@@ -56,12 +65,7 @@ def _from_array(a: np.ndarray, max_pixels: int) -> np.ndarray:
     if a.dtype != np.uint8:
         if a.dtype == bool or not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
             raise ImageError(f"image array has dtype {a.dtype} or non-finite values")
-        f = a.astype(np.float64)
-        if np.issubdtype(a.dtype, np.floating) and f.max() <= 1.0:
-            f = f * 255.0  # float images in [0, 1]
-        elif f.max() > 255.0:
-            f = f / 257.0  # 16-bit images
-        a = np.clip(f.round(), 0, 255).astype(np.uint8)
+        a = _to_uint8(a.astype(np.float64), is_float=np.issubdtype(a.dtype, np.floating))
     if a.ndim == 2:
         return np.repeat(a[:, :, None], 3, axis=2)
     if a.shape[2] == 4:

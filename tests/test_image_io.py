@@ -46,3 +46,20 @@ def test_bad_inputs_have_clear_errors(tmp_path):
 def test_resize_short_side():
     assert resize_short_side(1000, 500, 512, 2048) == (1024, 512)
     assert resize_short_side(5000, 1000, 512, 2048) == (2048, 410)
+
+
+def test_16_bit_gray_has_one_fixed_scale_for_files_and_arrays(tmp_path):
+    from PIL import Image as PILImage
+
+    from mvpseg.image_io import load_image as load
+
+    a = np.array([[0, 257, 1000], [25700, 65535, 514]], dtype=np.uint16)  # a dark 16-bit image, one white pixel
+    path = tmp_path / "gray16.png"
+    PILImage.fromarray(a).save(path)
+    assert PILImage.open(path).mode.startswith("I")
+    from_file, from_array = load(path), load(a)
+    np.testing.assert_array_equal(from_file, from_array)
+    np.testing.assert_array_equal(from_file[..., 0], np.round(a / 257.0).astype(np.uint8))  # not a / a.max()
+    dark = np.full((4, 4), 1000, np.uint16)  # no bright pixel: stays dark instead of being stretched to white
+    PILImage.fromarray(dark).save(tmp_path / "dark.png")
+    assert load(tmp_path / "dark.png").max() == 4 == load(dark).max()
