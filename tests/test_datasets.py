@@ -302,3 +302,27 @@ def test_toyworld_zoom_spec_magnifies_images_and_labels():
         with pytest.raises(ValueError, match="bad toyworld spec"):
             build_dataset("toyworld", bad, "val")
     assert build_dataset("toyworld", "image_size=1024,zoom=2,length=2", "val")[0][0].shape == (2048, 2048, 3)
+
+
+def test_a_sample_that_is_unreadable_when_drawn_is_replaced_deterministically_with_skip(tmp_path, caplog):
+    meta = make_voc(tmp_path)
+    voc = tmp_path / "VOCdevkit/VOC2012"
+    lbl = voc / "SegmentationClass" / f"{meta['train'][1][0]}.png"
+    lbl.write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # found only when decoded, not by the up-front file check
+    strict = build_dataset("voc", voc, "train")
+    with pytest.raises(DatasetError, match=lbl.name):
+        strict[1]
+    ds = build_dataset("voc", voc, "train", on_missing="skip")
+    with caplog.at_level(logging.WARNING):
+        first, again = ds[1], ds[1]
+    image, label = first
+    np.testing.assert_array_equal(image, strict[2][0])  # the next readable sample stands in
+    np.testing.assert_array_equal(label, strict[2][1])
+    assert np.array_equal(again[0], image) and ds.unreadable == {1}
+    assert caplog.text.count(lbl.name) == 1  # logged once, with the path
+    fresh = build_dataset("voc", voc, "train", on_missing="skip")  # a resumed run replays the same stand-in
+    np.testing.assert_array_equal(fresh[1][0], image)
+    for s in ds.samples:  # nothing readable left: a clear error instead of a loop
+        s.label.write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match="consecutive samples .* unreadable"):
+        ds[0]

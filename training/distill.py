@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N images only")
     g.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     g.add_argument("--no-eval-teacher", action="store_true", help="do not score MVP-SEG beside the student")
-    g.add_argument("--skip-missing", action="store_true", help="drop samples whose files are missing")
+    g.add_argument("--skip-missing", action="store_true", help="drop samples whose files are missing and skip unreadable ones (logged)")
     g.add_argument("--cache-samples", action="store_true",
                    help="keep decoded training samples in memory (small datasets, the procedural toy world)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # interruption, for tests

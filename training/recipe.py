@@ -195,7 +195,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="shared-prefix: encode the class-independent context once per prompt "
                         "(exact, training/shared_prefix.py); plain: mvpseg's truncated encoder")
     p.add_argument("--skip-missing", action="store_true",
-                   help="drop (and count) samples whose files are missing instead of failing")
+                   help="drop (and count) samples whose files are missing, and replace a sample that turns out "
+                        "unreadable when drawn by the next readable one (logged), instead of failing")
     p.add_argument("--simulate-kill-at", type=int, default=None, help=argparse.SUPPRESS)
     add_clip_args(p)
     add_runtime_args(p)

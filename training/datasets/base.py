@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 
 
+MAX_CONSECUTIVE_UNREADABLE = 16  # more than this in a row means a broken folder, not a few bad files
+
+
 class DatasetError(RuntimeError):
     """A dataset folder, list file, image or label that cannot be used (message names the path)."""
 
@@ -164,6 +167,8 @@ class SegmentationDataset(LabelSpace):
             valid = raw_lut >= 0
             raw_lut = np.where(valid, seen[np.clip(raw_lut, 0, 255)], -1).astype(np.int16)
         self._lut = raw_lut
+        self.on_missing = on_missing
+        self.unreadable: set[int] = set()  # indices found corrupt while reading (on_missing="skip"), this process
         self.samples, self.skipped = self._check_files(list(samples), on_missing)
         if not self.samples:
             raise DatasetError(f"{name}: no samples left ({description})")
@@ -195,6 +200,25 @@ class SegmentationDataset(LabelSpace):
         return out.astype(np.uint8)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image H×W×3 uint8, label H×W uint8). With ``on_missing="skip"`` a sample that cannot be read
+        (corrupt file, size mismatch, invalid ids: found only when drawn) is replaced by the next readable one,
+        logged once: the replacement is a function of the index, so ``--resume`` replays the same order and
+        gets past it the same way instead of dying on it again."""
+        if self.on_missing != "skip":
+            return self._read(index)
+        tries = min(len(self), MAX_CONSECUTIVE_UNREADABLE)
+        for k in range(tries):
+            i = (index + k) % len(self)
+            try:
+                return self._read(i)
+            except DatasetError as e:
+                if i not in self.unreadable:
+                    self.unreadable.add(i)
+                    log.warning("%s: skipping an unreadable sample (%s)", self.name, e)
+        raise DatasetError(f"{self.name}: {tries} consecutive samples from index {index} are "
+                           "unreadable; check the dataset folder")
+
+    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         s = self.samples[index]
         image = read_image(s.image)
         raw = read_label(s.label)
