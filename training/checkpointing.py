@@ -51,7 +51,9 @@ def load_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RuntimeError(f"cannot read training checkpoint {path}: {exc}") from exc
+        # torch's own message suggests weights_only=False, i.e. running arbitrary code from the file: not shown
+        raise RuntimeError(f"cannot read training checkpoint {path}: it is truncated, corrupt or not a training "
+                           f"state written by mvpseg ({type(exc).__name__}); pickled objects are never loaded") from exc
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise RuntimeError(f"{path} is not a version-{STATE_VERSION} training state")
     return state
@@ -77,6 +79,21 @@ class CheckpointManager:
             old.unlink(missing_ok=True)
         return path
 
+    def latest_readable(self) -> Path | None:
+        """The newest state that loads, falling back past unreadable ones (a crash or a full disk can leave
+        the newest damaged) with a warning naming each; None when there is none."""
+        import logging
+
+        newest = self.latest()
+        candidates = ([newest] if newest else []) + sorted(self.dir.glob("state_*.pt"), reverse=True)
+        for path in dict.fromkeys(candidates):
+            try:
+                load_state(path)
+                return path
+            except RuntimeError as e:
+                logging.getLogger("mvpseg.train").warning("%s; trying the previous state", e)
+        return None
+
     def latest(self) -> Path | None:
         pointer = self.dir / "latest.json"
         if pointer.is_file():
@@ -94,7 +111,7 @@ class CheckpointManager:
         if resume is None:
             return None
         if resume == "auto":
-            return self.latest()
+            return self.latest_readable()
         return Path(resume)
 
 
