@@ -1,7 +1,7 @@
 """mvpseg: MVP-SEG multi-view prompt learning for open-vocabulary semantic segmentation (frozen CLIP)."""
 from .builder import TOY_CLIP_SPEC, baseline_prompt_sets, build_mvpseg, build_predictor, resolve_device
 from .checkpoint import CheckpointError, load_prompts, save_prompts
-from .clip_backbone import ClipSpec, ClipWeightsUnavailable, FrozenCLIP, load_clip
+from .clip_backbone import ClipSpec, ClipWeightsError, ClipWeightsUnavailable, FrozenCLIP, load_clip
 from .handcrafted import PartPrompts, TemplatePrompts
 from .heads import MVPSegOutput
 from .image_io import ImageError, load_image
@@ -15,7 +15,8 @@ from .student_predictor import StudentPredictor
 __version__ = "0.1.0"
 __all__ = [
     "TOY_CLIP_SPEC", "baseline_prompt_sets", "build_mvpseg", "build_predictor", "resolve_device",
-    "CheckpointError", "load_prompts", "save_prompts", "ClipSpec", "ClipWeightsUnavailable", "FrozenCLIP",
+    "CheckpointError", "load_prompts", "save_prompts", "ClipSpec", "ClipWeightsError", "ClipWeightsUnavailable",
+    "FrozenCLIP",
     "load_clip", "PartPrompts", "TemplatePrompts", "MVPSegOutput", "ImageError", "load_image", "LossWeights",
     "MVPSeg", "Prediction", "Predictor", "VocabularyError", "parse_vocabulary", "LearnedPrompts", "PromptSet",
     "TextViews", "__version__",

@@ -40,6 +40,10 @@ class ClipWeightsUnavailable(RuntimeError):
     """Pretrained CLIP weights are neither cached nor downloadable from here."""
 
 
+class ClipWeightsError(ValueError):
+    """A local CLIP weights file is corrupt, truncated, a pickle, or not weights of the requested model."""
+
+
 @dataclass(frozen=True)
 class ClipSpec:
     """Which CLIP to load.
@@ -265,6 +269,12 @@ class FrozenCLIP(nn.Module):
         self.model.transformer.grad_checkpointing = enable
 
 
+def _weights_error(spec: "ClipSpec", e: BaseException) -> ClipWeightsError:
+    return ClipWeightsError(f"cannot load CLIP weights {spec.pretrained} for {spec.model_name}: the file is corrupt, "
+                            f"truncated, a pickle or weights of another model ({type(e).__name__}); give a "
+                            ".safetensors file or a weights-only torch checkpoint of this model")
+
+
 def load_clip(spec: ClipSpec = ClipSpec(), device: str | torch.device = "cpu") -> FrozenCLIP:
     """Creates the frozen CLIP described by ``spec`` on ``device``.
 
@@ -292,6 +302,12 @@ def load_clip(spec: ClipSpec = ClipSpec(), device: str | torch.device = "cpu") -
                              f"open_clip knows e.g. RN50, RN101, RN50x4, ViT-B-16.") from e
         if "download" in str(e).lower() or "hub" in str(e).lower():
             raise ClipWeightsUnavailable(_offline_message(spec, str(e).splitlines()[0])) from e
+        if spec.pretrained and Path(spec.pretrained).is_file():
+            raise _weights_error(spec, e) from e
+        raise
+    except Exception as e:  # a local file torch / safetensors cannot read (never retried without weights_only)
+        if spec.pretrained and Path(spec.pretrained).is_file():
+            raise _weights_error(spec, e) from e
         raise
     tokenizer = open_clip.get_tokenizer(spec.model_name, cache_dir=spec.cache_dir)
     norm = spec.normalization or meta.get("normalization", "imagenet")

@@ -40,3 +40,35 @@ def test_a_foreign_or_damaged_state_is_refused_without_unpickling_or_unsafe_advi
     with pytest.raises(RuntimeError, match="cannot read training checkpoint .*never loaded") as err:
         load_state(path)
     assert "weights_only=False" not in str(err.value) and "unpickled!" not in capsys.readouterr().out
+
+
+def test_training_clis_report_bad_weights_and_bad_resume_states_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    garbage = tmp_path / "RN50.pt"
+    garbage.write_bytes(pickle.dumps(_Evil()))
+    toy = ["--clip", "toyclip", "--model-config", str(repo / "assets/toyclip/toyclip.json"), "--device", "cpu",
+           "--num-workers", "0", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    env.pop("MVPSEG_DEBUG", None)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "training.train_prompts", "--dataset", "toyworld",
+                               "--data-root", "seed=0", *args], cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    bad_weights = run("--out", str(tmp_path / "a"), *toy, "--pretrained", str(garbage))
+    state = tmp_path / "state.pt"
+    state.write_bytes(b"\x00garbage")
+    bad_state = run("--out", str(tmp_path / "b"), *toy, "--pretrained",
+                    str(repo / "assets/toyclip/toyclip.safetensors"), "--resume", str(state))
+    for proc, says, file in ((bad_weights, "cannot load CLIP weights", garbage),
+                             (bad_state, "cannot read training checkpoint", state)):
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1 and last.startswith(f"error: {says}") and str(file) in last
+        assert "Traceback" not in proc.stderr and "weights_only=False" not in proc.stderr
+        assert "unpickled!" not in proc.stdout

@@ -19,6 +19,10 @@ from .distributed import set_rng_state
 STATE_VERSION = 1
 
 
+class ResumeError(RuntimeError):
+    """A training state cannot be read or does not match the run being resumed (a user error)."""
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Call ``write(fileobj)`` on a temp file next to ``path`` then atomically replace ``path``."""
     path = Path(path)
@@ -52,10 +56,10 @@ def load_state(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         # torch's own message suggests weights_only=False, i.e. running arbitrary code from the file: not shown
-        raise RuntimeError(f"cannot read training checkpoint {path}: it is truncated, corrupt or not a training "
+        raise ResumeError(f"cannot read training checkpoint {path}: it is truncated, corrupt or not a training "
                            f"state written by mvpseg ({type(exc).__name__}); pickled objects are never loaded") from exc
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise RuntimeError(f"{path} is not a version-{STATE_VERSION} training state")
+        raise ResumeError(f"{path} is not a version-{STATE_VERSION} training state")
     return state
 
 
@@ -122,7 +126,7 @@ def check_config_compatible(saved: dict, current: dict, keys, defaults: dict | N
     diff = {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise RuntimeError(f"cannot resume: settings differ from the checkpoint ({lines})")
+        raise ResumeError(f"cannot resume: settings differ from the checkpoint ({lines})")
 
 
 def restore_state(path: Path, config: dict, keys, modules: dict, optimizer, scaler, schedule: dict,
@@ -134,12 +138,12 @@ def restore_state(path: Path, config: dict, keys, modules: dict, optimizer, scal
     state = load_state(path)
     check_config_compatible(state["config"], config, keys, defaults)
     if state.get("scheduler") != schedule:
-        raise RuntimeError(f"cannot resume: LR schedule differs from {path}")
+        raise ResumeError(f"cannot resume: LR schedule differs from {path}")
     for key, module in modules.items():
         try:
             module.load_state_dict(state[key])
         except (KeyError, RuntimeError) as e:  # e.g. a state written before a parameter was renamed
-            raise RuntimeError(f"cannot resume from {path}: its '{key}' state does not match this version of "
+            raise ResumeError(f"cannot resume from {path}: its '{key}' state does not match this version of "
                                f"the code ({str(e).splitlines()[0]}); resume with the version that wrote it, "
                                f"or start a new run folder") from e
     for key, module in (optional or {}).items():

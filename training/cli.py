@@ -65,9 +65,20 @@ def user_message(exc: BaseException) -> str:
     return last.split(f"{type(exc).__name__}: ", 1)[-1].strip()
 
 
+def user_error_types() -> tuple[type, ...]:
+    """Errors that mean "your input is wrong" (each message names the file or setting), not a bug."""
+    from mvpseg import CheckpointError, ClipWeightsError, ClipWeightsUnavailable, VocabularyError
+
+    from .checkpointing import ResumeError
+
+    return (DatasetError, CheckpointError, ClipWeightsError, ClipWeightsUnavailable, VocabularyError, ResumeError)
+
+
 def one_line_dataset_errors() -> None:
-    """Command-line runs report a ``DatasetError`` (a bad file or folder; the message names the path) as
-    one ``error:`` line, not a traceback: installed by the scripts' parsers, other exceptions untouched."""
+    """Command-line runs report a user error (``user_error_types``: a bad dataset folder, checkpoint, CLIP
+    weights file or resume state) as one ``error:`` line, not a traceback; ``MVPSEG_DEBUG=1`` keeps the
+    traceback. Installed by the scripts' parsers; other exceptions are untouched."""
+    import os
     import sys
 
     previous = sys.excepthook
@@ -75,7 +86,7 @@ def one_line_dataset_errors() -> None:
         return
 
     def hook(kind, exc, tb):
-        if issubclass(kind, DatasetError):
+        if issubclass(kind, user_error_types()) and not os.environ.get("MVPSEG_DEBUG"):
             print(f"error: {user_message(exc)}", file=sys.stderr)
         else:
             previous(kind, exc, tb)
