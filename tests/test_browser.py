@@ -86,6 +86,8 @@ def test_bad_input_shows_its_message_and_page_keeps_working(page):
     page.locator("#vocabulary textarea").fill(" , ")
     page.locator("#segment").click()
     page.get_by_text("the vocabulary is empty").first.wait_for()
-    page.locator("#vocabulary textarea").fill("water, brick")  # a new vocabulary: its text is encoded
+    page.locator("#vocabulary textarea").fill("water, brick")  # a new vocabulary (its names may be cached)
     page.locator("#segment").click()
-    page.locator("#timings").get_by_text("2 classes").first.wait_for()
+    # the page answers the new request: the summary now lists only this vocabulary's classes
+    page.wait_for_function("() => { const t = document.querySelector('#summary').innerText;"
+                           " return /water|brick/.test(t) && !/background/.test(t); }", timeout=90_000)
