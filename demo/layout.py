@@ -18,9 +18,12 @@ import gradio as gr
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from starlette.middleware import Middleware
+
 import mvpseg
 
 from . import plots, render
+from .limits import MAX_BODY_BYTES, BodyLimit
 from .models import DemoModels
 from .service import HUB, UPLOADED, SegmentRun, SegmentService
 from .sources import MAX_PIXELS, DemoInputError, PromptSource, prompts_from_hub, prompts_from_upload
@@ -314,6 +317,8 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
 
 def launch_kwargs(host: str = "127.0.0.1", port: int | None = 7860) -> dict[str, Any]:
     """Safe launch settings: bounded uploads, no extra served paths, no telemetry, no SSR."""
-    return dict(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, allowed_paths=None,
-                show_error=False, enable_monitoring=False, ssr_mode=False, run_history=False,
+    # every route, not only /upload: a base64 data: URL in a JSON body must not bypass max_file_size
+    app_kwargs = {"middleware": [Middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)]}
+    return dict(app_kwargs=app_kwargs, server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE,
+                allowed_paths=None, show_error=False, enable_monitoring=False, ssr_mode=False, run_history=False,
                 footer_links=["api", "gradio"], theme=gr.themes.Soft(primary_hue="indigo"), css=CSS)

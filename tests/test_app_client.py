@@ -364,3 +364,35 @@ def html_text(text: str) -> str:
     import html
 
     return html.escape(text, quote=False)
+
+
+def test_oversized_request_bodies_are_refused_on_every_route_and_the_server_keeps_serving(app):
+    """A base64 data: URL in a JSON body bypassed max_file_size (only /upload checks it): every route now
+    answers 413 above MAX_BODY_BYTES, with or without Content-Length, before buffering the body."""
+    import http.client
+    from urllib.parse import urlparse
+
+    from demo.limits import MAX_BODY_BYTES
+
+    client, _ = app
+    url = urlparse(client.src)
+    body = b'{"data": ["data:image/png;base64,' + b"A" * (MAX_BODY_BYTES + 1024) + b'"]}'
+    answers = []
+    for chunked in (False, True):
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        try:
+            if chunked:  # no Content-Length: cut off while streaming
+                pieces = (body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20))
+                conn.request("POST", "/gradio_api/queue/join", body=pieces,
+                             headers={"Content-Type": "application/json"}, encode_chunked=True)
+            else:
+                conn.request("POST", "/gradio_api/queue/join", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            answers.append((resp.status, b"too large" in resp.read()))
+        except (BrokenPipeError, ConnectionResetError):
+            answers.append("closed")  # the server closed the socket before the client finished sending
+        finally:
+            conn.close()
+    assert (413, True) in answers and all(a in ((413, True), "closed") for a in answers), answers
+    overlay, summary, *_ = segment(client)  # still serving
+    assert Path(overlay).is_file()
