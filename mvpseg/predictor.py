@@ -237,7 +237,8 @@ class Predictor:
         prompt set are encoded, all in one call."""
         ps = self.prompt_set(prompts)
 
-        def encode(names: tuple[str, ...]) -> TextViews:
+        def encode(names: tuple[str, ...]) -> TextViews:  # only names not cached yet reach here
+            check_token_budget(self.clip, ps, names, prompts)
             with amp_autocast(self.clip.device, self.amp):
                 views = ps.encode(self.clip, names).detach()
             self.stats["text_encodes"] += 1
@@ -255,7 +256,6 @@ class Predictor:
         names = parse_vocabulary(vocabulary)
         name = prompts or self.prompt_set_names[0]
         ps = self.prompt_set(name)
-        check_token_budget(self.clip, ps, names, name)
         t0 = time.perf_counter()
         text = self.text_features(names, name)
         t1 = time.perf_counter()

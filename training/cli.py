@@ -54,7 +54,7 @@ def add_data_args(p: argparse.ArgumentParser, out_help: str) -> None:
     add_label_offset_args(p, _FolderRootAction)
     p.add_argument("--split", default=None, help="training split (default: the dataset's)")
     p.add_argument("--out", required=True, help=out_help)
-    one_line_dataset_errors()
+    one_line_user_errors()
 
 
 def user_message(exc: BaseException) -> str:
@@ -74,7 +74,7 @@ def user_error_types() -> tuple[type, ...]:
     return (DatasetError, CheckpointError, ClipWeightsError, ClipWeightsUnavailable, VocabularyError, ResumeError)
 
 
-def one_line_dataset_errors() -> None:
+def one_line_user_errors() -> None:
     """Command-line runs report a user error (``user_error_types``: a bad dataset folder, checkpoint, CLIP
     weights file or resume state) as one ``error:`` line, not a traceback; ``MVPSEG_DEBUG=1`` keeps the
     traceback. Installed by the scripts' parsers; other exceptions are untouched."""

@@ -36,7 +36,7 @@ from mvpseg.prompts import PromptSet
 
 from .checkpointing import atomic_write_text
 from .cli import (add_clip_args, add_label_offset_args, add_runtime_args, amp_dtype, apply_runtime, clip_spec,
-                  parse_pairs, user_message)
+                  one_line_user_errors, parse_pairs, user_message)
 from .data import EvalShard, eval_loader
 from .datasets import DatasetError, build_dataset, get_profile
 from .datasets.folder import compose_spec
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for results.md / results.json")
     add_clip_args(p)
     add_runtime_args(p)
+    one_line_user_errors()  # bad checkpoints / CLIP weights from the command line: one line, as in training
     return p
 
 

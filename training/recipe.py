@@ -37,8 +37,11 @@ RECIPES = {
                   global_batch=8, weight_decay=5e-4, lambda_oc="paper", select="none", fresh="off",
                   seg_reduction="pixel", init_fit=0, lambda_prior=0.0),
 }
-OPTIMIZERS = ("sgd", "adamw")
-PRIOR_CHOICES = ("auto", "maskclip-85", "a-photo-of", "parts")  # mvpseg.baseline_prompt_sets() names  # sgd: the paper's; adamw: an extension (build_optimizer)
+OPTIMIZERS = ("sgd", "adamw")  # sgd: the paper's; adamw: an extension (build_optimizer)
+# Handcrafted sets the warm start and anchor can use (names of mvpseg.baseline_prompt_sets(); the first is the
+# fallback), or "auto": the best of them on the validation images (train_prompts.choose_prior).
+HANDCRAFTED = ("maskclip-85", "a-photo-of", "parts")
+PRIOR_CHOICES = ("auto", *HANDCRAFTED)
 # Settings a resumed run must share with its checkpoint.
 RESUME_KEYS = ("dataset", "split", "n_seg", "n_ctx", "use_global", "gamma", "lambda_seg", "text_encoder",
                "lambda_cls", "lambda_oc", "cls_mode", "optimizer", "lr", "momentum", "weight_decay",

@@ -45,8 +45,8 @@ from .data import TrainStream, train_loader
 from .datasets import build_dataset, get_profile
 from .distributed import (DistContext, all_reduce_sum, average_gradients, barrier,
                           distributed_session, rng_state, seed_everything)
-from .recipe import (LEGACY_DEFAULTS, OPTIMIZERS, RECIPES, RESUME_KEYS, VARIANTS,  # noqa: F401 (re-exported)
-                     TrainConfig, _config_record, build_optimizer, config_from_args, resume_keys)
+from .recipe import (HANDCRAFTED, LEGACY_DEFAULTS, OPTIMIZERS, RECIPES, RESUME_KEYS,  # noqa: F401 (re-exported)
+                     VARIANTS, TrainConfig, _config_record, build_optimizer, config_from_args, resume_keys)
 from .recipe import build_parser as _build_parser
 from .runlog import JsonlLogger, Progress
 from .selection import (BestTracker, IndexView, ValidationSet, choose_holdout, prob_better, summarise,
@@ -97,25 +97,31 @@ def _prior_targets(clip, vocab: tuple[str, ...], device, name: str = "maskclip-8
     return torch.nn.functional.normalize(seg.mean(0), dim=-1)
 
 
-def choose_prior(cfg: TrainConfig, validation, model, seen_vocab, holdout) -> tuple[str, dict]:
-    """The handcrafted set behind the warm start and the anchor. ``--prior-prompts auto`` scores the three
-    sets on the validation images (mIoU over every seen class: choosing among fixed prompts learns nothing
-    from those classes) and leaves the 85 templates only for a set that beats them in ≥ the selection
-    confidence of paired bootstrap resamples — which template suits a CLIP depends on its captions, and a
-    world's own noise must not decide it. Returns (name, {set: mIoU})."""
-    if cfg.prior_prompts != "auto":
-        return cfg.prior_prompts, {}
-    if validation is None:
-        return "maskclip-85", {}
+def handcrafted_confusions(validation, model, seen_vocab) -> dict[str, "np.ndarray"]:
+    """Per-image confusions N×C×C of every handcrafted set on the validation images (seen vocabulary), computed
+    once: ``choose_prior`` picks from them and the run logs the 85 templates' score as its reference."""
     from mvpseg import baseline_prompt_sets
 
     sets = baseline_prompt_sets()
-    mats = {name: validation.confusions(model, seen_vocab, sets[name].to(model.clip.device))
-            for name in ("maskclip-85", "a-photo-of", "parts")}
-    scores = {name: summarise(m.sum(0), holdout, "seen")["score"] for name, m in mats.items()}
-    best, confidence = "maskclip-85", max(cfg.select_confidence, 0.5)
-    for name in ("a-photo-of", "parts"):
-        if scores[name] > scores[best] and prob_better(mats[name], mats[best], holdout, "seen") >= confidence:
+    return {name: validation.confusions(model, seen_vocab, sets[name].to(model.clip.device)) for name in HANDCRAFTED}
+
+
+def choose_prior(cfg: TrainConfig, handcrafted: dict, holdout) -> tuple[str, dict]:
+    """The handcrafted set behind the warm start and the anchor. ``--prior-prompts auto`` compares the sets'
+    validation confusions (``handcrafted_confusions``; mIoU over every seen class: choosing among fixed prompts
+    learns nothing from those classes) and leaves the 85 templates only for a set that beats them in ≥ the
+    selection confidence of paired bootstrap resamples — which template suits a CLIP depends on its captions,
+    and a world's own noise must not decide it. Without validation: the 85 templates. Returns
+    (name, {set: mIoU})."""
+    if cfg.prior_prompts != "auto":
+        return cfg.prior_prompts, {}
+    if not handcrafted:
+        return HANDCRAFTED[0], {}
+    scores = {name: summarise(m.sum(0), holdout, "seen")["score"] for name, m in handcrafted.items()}
+    best, confidence = HANDCRAFTED[0], max(cfg.select_confidence, 0.5)
+    for name in HANDCRAFTED[1:]:
+        if scores[name] > scores[best] and prob_better(handcrafted[name], handcrafted[best], holdout,
+                                                       "seen") >= confidence:
             best = name
     return best, scores
 
@@ -175,13 +181,16 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     validation = None
     if val_idx:
         validation = ValidationSet.build(clip, data, val_idx, profile.eval_transform(), ctx.device)
+    uses_prior = cfg.lambda_prior > 0 or cfg.init_fit > 0
+    handcrafted = {}
+    if validation is not None and (ctx.is_main or (uses_prior and cfg.prior_prompts == "auto")):
+        handcrafted = handcrafted_confusions(validation, model, seen_vocab)
     targets, prior_name = None, None
-    if cfg.lambda_prior > 0 or cfg.init_fit > 0:
-        prior_name, prior_scores = choose_prior(cfg, validation, model, seen_vocab, holdout)
+    if uses_prior:
+        prior_name, prior_scores = choose_prior(cfg, handcrafted, holdout)
         targets = _prior_targets(clip, vocab, ctx.device, prior_name)
-        log.info("handcrafted prior: %s%s", prior_name, "".join(
-            f" | {k} {v:.1f}" for k, v in prior_scores.items()) + (" (validation mIoU, seen classes)"
-                                                                  if prior_scores else ""))
+        log.info("handcrafted prior: %s (validation mIoU over seen classes: %s)", prior_name,
+                 ", ".join(f"{k} {v:.1f}" for k, v in prior_scores.items()) or "not compared")
     prior = targets if cfg.lambda_prior > 0 else None
     if cfg.init_fit > 0 and resume_path is None:  # every process does the same deterministic steps
         t = time.perf_counter()
@@ -205,19 +214,17 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                 "world_size": ctx.world_size, "device": str(ctx.device),
                 "dataset_size": None if fresh else len(stream_data), "fresh_samples": fresh,
                 "skipped_missing": getattr(data, "skipped", 0), "crop_size": transform.crop_size,
-                "vocabulary": list(vocab), "prior_prompts": prior_name, "held_out_classes": [seen_vocab[i] for i in holdout.held_out],
+                "vocabulary": list(vocab), "prior_prompts": prior_name,
+                "held_out_classes": [seen_vocab[i] for i in holdout.held_out],
                 "validation_images": len(val_idx), "config": _config_record(cfg)})
     if ctx.is_main:
         log.info("%s | %d training classes (%d seen held out for selection) | %d prompts per step | "
                  "%s samples | %d validation images | world %d", data, len(vocab), len(holdout.held_out),
                  len(vocab) * (cfg.n_seg + int(cfg.use_global)), "fresh" if fresh else "fixed-pool",
                  len(val_idx), ctx.world_size)
-    if validation is not None and ctx.is_main and resume_path is None:
+    if handcrafted and ctx.is_main and resume_path is None:
         # what the learned prompts have to beat, on the same images and classes (logged, never selected on)
-        from mvpseg.handcrafted import TemplatePrompts
-
-        ref = validation.score(model, seen_vocab, holdout, cfg.select, TemplatePrompts.maskclip85().to(ctx.device))
-        ref.pop("confusions")
+        ref = summarise(handcrafted["maskclip-85"].sum(0), holdout, cfg.select)
         logger.log({"event": "validation_reference", "prompts": "maskclip-85", **ref})
         log.info("validation reference (85 templates): trained classes %.1f, held-out %.1f, score %.2f",
                  ref["miou_trained"], ref["miou_held_out"], ref["score"])
