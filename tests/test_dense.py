@@ -21,6 +21,8 @@ def test_resnet_dense_matches_direct_formula(tiny):
 
 
 def test_vit_dense_path_shapes_and_value_path():
+    """maskclip-vit (the ViT default): the last block with identity attention, as MaskCLIP's code runs it —
+    value path → out_proj, plus the residual and the FFN — then ln_post and proj on the patch tokens."""
     torch.manual_seed(0)
     model = open_clip.model.CLIP(
         embed_dim=32, vision_cfg=open_clip.model.CLIPVisionCfg(layers=2, width=48, patch_size=16, image_size=64, head_width=16),
@@ -29,7 +31,6 @@ def test_vit_dense_path_shapes_and_value_path():
     img = torch.rand(1, 3, 64, 96)
     with torch.no_grad():
         feats = dense_features(visual, img)
-        # direct: the last block's value path → out_proj → ln_post → proj, patch tokens only
         x = visual.conv1(img).flatten(2).transpose(1, 2)
         x = torch.cat([visual.class_embedding.expand(1, 1, -1), x], 1)
         pos = visual.positional_embedding
@@ -39,8 +40,15 @@ def test_vit_dense_path_shapes_and_value_path():
         x = visual.transformer.resblocks[0](x)
         last = visual.transformer.resblocks[1]
         w_v = last.attn.in_proj_weight[96:]
-        v = last.attn.out_proj(last.ln_1(x) @ w_v.t() + last.attn.in_proj_bias[96:])
-        ref = F.normalize(visual.ln_post(v[:, 1:]) @ visual.proj, dim=-1).transpose(1, 2).reshape(1, 32, 4, 6)
+        z = x + last.attn.out_proj(last.ln_1(x) @ w_v.t() + last.attn.in_proj_bias[96:])
+        z = z + last.mlp(last.ln_2(z))
+        ref = F.normalize(visual.ln_post(z[:, 1:]) @ visual.proj, dim=-1).transpose(1, 2).reshape(1, 32, 4, 6)
     torch.testing.assert_close(feats, ref, rtol=1e-4, atol=1e-5)
     assert feats.shape == (1, 32, 4, 6)
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(1, 4, 6))
+
+
+def test_resnet_default_is_unchanged_by_the_mode_argument(tiny):
+    x = tiny.normalize(torch.rand(1, 3, 64, 64))
+    with torch.no_grad():
+        assert torch.equal(dense_features(tiny.model.visual, x), dense_features(tiny.model.visual, x, "maskclip"))
