@@ -27,8 +27,9 @@ naclip         z = softmax(s·k kᵀ + Ω)·v   (no residual, no FFN),          
 
 MaskCLIP keeps the residual and the FFN: its ``TransformerEncoderLayer.forward(return_qkv=True)`` computes
 ``v = out_proj(v_proj(norm1(x))); v += x; v = ffn(norm2(v), identity=v)`` and the head projects
-``norm1(v)`` (the final norm). (mvpseg ≤ this commit dropped both; that variant is ClearCLIP's "MaskCLIP"
-baseline with ``ignore_residual=True``, not MaskCLIP's code.)
+``norm1(v)`` (the final norm). (mvpseg's first ViT path dropped both; that variant is ClearCLIP's "MaskCLIP"
+baseline with ``ignore_residual=True``, not MaskCLIP's code.) MaskCLIP's mmseg port of OpenAI's ViT-B/16 uses
+exact GELU and LayerNorm eps 1e-6 where CLIP has QuickGELU and 1e-5; here the tower's own modules are used.
 
 Positional embedding at other grid sizes: MaskCLIP resizes it to the target grid (mmseg ``resize``, bicubic,
 ``align_corners=False``); SCLIP, ClearCLIP and NACLIP use DINO's ``interpolate_pos_encoding`` (bicubic with
