@@ -50,6 +50,10 @@ class ValidatedImage(gr.Image):
     is_template = True  # the frontend uses the parent's ("image") component
 
     def preprocess(self, payload: Any) -> Any:
+        if isinstance(getattr(payload, "url", None), str) and payload.url.startswith("data:"):
+            # Gradio would decode an inline base64 image here; uploads go through /upload (max_file_size) and
+            # the page never sends data: URLs, so only a hand-made API call does: refuse it.
+            raise gr.Error("Inline data: URLs are not accepted: upload the image as a file.")
         try:
             return super().preprocess(payload)
         except Image.DecompressionBombError as e:

@@ -49,14 +49,15 @@ def load_demo_image(src: mvpseg.image_io.ImageLike | None) -> DemoImage:
     """Loads and validates an uploaded image; downscales it so that its long side is ≤ DISPLAY_MAX_SIDE."""
     if src is None:
         raise DemoInputError("No image: upload one (or click an example) first.")
-    rgb = mvpseg.load_image(src, max_pixels=MAX_PIXELS)
+    loaded = mvpseg.image_io.read_image(src, max_pixels=MAX_PIXELS)
+    rgb = loaded.rgb
     h, w = rgb.shape[:2]
-    note = None
+    note = loaded.note
     if max(h, w) > DISPLAY_MAX_SIDE:
         scale = DISPLAY_MAX_SIDE / max(h, w)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)  # area averaging: no aliasing
-        note = f"The image was downscaled from {w}×{h} to {size[0]}×{size[1]} pixels."
+        note = " ".join(filter(None, [note, f"The image was downscaled from {w}×{h} to {size[0]}×{size[1]} pixels."]))
     digest = hashlib.sha1(np.ascontiguousarray(rgb).tobytes())
     digest.update(str(rgb.shape).encode())
     return DemoImage(np.ascontiguousarray(rgb), digest.hexdigest(), (w, h), note)

@@ -9,6 +9,7 @@ writes the pixel share of every class over all images.  Exit status: 0, 1 when s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -96,10 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     seg.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_clip_args(seg)
     seg.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
+    seg.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     try:
         return _segment(args)
     except (ClipWeightsUnavailable, CheckpointError, ImageError, VocabularyError, FileNotFoundError, ValueError) as e:
+        if args.debug or os.environ.get("MVPSEG_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

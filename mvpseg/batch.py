@@ -21,7 +21,7 @@ from typing import Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-from .image_io import ImageError, load_image
+from .image_io import ImageError, read_image
 from .predictor import Prediction
 from .visualize import legend_entries, overlay, palette
 
@@ -139,11 +139,14 @@ def segment_many(predictor: SegmentingPredictor, paths: Sequence[Path], vocabula
     bar = tqdm(paths, desc="segment", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for path in bar:
         try:
-            image = load_image(path)
+            loaded = read_image(path)
         except ImageError as e:
             report.failed.append((str(path), str(e)))
             bar.write(f"skipped {path}: {e}", file=sys.stderr)
             continue
+        image = loaded.rgb
+        if loaded.note:
+            bar.write(f"{path}: {loaded.note}", file=sys.stderr)
         predictor.set_image(image)
         result = predictor.predict(vocabulary, prompts=prompt_set)
         stem = _unique_stem(path.stem, used)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -74,16 +75,33 @@ def _from_array(a: np.ndarray, max_pixels: int) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def load_image(src: ImageLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Path, bytes, PIL image or array → RGB uint8 array H×W×3 (EXIF orientation applied).
+@dataclass(frozen=True)
+class LoadedImage:
+    """An image as read: RGB uint8 H×W×3, and whether the file held more frames than the one used."""
 
-    Raises ImageError for missing, corrupt, empty, absurdly large or absurdly elongated images.
+    rgb: np.ndarray
+    animated: bool = False
+
+    @property
+    def note(self) -> str | None:
+        """What the user should know about how the file was read (None when nothing)."""
+        if self.animated:
+            return "The file is animated; only its first frame is segmented."
+        return None
+
+
+def read_image(src: ImageLike, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+    """Path, bytes, PIL image or array → LoadedImage (RGB uint8, EXIF orientation applied).
+
+    Animated GIF / WebP / APNG files give their first frame with ``animated=True`` (cheap to tell: Pillow
+    looks for a second frame only, it never counts or decodes them all). Raises ImageError for missing,
+    corrupt, empty, absurdly large or absurdly elongated images.
     """
     if isinstance(src, np.ndarray):
-        return _from_array(src, max_pixels)
+        return LoadedImage(_from_array(src, max_pixels))
     if isinstance(src, Image.Image):
         _check_size(*src.size, max_pixels)
-        return _to_rgb(ImageOps.exif_transpose(src))
+        return LoadedImage(_to_rgb(ImageOps.exif_transpose(src)), bool(getattr(src, "is_animated", False)))
     if isinstance(src, (bytes, bytearray)):
         fp, label = io.BytesIO(src), "uploaded data"
     elif isinstance(src, (str, os.PathLike)):
@@ -97,14 +115,29 @@ def load_image(src: ImageLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         with fp:
             with Image.open(fp) as im:
                 _check_size(*im.size, max_pixels)  # header only: nothing decoded yet
+                animated = bool(getattr(im, "is_animated", False))
+                if animated:
+                    im.seek(0)  # is_animated may have moved to frame 1 to look for it
                 im.load()
-                return _to_rgb(ImageOps.exif_transpose(im))
+                return LoadedImage(_to_rgb(ImageOps.exif_transpose(im)), animated)
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # Pillow refuses such headers before we see the size
+        raise ImageError(f"{label} declares far more pixels than can be decoded safely (a decompression bomb?); "
+                         f"the limit is {max_pixels / 1e6:.0f} MP") from e
+    except UnidentifiedImageError as e:
         raise ImageError(f"{label} is not a readable image ({e.__class__.__name__})") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{label} is corrupt or truncated: {e}") from e
+
+
+def load_image(src: ImageLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Path, bytes, PIL image or array → RGB uint8 array H×W×3 (EXIF orientation applied; the first frame of
+    an animated file — ``read_image`` also says whether there were more).
+
+    Raises ImageError for missing, corrupt, empty, absurdly large or absurdly elongated images.
+    """
+    return read_image(src, max_pixels).rgb
 
 
 def resize_short_side(w: int, h: int, short_side: int, max_long_side: int) -> tuple[int, int]:

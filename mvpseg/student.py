@@ -44,6 +44,9 @@ class StudentConfig:
     embed_dim: CLIP embedding width D (head output channels; 1024 for RN50).
     background: a learnable background embedding (datasets that score a background class).
     dilations: ASPP dilations (None: 6/12/18/24 for deeplabv2, 1/12/24/36 for deeplabv3plus).
+    normalization: the student's input statistics (``clip_backbone.NORMALIZATIONS``; ImageNet's, what
+        torchvision's backbone weights expect). Recorded in checkpoints, so a student always runs under the
+        statistics it was trained with (checkpoints written before it was recorded used ImageNet's).
     """
 
     backbone: str = "resnet101"
@@ -53,8 +56,12 @@ class StudentConfig:
     background: bool = False
     dilations: tuple[int, ...] | None = None
     low_level_channels: int = 48
+    normalization: str = "imagenet"
 
     def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown student input normalization {self.normalization!r}; choose from "
+                             f"{', '.join(sorted(NORMALIZATIONS))}")
         if self.head not in HEADS:
             raise ValueError(f"unknown student head '{self.head}'; choose from {', '.join(HEADS)}")
         if self.embed_dim < 1:
@@ -77,8 +84,8 @@ def fuse_views(text: TextViews) -> torch.Tensor:
 class StudentNet(nn.Module):
     """Dilated ResNet + DeepLab head + open-vocabulary classifier.
 
-    Inputs are images in [0, 1] normalised with ``normalize`` (ImageNet statistics, what torchvision's
-    weights expect). ``features``: B×3×H×W → B×D×H/s×W/s with s = 8 (deeplabv2) or 4 (deeplabv3plus).
+    Inputs are images in [0, 1] normalised with ``normalize`` (``config.normalization``: ImageNet statistics
+    by default, what torchvision's weights expect). ``features``: B×3×H×W → B×D×H/s×W/s with s = 8 (deeplabv2) or 4 (deeplabv3plus).
     """
 
     def __init__(self, config: StudentConfig, backbone_weights: str | None = None,
@@ -92,7 +99,7 @@ class StudentNet(nn.Module):
                               config.low_level_channels)
         # MaskCLIP+ initialises the background embedding from N(0, 1) and normalises it on use.
         self.bg_embedding = nn.Parameter(torch.randn(1, config.embed_dim)) if config.background else None
-        mean, std = NORMALIZATIONS["imagenet"]
+        mean, std = NORMALIZATIONS[config.normalization]
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -105,7 +112,7 @@ class StudentNet(nn.Module):
         return self.bg_embedding is not None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """B×3×H×W float in [0, 1] → ImageNet-normalised input."""
+        """B×3×H×W float in [0, 1] → input normalised with ``config.normalization``."""
         return (images - self.pixel_mean) / self.pixel_std
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -154,6 +161,8 @@ class StudentMeta:
     backbone_init: str = ""
     clip_model_config: str | None = None  # the JSON config of a custom CLIP (e.g. the toy model)
     extra: dict[str, Any] = field(default_factory=dict)
+    # the teacher CLIP's input statistics during distillation (None: written before it was recorded)
+    clip_normalization: str | None = None
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
@@ -169,7 +178,7 @@ def _prompt_record(prompts: PromptSet, clip: FrozenCLIP) -> tuple[dict[str, Any]
     if isinstance(prompts, LearnedPrompts):
         meta = getattr(prompts, "meta", None) or PromptMeta(
             clip.spec.model_name, clip.spec.pretrained, clip.fingerprint, clip.text_width, clip.embed_dim,
-            prompts.n_seg, prompts.n_ctx, prompts.use_global)
+            prompts.n_seg, prompts.n_ctx, prompts.use_global, normalization=clip.normalization)
         tensors = {f"prompts.{k}": v for k, v in prompts.checkpoint_tensors().items()}
         record = asdict(meta)
         record["training_classes"] = list(record["training_classes"])
@@ -187,7 +196,8 @@ def save_student(path: str | os.PathLike, net: StudentNet, prompts: PromptSet, c
     state = {f"student.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     meta = StudentMeta(asdict(net.config), clip.spec.model_name, clip.spec.pretrained, clip.fingerprint,
                        clip.embed_dim, clip.text_width, prompt_record, tuple(class_names), background_index,
-                       tuple(int(u) for u in unseen), net.backbone_init, clip.spec.model_config, dict(extra or {}))
+                       tuple(int(u) for u in unseen), net.backbone_init, clip.spec.model_config, dict(extra or {}),
+                       clip_normalization=clip.normalization)
     save_safetensors(st, {**state, **tensors}, FORMAT, FORMAT_VERSION)
     atomic_write(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
     return st

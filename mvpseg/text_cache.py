@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from .checkpoint import publish_mode
 from .prompts import PromptSet, TextViews
 
 log = logging.getLogger("mvpseg.text_cache")
@@ -217,6 +218,7 @@ class DiskTextCache:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=meta)
+            publish_mode(tmp)  # mkstemp made it 0600
             os.replace(tmp, self.path(key))
         finally:
             if os.path.exists(tmp):

@@ -72,3 +72,22 @@ def test_training_clis_report_bad_weights_and_bad_resume_states_in_one_line(tmp_
         assert proc.returncode == 1 and last.startswith(f"error: {says}") and str(file) in last
         assert "Traceback" not in proc.stderr and "weights_only=False" not in proc.stderr
         assert "unpickled!" not in proc.stdout
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_states_and_reports_get_the_umask_mode_not_mkstemps_0600(tmp_path, umask):
+    import os
+
+    from mvpseg.checkpoint import current_umask
+    from training.checkpointing import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        m = CheckpointManager(tmp_path / "run", keep=2)
+        m.save(5, {"w": torch.zeros(2)})
+        atomic_write_text(tmp_path / "results.json", "{}")
+        for path in (m.path_for(5), tmp_path / "run" / "latest.json", tmp_path / "results.json"):
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+    finally:
+        os.umask(old)

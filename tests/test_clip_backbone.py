@@ -64,3 +64,36 @@ def test_normalization_parameter(tmp_path):
 def test_offline_hf_hub_fails_fast(tmp_path):
     with pytest.raises(ClipWeightsUnavailable, match="Hugging Face Hub is unreachable"):
         load_clip(ClipSpec("hf-hub:someone/some-clip", None, cache_dir=str(tmp_path)))
+
+
+def test_normalisation_comes_from_the_spec_the_config_or_the_weights_header_else_a_warning(tiny, tmp_path, caplog):
+    """A custom CLIP whose config and weights do not say which input statistics it was pretrained with runs
+    under ImageNet's with a warning naming the fix (the wrong statistics cost most of the accuracy silently)."""
+    import json
+    import logging
+
+    state = {k: v.contiguous() for k, v in tiny.model.state_dict().items()}
+    plain, labelled = tmp_path / "plain.safetensors", tmp_path / "labelled.safetensors"
+    save_file(state, str(plain))
+    save_file(state, str(labelled), metadata={"normalization": "clip"})
+    cfg = tiny_config_file(tmp_path, name="mvpseg-tiny-nrm")
+    meta_cfg = tmp_path / "with-meta.json"
+    meta_cfg.write_text(json.dumps({"model_cfg": json.loads(cfg.read_text()), "mvpseg": {"normalization": "clip"}}))
+    cases = [  # (weights, config, spec normalization) → (normalization, warned)
+        ((plain, cfg, None), ("imagenet", True)),
+        ((labelled, cfg, None), ("clip", False)),
+        ((plain, meta_cfg, None), ("clip", False)),
+        ((plain, cfg, "imagenet"), ("imagenet", False)),
+        ((labelled, cfg, "imagenet"), ("imagenet", False)),  # an explicit choice wins over the header
+        ((None, cfg, None), ("imagenet", False)),  # random weights: nothing to be wrong about
+    ]
+    for (weights, config, norm), (expected, warned) in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mvpseg.clip_backbone"):
+            clip = load_clip(ClipSpec("mvpseg-tiny-nrm", None if weights is None else str(weights),
+                                      model_config=str(config), normalization=norm))
+        assert clip.normalization == expected, (weights, config, norm)
+        said = [r.getMessage() for r in caplog.records if "input normalisation" in r.getMessage()]
+        assert bool(said) == warned, (weights, config, norm, said)
+        if warned:
+            assert "--normalization clip" in said[0] and "mvpseg-tiny-nrm.json" in said[0]

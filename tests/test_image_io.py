@@ -63,3 +63,24 @@ def test_16_bit_gray_has_one_fixed_scale_for_files_and_arrays(tmp_path):
     dark = np.full((4, 4), 1000, np.uint16)  # no bright pixel: stays dark instead of being stretched to white
     PILImage.fromarray(dark).save(tmp_path / "dark.png")
     assert load(tmp_path / "dark.png").max() == 4 == load(dark).max()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+def test_animated_files_give_their_first_frame_and_say_so(fmt):
+    """GIF frames after the first were dropped silently: the first frame is used and the result says so."""
+    import io
+
+    from PIL import Image
+
+    from mvpseg.image_io import read_image
+
+    frames = [Image.fromarray(np.full((24, 32, 3), c, np.uint8)) for c in (40, 200, 120)]
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    loaded = read_image(buf.getvalue())
+    assert loaded.animated and "only its first frame" in loaded.note
+    assert abs(int(loaded.rgb.mean()) - 40) <= 2  # frame 0, not the frame Pillow looked at last
+    still = io.BytesIO()
+    frames[1].save(still, fmt)
+    single = read_image(still.getvalue())
+    assert not single.animated and single.note is None and abs(int(single.rgb.mean()) - 200) <= 2

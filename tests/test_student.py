@@ -157,6 +157,38 @@ def test_load_is_strict(tmp_path, tiny, prompts):
         load_student(tmp_path / "absent", tiny)
 
 
+def test_checkpoints_record_the_input_normalisation_and_run_under_it(tmp_path, tiny, prompts):
+    """The student's input statistics are part of its config (it is rebuilt under them), the teacher CLIP's are
+    recorded too; an unknown one is a CheckpointError, and checkpoints without it mean ImageNet's."""
+    from mvpseg.clip_backbone import NORMALIZATIONS
+
+    torch.manual_seed(0)
+    net = StudentNet(StudentConfig("resnet-tiny", embed_dim=64, normalization="clip")).eval()
+    path = save_student(tmp_path / "s", net, prompts, tiny)
+    meta = json.loads((tmp_path / "s.json").read_text())
+    assert meta["config"]["normalization"] == "clip" and meta["clip_normalization"] == tiny.normalization
+    assert meta["prompts"]["meta"]["normalization"] == tiny.normalization
+    loaded = load_student(path, tiny).net
+    x = torch.rand(1, 3, 16, 16)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATIONS["clip"])
+    torch.testing.assert_close(loaded.normalize(x), (x - mean) / std)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.features(loaded.normalize(x)), net.features(net.normalize(x)))
+    for value, error in (("weird", "bad student config.*unknown student input normalization 'weird'"), (None, None)):
+        broken = dict(meta, config={k: v for k, v in meta["config"].items() if k != "normalization"})
+        if value is not None:
+            broken["config"]["normalization"] = value
+        (tmp_path / "b.json").write_text(json.dumps(broken))
+        (tmp_path / "b.safetensors").write_bytes(path.read_bytes())
+        if error:
+            with pytest.raises(CheckpointError, match=error):
+                load_student(tmp_path / "b", tiny)
+        else:  # written before the field existed: ImageNet statistics, as every student then used
+            assert load_student(tmp_path / "b", tiny).net.config.normalization == "imagenet"
+    with pytest.raises(ValueError, match="unknown student input normalization"):
+        StudentConfig(normalization="sRGB")
+
+
 def test_backbone_weights_offline_fallback_and_local_files(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MVPSEG_OFFLINE", "1")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # an empty cache

@@ -102,6 +102,9 @@ def test_disk_cache_survives_a_restart_and_rejects_tampered_files(tiny, tmp_path
     ref = {n: first.text_features(VOCAB, n) for n in ("learned", "maskclip-85")}
     files = sorted(folder.glob("*.safetensors"))
     assert len(files) == 2 and not list(folder.glob(".tmp-*"))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in files)  # not mkstemp's 0600
     # a restart: new predictor, new (but identical) prompt objects, same folder → nothing encoded, same bits
     again = _predictor(tiny, _learned(tiny), text_cache_dir=folder)
     for n in ref:

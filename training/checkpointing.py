@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from mvpseg.checkpoint import publish_mode
+
 from .distributed import set_rng_state
 
 STATE_VERSION = 1
@@ -33,6 +35,7 @@ def atomic_write_bytes(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        publish_mode(tmp)  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -76,8 +76,8 @@ def user_error_types() -> tuple[type, ...]:
 
 def one_line_user_errors() -> None:
     """Command-line runs report a user error (``user_error_types``: a bad dataset folder, checkpoint, CLIP
-    weights file or resume state) as one ``error:`` line, not a traceback; ``MVPSEG_DEBUG=1`` keeps the
-    traceback. Installed by the scripts' parsers; other exceptions are untouched."""
+    weights file or resume state) as one ``error:`` line, not a traceback; ``--debug`` (or ``MVPSEG_DEBUG=1``)
+    keeps the traceback. Installed by the scripts' parsers; other exceptions are untouched."""
     import os
     import sys
 
@@ -95,8 +95,23 @@ def one_line_user_errors() -> None:
     sys.excepthook = hook
 
 
+class _DebugAction(argparse.Action):
+    """``--debug``: user errors keep their traceback (what ``MVPSEG_DEBUG=1`` does; the hook reads it)."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import os
+
+        os.environ["MVPSEG_DEBUG"] = "1"
+        setattr(namespace, self.dest, True)
+
+
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("runtime")
+    g.add_argument("--debug", action=_DebugAction,
+                   help="show the full traceback of a user error (bad dataset, checkpoint, weights) too")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: one GPU per process)")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
     g.add_argument("--amp", default="auto", choices=["auto", "off", "fp16", "bf16"],

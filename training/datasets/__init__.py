@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .base import IGNORE_INDEX, DatasetError, SegmentationDataset
+from .base import IGNORE_INDEX, DatasetError, DatasetSpecError, SegmentationDataset
 from .classes import COCOSTUFF171, CONTEXT60, VOC20, ClassSplit
 from .cocostuff import cocostuff171
 from .context import context60
@@ -100,7 +100,7 @@ ALIASES = {"voc": "voc20", "context": "context60", "pascal_context": "context60"
 def get_profile(name: str) -> DatasetProfile:
     key = ALIASES.get(name, name)
     if key not in PROFILES:
-        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(PROFILES)}")
+        raise DatasetSpecError(f"unknown dataset {name!r}; choose from {sorted(PROFILES)}")
     return PROFILES[key]
 
 
@@ -109,13 +109,14 @@ def build_dataset(name: str, root: str | Path, split: str | None = None, label_s
     """Build a dataset by name; ``split=None`` picks the profile's train or eval split."""
     prof = get_profile(name)
     if prof.name != "folder" and "::label_offset=" in str(root):
-        raise ValueError(f"--label-offset / --reduce-zero-label apply to --dataset folder only, not {name!r}")
+        raise DatasetSpecError(f"--label-offset / --reduce-zero-label apply to --dataset folder only, not {name!r}")
     if split is None:
         split = prof.train_split if train else prof.eval_split
     return prof.factory(Path(root), split, label_space=label_space, on_missing=on_missing)
 
 
 __all__ = [
+    "DatasetSpecError",
     "ALIASES", "COCOSTUFF171", "CONTEXT60", "ClassSplit", "DatasetError", "DatasetProfile", "FolderProfile",
     "EvalTransform", "IGNORE_INDEX", "PROFILES", "SegmentationDataset", "TrainTransform", "VOC20",
     "build_dataset", "get_profile",

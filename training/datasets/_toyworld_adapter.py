@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import IGNORE_INDEX, LabelSpace
+from .base import IGNORE_INDEX, DatasetSpecError, LabelSpace
 from .classes import ClassSplit
 
 BACKGROUND_MODES = ("class", "ignore")
@@ -42,7 +42,7 @@ def parse_spec(spec) -> dict:
             or key == "background" and value in BACKGROUND_MODES
             or key == "unseen" and value in UNSEEN_SPLITS)
         if not ok:
-            raise ValueError(f"bad toyworld spec {text!r} at {part!r}: expected e.g. "
+            raise DatasetSpecError(f"bad toyworld spec {text!r} at {part!r}: expected e.g. "
                              f"'length=400,seed=0,world=crowded,background=ignore,zoom=2' (worlds: "
                              f"{', '.join(sorted(WORLDS))}; background: {' | '.join(BACKGROUND_MODES)}; "
                              f"unseen: {' | '.join(sorted(UNSEEN_SPLITS))}; "
@@ -51,10 +51,10 @@ def parse_spec(spec) -> dict:
     # Bounds, so a typo cannot ask for a 100000 px world (≈ 10 GB per image) or an empty one.
     side = out.get("image_size", 256) * out.get("zoom", 1)
     if not 16 <= out.get("image_size", 256) or side > MAX_SIDE or out.get("zoom", 1) > 8:
-        raise ValueError(f"bad toyworld spec {text!r}: image_size must be ≥ 16 and image_size × zoom ≤ {MAX_SIDE} "
+        raise DatasetSpecError(f"bad toyworld spec {text!r}: image_size must be ≥ 16 and image_size × zoom ≤ {MAX_SIDE} "
                          f"(got {side}), zoom ≤ 8")
     if "length" in out and not 1 <= out["length"] <= MAX_LENGTH:
-        raise ValueError(f"bad toyworld spec {text!r}: length must be in 1…{MAX_LENGTH}, got {out['length']}")
+        raise DatasetSpecError(f"bad toyworld spec {text!r}: length must be in 1…{MAX_LENGTH}, got {out['length']}")
     return out
 
 

@@ -29,6 +29,11 @@ class DatasetError(RuntimeError):
     """A dataset folder, list file, image or label that cannot be used (message names the path)."""
 
 
+class DatasetSpecError(DatasetError, ValueError):
+    """An unknown dataset name or a bad dataset option (``--dataset``, a toy-world spec): a user error, reported
+    in one line like every DatasetError, and still a ValueError for callers that validate arguments."""
+
+
 @dataclass(frozen=True)
 class Sample:
     name: str
