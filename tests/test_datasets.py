@@ -10,6 +10,7 @@ from PIL import Image
 
 from fixtures_data import make_cocostuff, make_context, make_voc
 from training.data import SamplePlan, TrainStream
+from training.datasets import unreadable_names
 from training.datasets import (COCOSTUFF171, CONTEXT60, VOC20, DatasetError, build_dataset,
                                get_profile)
 from training.datasets.transforms import EvalTransform, TrainTransform, rescale_size
@@ -322,6 +323,20 @@ def test_a_sample_that_is_unreadable_when_drawn_is_replaced_deterministically_wi
     assert caplog.text.count(lbl.name) == 1  # logged once, with the path
     fresh = build_dataset("voc", voc, "train", on_missing="skip")  # a resumed run replays the same stand-in
     np.testing.assert_array_equal(fresh[1][0], image)
+    # persisted: the run's record lists it (once, however often it is drawn), and a resumed run that reads the
+    # record skips it without reading it again, with the same stand-in
+    record = tmp_path / "run" / "unreadable.txt"
+    assert fresh.record_unreadable(record) == 0
+    fresh.unreadable.clear()
+    fresh[1], fresh[1]
+    assert unreadable_names(record) == [meta["train"][1][0]] and lbl.name in record.read_text()
+    resumed = build_dataset("voc", voc, "train", on_missing="skip")
+    assert resumed.record_unreadable(record) == 1 and resumed.unreadable == {1}
+    reads = []
+    original = resumed._read
+    resumed._read = lambda i: reads.append(i) or original(i)
+    np.testing.assert_array_equal(resumed[1][0], image)
+    assert reads == [2]  # the recorded sample is never decoded again
     for s in ds.samples:  # nothing readable left: a clear error instead of a loop
         s.label.write_bytes(b"garbage")
     with pytest.raises(DatasetError, match="consecutive samples .* unreadable"):

@@ -296,3 +296,20 @@ def test_train_prompts_command_line_reports_a_bad_folder_in_one_line(trained, tm
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == f"error: dataset folder not found: {tmp_path / 'nowhere'}"
     assert "Traceback" not in proc.stderr
+
+
+def test_skip_missing_run_records_corrupt_samples_and_the_log_names_them(trained, tmp_path):
+    """A mask corrupt on disk (found only when drawn) is skipped, written to <out>/unreadable.txt and named in
+    the log's done record; a resumed run starts knowing it."""
+    root, clip_args, args, _ = trained
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    train = build_dataset("folder", data, "train").samples
+    train[0].label.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    argv = ["--dataset", "folder", "--data-root", str(data), *args("x")[4:], "--skip-missing"]
+    argv[argv.index("--out") + 1] = str(tmp_path / "run")
+    train_prompts.main(argv)
+    log = read_jsonl(tmp_path / "run" / "log.jsonl")
+    record = (tmp_path / "run" / "unreadable.txt").read_text()
+    assert record.startswith(f"{train[0].name}\t") and str(train[0].label.name) in record
+    assert log[0]["known_unreadable"] == 0 and log[-1]["skipped_unreadable"] == [train[0].name]

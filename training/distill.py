@@ -42,7 +42,7 @@ from mvpseg.student import StudentConfig, StudentNet, fuse_views, save_student
 from .checkpointing import CheckpointManager, atomic_write_text, restore_state
 from .cli import add_clip_args, add_data_args, add_runtime_args, amp_dtype, apply_runtime, clip_spec
 from .data import EvalShard, TrainStream, eval_loader, train_loader
-from .datasets import build_dataset, get_profile
+from .datasets import UNREADABLE_RECORD, build_dataset, get_profile
 from .distributed import (DistContext, all_reduce_sum, barrier, distributed_session, rng_state,
                           seed_everything)
 from .evaluate import evaluate_dataset, render_markdown
@@ -233,6 +233,8 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
     profile = get_profile(cfg.dataset)
     data = build_dataset(cfg.dataset, cfg.data_root, cfg.split, label_space="full", train=True,
                          on_missing="skip" if cfg.skip_missing else "error")
+    if cfg.skip_missing and hasattr(data, "record_unreadable"):  # corrupt samples persist: resume skips them
+        data.record_unreadable(out / UNREADABLE_RECORD)
     vocab, unseen = tuple(data.prompt_names), tuple(data.unseen_indices)
     auto_bg = vocab[0].lower() == "background"
     background = {"auto": auto_bg, "on": True, "off": False}[args.background]

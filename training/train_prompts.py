@@ -42,7 +42,7 @@ from mvpseg.prompts import LearnedPrompts
 from .checkpointing import CheckpointManager, restore_state
 from .cli import amp_dtype, apply_runtime, clip_spec
 from .data import TrainStream, train_loader
-from .datasets import build_dataset, get_profile
+from .datasets import UNREADABLE_RECORD, build_dataset, get_profile, unreadable_names
 from .distributed import (DistContext, all_reduce_sum, average_gradients, barrier,
                           distributed_session, rng_state, seed_everything)
 from .recipe import (HANDCRAFTED, LEGACY_DEFAULTS, OPTIMIZERS, RECIPES, RESUME_KEYS,  # noqa: F401 (re-exported)
@@ -175,6 +175,9 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
 
     profile = get_profile(cfg.dataset)
     stream_data, data, val_idx, fresh = _training_data(cfg, clip)
+    unreadable = out / UNREADABLE_RECORD  # samples found corrupt when drawn: a resumed run skips them unread
+    known_unreadable = (data.record_unreadable(unreadable)
+                        if cfg.skip_missing and hasattr(data, "record_unreadable") else 0)
     seen_vocab = tuple(data.prompt_names)  # seen classes only: unseen names never reach the text tower
     holdout = choose_holdout(seen_vocab, cfg.holdout_frac if cfg.select == "holdout" else 0.0, cfg.seed)
     vocab = holdout.train_vocabulary  # held-out seen classes are validation-only
@@ -213,7 +216,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                 "checkpoint": str(resume_path) if resume_path else None,
                 "world_size": ctx.world_size, "device": str(ctx.device),
                 "dataset_size": None if fresh else len(stream_data), "fresh_samples": fresh,
-                "skipped_missing": getattr(data, "skipped", 0), "crop_size": transform.crop_size,
+                "skipped_missing": getattr(data, "skipped", 0), "known_unreadable": known_unreadable,
+                "crop_size": transform.crop_size,
                 "vocabulary": list(vocab), "prior_prompts": prior_name,
                 "held_out_classes": [seen_vocab[i] for i in holdout.held_out],
                 "validation_images": len(val_idx), "config": _config_record(cfg)})
@@ -314,6 +318,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                      extra={"train_config": _config_record(cfg), "iterations": it,
                             "world_size": ctx.world_size, "selection": selection})
         logger.log({"event": "done", "iter": it, "prompts": str(final),
+                    "skipped_unreadable": unreadable_names(unreadable) if cfg.skip_missing else [],
                     "best_iter": tracker.best_iter if validation is not None else None})
         log.info("wrote %s%s", final, "" if validation is None else
                  f" (prompts of iteration {tracker.best_iter}, validation score {tracker.best_score:.2f})")

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .base import IGNORE_INDEX, DatasetError, DatasetSpecError, SegmentationDataset
+from .base import (IGNORE_INDEX, UNREADABLE_RECORD, DatasetError, DatasetSpecError, SegmentationDataset,
+                   unreadable_names)
 from .classes import COCOSTUFF171, CONTEXT60, VOC20, ClassSplit
 from .cocostuff import cocostuff171
 from .context import context60
@@ -116,7 +117,7 @@ def build_dataset(name: str, root: str | Path, split: str | None = None, label_s
 
 
 __all__ = [
-    "DatasetSpecError",
+    "DatasetSpecError", "UNREADABLE_RECORD", "unreadable_names",
     "ALIASES", "COCOSTUFF171", "CONTEXT60", "ClassSplit", "DatasetError", "DatasetProfile", "FolderProfile",
     "EvalTransform", "IGNORE_INDEX", "PROFILES", "SegmentationDataset", "TrainTransform", "VOC20",
     "build_dataset", "get_profile",

@@ -9,6 +9,7 @@ the number dropped is logged and kept in ``dataset.skipped``.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,11 +23,21 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 
 
+UNREADABLE_RECORD = "unreadable.txt"  # in a run folder: samples found unreadable (record_unreadable)
 MAX_CONSECUTIVE_UNREADABLE = 16  # more than this in a row means a broken folder, not a few bad files
 
 
 class DatasetError(RuntimeError):
     """A dataset folder, list file, image or label that cannot be used (message names the path)."""
+
+
+def unreadable_names(path: str | os.PathLike) -> list[str]:
+    """Sample names in a ``record_unreadable`` file, first occurrence order, duplicates dropped."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    names = [line.split("\t", 1)[0] for line in p.read_text(encoding="utf-8", errors="replace").splitlines()]
+    return list(dict.fromkeys(n for n in names if n))
 
 
 class DatasetSpecError(DatasetError, ValueError):
@@ -173,7 +184,8 @@ class SegmentationDataset(LabelSpace):
             raw_lut = np.where(valid, seen[np.clip(raw_lut, 0, 255)], -1).astype(np.int16)
         self._lut = raw_lut
         self.on_missing = on_missing
-        self.unreadable: set[int] = set()  # indices found corrupt while reading (on_missing="skip"), this process
+        self.unreadable: set[int] = set()  # indices found corrupt while reading (on_missing="skip")
+        self.unreadable_record: Path | None = None  # where found-corrupt sample names persist (record_unreadable)
         self.samples, self.skipped = self._check_files(list(samples), on_missing)
         if not self.samples:
             raise DatasetError(f"{name}: no samples left ({description})")
@@ -214,14 +226,37 @@ class SegmentationDataset(LabelSpace):
         tries = min(len(self), MAX_CONSECUTIVE_UNREADABLE)
         for k in range(tries):
             i = (index + k) % len(self)
+            if i in self.unreadable:  # known bad (this run or, via the record, an earlier one): not read again
+                continue
             try:
                 return self._read(i)
             except DatasetError as e:
-                if i not in self.unreadable:
-                    self.unreadable.add(i)
-                    log.warning("%s: skipping an unreadable sample (%s)", self.name, e)
+                self.unreadable.add(i)
+                log.warning("%s: skipping an unreadable sample (%s)", self.name, e)
+                self._record(i, e)
         raise DatasetError(f"{self.name}: {tries} consecutive samples from index {index} are "
                            "unreadable; check the dataset folder")
+
+    def record_unreadable(self, path: str | os.PathLike) -> int:
+        """Persists the samples found unreadable to ``path`` (one ``name<TAB>reason`` line each, appended by
+        whichever DataLoader worker finds it) and skips those already listed there without reading them, so
+        a resumed run neither retries nor dies on them. Returns how many listed names are in this dataset."""
+        self.unreadable_record = Path(path)
+        index = {s.name: i for i, s in enumerate(self.samples)}
+        listed = [index[n] for n in unreadable_names(self.unreadable_record) if n in index]
+        self.unreadable.update(listed)
+        return len(listed)
+
+    def _record(self, index: int, error: Exception) -> None:
+        if self.unreadable_record is None:
+            return
+        reason = " ".join(str(error).split())
+        try:  # one short O_APPEND write per line: lines from several workers do not interleave
+            self.unreadable_record.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.unreadable_record, "a", encoding="utf-8") as f:
+                f.write(f"{self.samples[index].name}\t{reason}\n")
+        except OSError as e:
+            log.warning("could not record the unreadable sample in %s: %s", self.unreadable_record, e)
 
     def _read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         s = self.samples[index]
