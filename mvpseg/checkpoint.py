@@ -18,6 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .clip_backbone import FrozenCLIP
+from .dense import default_dense_mode
+from .dense_settings import DenseSettings
 from .prompts import LearnedPrompts
 
 FORMAT = "mvpseg-prompts"
@@ -44,6 +46,10 @@ class PromptMeta:
     # input statistics the prompts were learned under ("imagenet" | "clip" | "custom"); None: written before
     # it was recorded. Prompts run under other statistics lose most of their accuracy without any error.
     normalization: str | None = None
+    # dense-feature mode the prompts were learned on (mvpseg.dense); None: written before it was recorded, i.e.
+    # the tower's default mode. Prompts fitted to one kind of dense features do not transfer to another.
+    # (The sliding window, an inference choice, is recorded in ``extra["sliding"]`` and never refused.)
+    dense_mode: str | None = None
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
@@ -115,13 +121,18 @@ def load_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 
 
 def save_prompts(path: str | os.PathLike, prompts: LearnedPrompts, clip: FrozenCLIP, gamma: float = 10.0,
-                 training_classes: Sequence[str] = (), extra: dict[str, Any] | None = None) -> Path:
-    """Writes ``path`` (.safetensors) and its .json sidecar; returns the .safetensors path."""
+                 training_classes: Sequence[str] = (), extra: dict[str, Any] | None = None,
+                 dense: DenseSettings | None = None) -> Path:
+    """Writes ``path`` (.safetensors) and its .json sidecar; returns the .safetensors path. ``dense``: the
+    settings the prompts were learned with (default: the CLIP's)."""
     st, js = sidecar_paths(path)
     st.parent.mkdir(parents=True, exist_ok=True)
+    dense = dense or clip.dense
+    extra = dict(extra or {})
+    extra.setdefault("sliding", None if dense is None else dense.sliding_record())
     meta = PromptMeta(clip.spec.model_name, clip.spec.pretrained, clip.fingerprint, clip.text_width, clip.embed_dim,
                       prompts.n_seg, prompts.n_ctx, prompts.use_global, float(gamma), tuple(training_classes),
-                      dict(extra or {}), normalization=clip.normalization)
+                      extra, normalization=clip.normalization, dense_mode=None if dense is None else dense.mode)
     save_safetensors(st, prompts.checkpoint_tensors(), FORMAT)
     atomic_write(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
     return st
@@ -138,8 +149,28 @@ def read_meta(path: str | os.PathLike) -> PromptMeta:
         raise CheckpointError(f"checkpoint metadata {js} is incomplete: {e}") from e
 
 
-def check_compatible(meta: PromptMeta, clip: FrozenCLIP) -> None:
-    """Raises CheckpointError when the prompts were learned for a different CLIP."""
+def learned_dense_mode(meta: PromptMeta, clip: FrozenCLIP) -> str | None:
+    """The dense mode the prompts were learned with; unrecorded (older checkpoints): the tower's default."""
+    if meta.dense_mode is not None:
+        return meta.dense_mode
+    try:
+        return default_dense_mode(clip.model.visual)
+    except NotImplementedError:
+        return None
+
+
+def dense_mode_mismatch(meta: PromptMeta, clip: FrozenCLIP, mode: str | None, what: str = "these prompts") -> str:
+    """The refusal message when prompts learned with one dense mode meet another ("" when they agree)."""
+    learned = learned_dense_mode(meta, clip)
+    if learned is None or mode is None or learned == mode:
+        return ""
+    return (f"{what} were learned with dense mode {learned!r}, but the CLIP is set to {mode!r}: pass --dense "
+            f"{learned} (prompts fitted to one kind of dense features give far worse masks with another)")
+
+
+def check_compatible(meta: PromptMeta, clip: FrozenCLIP, dense_mode: str | None = None) -> None:
+    """Raises CheckpointError when the prompts were learned for a different CLIP, other input statistics or
+    another dense mode (``dense_mode``, default: the CLIP's)."""
     problems = []
     if meta.text_width != clip.text_width:
         problems.append(f"text width {meta.text_width} vs {clip.text_width}")
@@ -158,14 +189,19 @@ def check_compatible(meta: PromptMeta, clip: FrozenCLIP) -> None:
     if problems:
         raise CheckpointError("these prompts were learned for another CLIP: " + "; ".join(problems) +
                               f". Load {meta.clip_model} ({meta.clip_pretrained}) to use them.")
+    mismatch = dense_mode_mismatch(meta, clip, dense_mode or clip.dense_mode)
+    if mismatch:
+        raise CheckpointError(mismatch)
 
 
-def load_prompts(path: str | os.PathLike, clip: FrozenCLIP | None = None, name: str | None = None) -> LearnedPrompts:
-    """Reads a prompt checkpoint; with ``clip`` given, refuses one that was learned for another CLIP."""
+def load_prompts(path: str | os.PathLike, clip: FrozenCLIP | None = None, name: str | None = None,
+                 dense_mode: str | None = None) -> LearnedPrompts:
+    """Reads a prompt checkpoint; with ``clip`` given, refuses one that was learned for another CLIP or with
+    another dense mode than ``dense_mode`` (default: the CLIP's)."""
     st, _ = sidecar_paths(path)
     meta = read_meta(path)
     if clip is not None:
-        check_compatible(meta, clip)
+        check_compatible(meta, clip, dense_mode)
     tensors = load_safetensors(st, "prompt")
     prompts = LearnedPrompts(meta.text_width, meta.n_seg, meta.n_ctx, meta.use_global, name=name or st.stem)
     try:

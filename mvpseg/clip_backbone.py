@@ -24,7 +24,8 @@ import torch.nn as nn
 
 import open_clip
 
-from .dense import dense_features
+from .dense import DENSE_MODES
+from .dense_settings import DenseSettings, SlidingLike, compute_dense, parse_sliding, resolve_dense
 from .text_encoder import encode_token_embeddings
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class ClipSpec:
     normalization: ``"imagenet"`` (default: MaskCLIP's mmseg configs use ImageNet mean/std), ``"clip"``, or
         ``None`` to take it from the config's ``mvpseg.normalization`` entry, else from a local .safetensors
         weights file's ``normalization`` header entry, else imagenet (with a warning for a custom config).
+    dense_mode: dense-feature mode (``mvpseg.dense.DENSE_MODES``); None: the tower's default (maskclip for a
+        ResNet, maskclip-vit for a ViT). Checked against the tower when the CLIP is loaded.
+    sliding: (window, stride) in pixels for sliding-window dense features, None: the whole image at once.
     """
 
     model_name: str = "RN50"
@@ -67,6 +71,8 @@ class ClipSpec:
     cache_dir: str | None = None
     model_config: str | None = None
     normalization: str | None = None
+    dense_mode: str | None = None
+    sliding: tuple[int, int] | None = None
 
     def describe(self) -> str:
         return f"{self.model_name} ({self.pretrained or 'random weights'})"
@@ -75,7 +81,8 @@ class ClipSpec:
     def from_args(cls, args: argparse.Namespace) -> "ClipSpec":
         """From the flags of ``add_clip_args`` ('none' / 'random' as --pretrained mean random weights)."""
         pre = None if str(args.pretrained).lower() in ("none", "random", "") else args.pretrained
-        return cls(args.clip, pre, args.cache_dir, args.model_config, getattr(args, "normalization", None))
+        return cls(args.clip, pre, args.cache_dir, args.model_config, getattr(args, "normalization", None),
+                   getattr(args, "dense", None), getattr(args, "sliding", None))
 
 
 def add_clip_args(parser: argparse.ArgumentParser, clip_help: str = "") -> None:
@@ -89,6 +96,12 @@ def add_clip_args(parser: argparse.ArgumentParser, clip_help: str = "") -> None:
     g.add_argument("--cache-dir", default=None, help="where pretrained CLIP weights are (or will be) cached")
     g.add_argument("--normalization", default=None, choices=sorted(NORMALIZATIONS),
                    help="input mean/std (default: imagenet, as MaskCLIP's configs)")
+    g.add_argument("--dense", default=None, choices=DENSE_MODES, metavar="{" + ",".join(DENSE_MODES) + "}",
+                   help="dense-feature mode (default: maskclip for a ResNet, maskclip-vit for a ViT; sclip, "
+                        "clearclip, naclip: ViT only)")
+    g.add_argument("--sliding", default=None, type=parse_sliding, metavar="WINDOW/STRIDE",
+                   help="sliding-window dense features, e.g. 224/112 (multiples of the tower's stride: 32 for "
+                        "a ResNet, the patch size for a ViT); default: the whole image at once")
 
 
 def _read_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -220,6 +233,25 @@ class FrozenCLIP(nn.Module):
         self.text_width = int(model.token_embedding.weight.shape[1])
         self.context_length = int(model.positional_embedding.shape[0])
         self.fingerprint = _fingerprint(model)
+        # Dense inference settings: an explicit mode is validated now (a clear error at load time); without one
+        # a tower that has no dense path (e.g. a timm tower) still loads, and fails only if asked for features.
+        self.dense: DenseSettings | None = None
+        if spec.dense_mode is not None or spec.sliding is not None or _has_dense_path(self.model.visual):
+            self.dense = resolve_dense(self.model.visual, spec.dense_mode, spec.sliding)
+
+    @property
+    def dense_mode(self) -> str | None:
+        """The dense-feature mode ``dense_features`` uses by default (None: this tower has none)."""
+        return None if self.dense is None else self.dense.mode
+
+    @property
+    def sliding(self):
+        """The default ``SlidingWindow`` (None: whole image)."""
+        return None if self.dense is None else self.dense.sliding
+
+    def dense_settings(self, mode: str | None = None, sliding: SlidingLike = None) -> DenseSettings:
+        """Validated settings for this tower (mode None: the tower's default); ValueError names valid ones."""
+        return resolve_dense(self.model.visual, mode, sliding)
 
     @cached_property
     def text_fingerprint(self) -> str:
@@ -244,9 +276,12 @@ class FrozenCLIP(nn.Module):
         return (images - self.pixel_mean) / self.pixel_std
 
     @torch.no_grad()
-    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images B×3×H×W → MaskCLIP features B×D×h×w, unit norm over D (h = H/32 for ResNets)."""
-        return dense_features(self.model.visual, images)
+    def dense_features(self, images: torch.Tensor, settings: DenseSettings | None = None) -> torch.Tensor:
+        """Normalised images B×3×H×W → dense features B×D×h×w (h = H/32 for ResNets, H/p for a ViT), with
+        ``settings`` or else this CLIP's own (``self.dense``). Unit norm over D, except that a sliding-window
+        average of unit vectors is not re-normalised (``mvpseg.dense.sliding``)."""
+        settings = settings or self.dense or self.dense_settings()  # the last raises for an unsupported tower
+        return compute_dense(self.model.visual, images, settings)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Texts → token ids N×context_length (on the model's device)."""
@@ -271,6 +306,14 @@ class FrozenCLIP(nn.Module):
     def set_text_checkpointing(self, enable: bool) -> None:
         """Activation checkpointing in the text transformer: trades compute for memory on big vocabularies."""
         self.model.transformer.grad_checkpointing = enable
+
+
+def _has_dense_path(visual: nn.Module) -> bool:
+    try:
+        resolve_dense(visual)
+        return True
+    except NotImplementedError:
+        return False
 
 
 def _weights_error(spec: "ClipSpec", e: BaseException) -> ClipWeightsError:

@@ -16,11 +16,20 @@ TINY_CONFIG = {
 }
 
 
-def tiny_config_file(folder: str | Path | None = None, name: str = "mvpseg-tiny") -> Path:
-    """Writes TINY_CONFIG as ``<folder>/<name>.json`` and returns the path."""
+# A tiny ViT: patch 8 (64 px → an 8×8 grid), width 64, 2 layers, 4 heads; the text tower is TINY_CONFIG's.
+TINY_VIT_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 8, "head_width": 16},
+    "text_cfg": TINY_CONFIG["text_cfg"],
+}
+
+
+def tiny_config_file(folder: str | Path | None = None, name: str = "mvpseg-tiny",
+                     config: dict | None = None) -> Path:
+    """Writes ``config`` (default TINY_CONFIG) as ``<folder>/<name>.json`` and returns the path."""
     folder = Path(folder or tempfile.mkdtemp(prefix="mvpseg_tiny_"))
     path = folder / f"{name}.json"
-    path.write_text(json.dumps(TINY_CONFIG))
+    path.write_text(json.dumps(config or TINY_CONFIG))
     return path
 
 
@@ -30,3 +39,13 @@ def tiny_clip(seed: int = 0, device: str = "cpu", name: str = "mvpseg-tiny") -> 
         torch.manual_seed(seed)
         return load_clip(ClipSpec(model_name=name, pretrained=None, model_config=str(tiny_config_file(name=name))),
                          device=device)
+
+
+def tiny_vit_clip(seed: int = 0, device: str = "cpu", name: str = "mvpseg-tiny-vit", dense_mode: str | None = None,
+                  sliding: tuple[int, int] | None = None) -> FrozenCLIP:
+    """A deterministic random-weight tiny ViT CLIP (TINY_VIT_CONFIG) with the given dense settings."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cfg = str(tiny_config_file(name=name, config=TINY_VIT_CONFIG))
+        return load_clip(ClipSpec(model_name=name, pretrained=None, model_config=cfg, dense_mode=dense_mode,
+                                  sliding=sliding), device=device)

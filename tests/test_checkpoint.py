@@ -106,3 +106,51 @@ def test_normalisation_is_recorded_and_a_mismatch_is_refused_with_the_fix(tiny, 
     del meta["normalization"]  # a checkpoint written before it was recorded: loads as before
     path.with_suffix(".json").write_text(json.dumps(meta))
     assert torch.equal(load_prompts(path, clip_norm).ctx, p.ctx)
+
+
+# ----------------------------------------------------------------------------- dense mode (issue #15)
+@pytest.fixture(scope="module")
+def vit_clips():
+    from mvpseg.testing import tiny_vit_clip
+
+    return {m: tiny_vit_clip(dense_mode=m) for m in ("maskclip-vit", "clearclip", "sclip")}
+
+
+def test_prompts_record_the_dense_mode_and_refuse_another(vit_clips, tmp_path):
+    clear, default = vit_clips["clearclip"], vit_clips["maskclip-vit"]
+    p = LearnedPrompts(clear.text_width, n_seg=2, n_ctx=4)
+    path = save_prompts(tmp_path / "p.safetensors", p, clear)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["dense_mode"] == "clearclip" and meta["extra"]["sliding"] is None
+    assert torch.equal(load_prompts(path, clear).ctx, p.ctx)
+    with pytest.raises(CheckpointError) as e:
+        load_prompts(path, default)
+    assert "learned with dense mode 'clearclip'" in str(e.value) and "'maskclip-vit'" in str(e.value)
+    assert "pass --dense clearclip" in str(e.value)
+    # an explicit mode overrides the CLIP's (the predictor's own setting)
+    assert torch.equal(load_prompts(path, default, dense_mode="clearclip").ctx, p.ctx)
+
+
+def test_prompts_without_a_recorded_mode_count_as_the_towers_default(vit_clips, tiny, tmp_path):
+    default, sclip = vit_clips["maskclip-vit"], vit_clips["sclip"]
+    path = save_prompts(tmp_path / "p.safetensors", LearnedPrompts(default.text_width, n_seg=1, n_ctx=4), default)
+    js = path.with_suffix(".json")
+    meta = json.loads(js.read_text())
+    del meta["dense_mode"]  # as written before the mode was recorded
+    js.write_text(json.dumps(meta))
+    load_prompts(path, default)
+    with pytest.raises(CheckpointError, match="learned with dense mode 'maskclip-vit'.*pass --dense maskclip-vit"):
+        load_prompts(path, sclip)
+    # ResNet: the only mode, recorded as such
+    _, rn = _saved(tiny, tmp_path / "rn")
+    assert json.loads(rn.with_suffix(".json").read_text())["dense_mode"] == "maskclip"
+
+
+def test_sliding_is_recorded_but_not_refused(vit_clips, tmp_path):
+    from mvpseg.testing import tiny_vit_clip
+
+    sliding = tiny_vit_clip(dense_mode="clearclip", sliding=(32, 16))
+    path = save_prompts(tmp_path / "p.safetensors", LearnedPrompts(sliding.text_width, n_seg=1, n_ctx=4), sliding)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["extra"]["sliding"] == [32, 16] and meta["dense_mode"] == "clearclip"
+    load_prompts(path, vit_clips["clearclip"])  # whole-image inference with sliding-trained prompts: allowed

@@ -97,3 +97,44 @@ def test_normalisation_comes_from_the_spec_the_config_or_the_weights_header_else
         assert bool(said) == warned, (weights, config, norm, said)
         if warned:
             assert "--normalization clip" in said[0] and "mvpseg-tiny-nrm.json" in said[0]
+
+
+# ----------------------------------------------------------------------------- dense settings (issue #15)
+def test_dense_flags_reach_the_clip_and_its_features():
+    import argparse
+
+    from mvpseg.clip_backbone import add_clip_args
+    from mvpseg.dense import SlidingWindow, dense_features, sliding_dense_features
+    from mvpseg.testing import tiny_vit_clip
+
+    p = argparse.ArgumentParser()
+    add_clip_args(p)
+    args = p.parse_args(["--clip", "x", "--dense", "clearclip", "--sliding", "32/16"])
+    spec = ClipSpec.from_args(args)
+    assert spec.dense_mode == "clearclip" and spec.sliding == (32, 16)
+    assert ClipSpec.from_args(p.parse_args([])).dense_mode is None and ClipSpec.from_args(p.parse_args([])).sliding is None
+    for bad in (["--sliding", "224"], ["--sliding", "112/224"], ["--dense", "dino"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+    clip = tiny_vit_clip(dense_mode="clearclip", sliding=(32, 16))
+    assert clip.dense_mode == "clearclip" and clip.sliding == SlidingWindow(32, 16)
+    x = torch.randn(1, 3, 64, 96)
+    torch.testing.assert_close(clip.dense_features(x), sliding_dense_features(clip.model.visual, x, "clearclip", 32, 16),
+                               rtol=0, atol=0)
+    whole = clip.dense_settings("naclip", None)
+    torch.testing.assert_close(clip.dense_features(x, whole), dense_features(clip.model.visual, x, "naclip"),
+                               rtol=0, atol=0)
+    assert tiny_vit_clip().dense_mode == "maskclip-vit"  # the tower's default
+
+
+def test_resnet_default_is_unchanged_and_bad_settings_fail_at_load(tiny):
+    from mvpseg.dense import dense_features
+
+    assert tiny.dense_mode == "maskclip" and tiny.sliding is None
+    x = torch.randn(2, 3, 64, 96)
+    assert torch.equal(tiny.dense_features(x), dense_features(tiny.model.visual, x))
+    cfg = str(tiny_config_file())
+    with pytest.raises(ValueError, match="dense mode 'sclip' is not available for a ModifiedResNet"):
+        load_clip(ClipSpec("mvpseg-tiny", None, model_config=cfg, dense_mode="sclip"))
+    with pytest.raises(ValueError, match=r"sliding window 100/50 must be multiples of the ModifiedResNet's stride 32"):
+        load_clip(ClipSpec("mvpseg-tiny", None, model_config=cfg, sliding=(100, 50)))
