@@ -8,7 +8,14 @@ a class name + EOT fit). Run once, not in CI::
     python -m training.pretrain_toyclip --device cpu      # ≈ 32 min on 2 idle CPU cores (docs/toyworld.md)
     python -m training.pretrain_toyclip --device cuda --workers 15   # ≈ 100 s on an H200
 
-Outputs in ``--out`` (default ``assets/toyclip``):
+``--vision vit`` trains the ViT variant instead (``toyclip-vit``: an open_clip ``VisionTransformer``
+tower, patch 8 at 64 px → an 8×8 token grid, for the ViT dense modes of ``mvpseg.dense``; same text
+tower and tokenizer; output in ``assets/toyclip-vit``)::
+
+    python -m training.pretrain_toyclip --vision vit --threads 1 --workers 0 --steps … --batch-size …
+
+Outputs in ``--out`` (default ``assets/toyclip``, or ``assets/toyclip-vit`` for ``--vision vit``; the
+file names use the model name ``toyclip`` / ``toyclip-vit``):
 
 * ``toyclip.json`` – a plain open_clip model config (loadable by ``open_clip.add_model_config`` and
   ``open_clip.create_model("toyclip", pretrained="…/toyclip.safetensors")``);
@@ -47,24 +54,40 @@ from training.toyworld import (
 )
 
 MODEL_NAME = "toyclip"
+VIT_MODEL_NAME = "toyclip-vit"
+# defaults that differ between the two vision towers (None on the command line → these)
+VISION_DEFAULTS = {"resnet": {"out": "assets/toyclip", "vision_width": 24},
+                   "vit": {"out": "assets/toyclip-vit", "vision_width": 96}}
+VIT_ONLY_ARGS = ("patch_size", "vision_layers", "vision_head_width")
+
+
+def model_name(args: argparse.Namespace) -> str:
+    return VIT_MODEL_NAME if args.vision == "vit" else MODEL_NAME
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def model_config(args: argparse.Namespace) -> dict[str, Any]:
     """The open_clip config dict (only keys open_clip's ``CLIP`` accepts)."""
+    if args.vision == "vit":  # plain open_clip VisionTransformer (class token, nn.GELU, learnable pos. embedding)
+        vision = {"image_size": args.image_size * args.zoom, "patch_size": args.patch_size,
+                  "width": args.vision_width, "layers": args.vision_layers, "head_width": args.vision_head_width,
+                  "mlp_ratio": 4.0}
+    else:
+        vision = {"image_size": args.image_size * args.zoom, "layers": [1, 1, 1, 1], "width": args.vision_width}
     return {
         "embed_dim": args.embed_dim,
-        "vision_cfg": {"image_size": args.image_size * args.zoom, "layers": [1, 1, 1, 1], "width": args.vision_width},
+        "vision_cfg": vision,
         "text_cfg": {"context_length": args.context_length, "vocab_size": 49408, "width": args.text_width,
                      "heads": args.text_width // 16, "layers": args.text_layers},
     }
 
 
-def create_model(config_path: Path, pretrained: str | None = None, device: str = "cpu") -> torch.nn.Module:
+def create_model(config_path: Path, pretrained: str | None = None, device: str = "cpu",
+                 name: str = MODEL_NAME) -> torch.nn.Module:
     """Builds the model through open_clip's own registry, exactly as ``mvpseg.clip_backbone`` does."""
     open_clip.add_model_config(config_path)
-    return open_clip.create_model(MODEL_NAME, pretrained=pretrained, device=device)
+    return open_clip.create_model(name, pretrained=pretrained, device=device)
 
 
 def collate(batch: Sequence[tuple[np.ndarray, str, list[int]]]) -> tuple[torch.Tensor, list[str], list[tuple[int, ...]]]:
@@ -112,8 +135,9 @@ def zero_shot_accuracy(model: torch.nn.Module, tokenizer: Any, device: str, n: i
                        seed: int = 12345, zoom: int = 1) -> dict[str, float]:
     """Top-1 accuracy of classifying held-out single-object crops among the 16 object classes with
     the prompt "a photo of a {}." (split "test", never used in training)."""
-    # crops at the model's input size (its attention pool has a fixed positional embedding)
-    size = int(getattr(model.visual, "image_size", PRETRAIN_CONFIG.image_size * zoom))
+    # crops at the model's input size (its attention pool / ViT has a fixed positional embedding)
+    size = getattr(model.visual, "image_size", PRETRAIN_CONFIG.image_size * zoom)
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)  # the ViT keeps (H, W)
     cfg = replace(PRETRAIN_CONFIG, objects=(1, 1), stuff=(0, 1), image_size=size // zoom, zoom=zoom)
     ds = CaptionedToyWorld(n * 2, seed=seed, config=cfg, split="test")
     images, labels = [], []
@@ -143,7 +167,9 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="assets/toyclip")
+    p.add_argument("--vision", choices=("resnet", "vit"), default="resnet",
+                   help="vision tower: ModifiedResNet (toyclip) or ViT (toyclip-vit)")
+    p.add_argument("--out", default=None, help="output folder (default assets/toyclip or assets/toyclip-vit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch-size", type=int, default=128)
@@ -155,7 +181,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "show more context")
     p.add_argument("--zoom", type=int, default=1, help="magnify every crop zoom× by pixel replication (the "
                    "model's input becomes image-size·zoom): objects span zoom× more feature cells")
-    p.add_argument("--vision-width", type=int, default=24)
+    p.add_argument("--vision-width", type=int, default=None, help="default 24 (resnet) or 96 (vit)")
+    p.add_argument("--patch-size", type=int, default=8, help="vit: patch size in model input px")
+    p.add_argument("--vision-layers", type=int, default=4, help="vit: transformer blocks")
+    p.add_argument("--vision-head-width", type=int, default=24, help="vit: channels per attention head "
+                   "(heads = width / head width)")
     p.add_argument("--text-width", type=int, default=64)
     p.add_argument("--text-layers", type=int, default=4)
     p.add_argument("--embed-dim", type=int, default=128)
@@ -166,10 +196,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--zero-shot-images", type=int, default=512, help="held-out crops for the final accuracy")
     args = p.parse_args(argv)
-    if args.zoom < 1 or args.image_size < 32 or (args.image_size * args.zoom) % 32:
+    for k, v in VISION_DEFAULTS[args.vision].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.vision == "vit":
+        if args.zoom < 1 or args.patch_size < 1 or (args.image_size * args.zoom) % args.patch_size:
+            p.error(f"--image-size × --zoom must be a multiple of --patch-size, "
+                    f"got {args.image_size} × {args.zoom} and {args.patch_size}")
+        if args.vision_head_width < 1 or args.vision_width % args.vision_head_width:
+            p.error(f"--vision-width must be a multiple of --vision-head-width, "
+                    f"got {args.vision_width} and {args.vision_head_width}")
+    elif args.zoom < 1 or args.image_size < 32 or (args.image_size * args.zoom) % 32:
         p.error(f"--image-size × --zoom must be a positive multiple of 32 (the ResNet's stride), "
                 f"got {args.image_size} × {args.zoom}")
     return args
+
+
+def recorded_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments for the training record; a resnet run records exactly what it did before --vision."""
+    rec = vars(args).copy()
+    if args.vision == "resnet":
+        for k in ("vision",) + VIT_ONLY_ARGS:
+            rec.pop(k)
+    return rec
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -178,10 +227,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / f"{MODEL_NAME}.json"
+    name = model_name(args)
+    cfg_path = out / f"{name}.json"
     cfg_path.write_text(json.dumps(model_config(args), indent=2) + "\n")
-    model = create_model(cfg_path, device=args.device)
-    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+    model = create_model(cfg_path, device=args.device, name=name)
+    tokenizer = open_clip.get_tokenizer(name)
     n_params = sum(p.numel() for p in model.parameters())
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -217,14 +267,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_s = time.time() - t0
     zs = zero_shot_accuracy(model, tokenizer, args.device, n=args.zero_shot_images, zoom=args.zoom)
     record = {
-        "model": MODEL_NAME, "parameters": n_params, "args": vars(args), "train_seconds": round(train_s, 1),
+        "model": name, "parameters": n_params, "args": recorded_args(args), "train_seconds": round(train_s, 1),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__, "open_clip": open_clip.__version__,
         "final_loss": float(np.mean(losses[-50:])), "loss_curve": [round(float(np.mean(losses[i:i + 50])), 4)
                                                                   for i in range(0, len(losses), 50)],
         "zero_shot_accuracy": zs, "normalization": "imagenet", "class_names": CLASS_NAMES, "unseen": UNSEEN,
     }
-    save_weights(model, out / f"{MODEL_NAME}.safetensors",
+    save_weights(model, out / f"{name}.safetensors",
                  {"seed": str(args.seed), "steps": str(args.steps), "zoom": str(args.zoom), "normalization": "imagenet",
                   "format": "open_clip CLIP state dict, fp16", "config": json.dumps(model_config(args))})
     (out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
