@@ -30,11 +30,11 @@ def _predictor(args: argparse.Namespace):
         from .student_predictor import StudentPredictor
 
         pred = StudentPredictor.from_checkpoint(args.student, ClipSpec.from_args(args), resolve_device(args.device),
-                                                short_side=args.short_side)
+                                                short_side=args.short_side, pamr=args.pamr)
         return pred, pred.name
     baselines = args.baseline is not None or args.prompts is None
     pred = build_predictor(ClipSpec.from_args(args), checkpoints={"learned": args.prompts} if args.prompts else None,
-                           baselines=baselines, device=args.device, short_side=args.short_side)
+                           baselines=baselines, device=args.device, short_side=args.short_side, pamr=args.pamr)
     return pred, "learned" if args.prompts else (args.baseline or "maskclip-85")
 
 
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     seg.add_argument("--out", default=None,
                      help=f"one image: the overlay PNG (default {SINGLE_OUT}; the label map and a legend JSON go "
                           f"beside it); several: a folder (default {BATCH_OUT})")
+    seg.add_argument("--pamr", action="store_true",
+                     help="refine the masks with PAMR (image-guided smoothing, as SCLIP/NACLIP; slower)")
     seg.add_argument("--summary", nargs="?", const="", default=None, metavar="PATH",
                      help="write the pixel share of every class over all images (default PATH: OUT/summary.json)")
     seg.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -86,6 +86,8 @@ def write_prediction(image: np.ndarray, result: Prediction, overlay_path: Path, 
     counts = np.bincount(label_map.ravel(), minlength=len(result.classes))
     legend = {"classes": list(result.classes), "colors": dict(legend_entries(result.classes, colors)),
               "prompt_set": prompt_set, "label_map": labels_path.name,
+              "dense": None if result.dense is None else result.dense.describe(),
+              "pamr": result.pamr_image is not None,
               "size": [int(label_map.shape[0]), int(label_map.shape[1])],
               "gpr_scores": None if result.gpr_scores is None else
               {c: round(float(s), 4) for c, s in zip(result.classes, result.gpr_scores)},

@@ -7,6 +7,7 @@ import torch
 
 from .checkpoint import load_prompts
 from .clip_backbone import ClipSpec, FrozenCLIP, load_clip
+from .dense_settings import DenseSettings
 from .handcrafted import PartPrompts, TemplatePrompts
 from .model import MVPSeg
 from .predictor import Predictor
@@ -47,16 +48,20 @@ def build_mvpseg(clip: ClipSpec | FrozenCLIP = ClipSpec(), n_seg: int = 3, n_ctx
 
 def build_predictor(clip: ClipSpec | FrozenCLIP = ClipSpec(), checkpoints: dict[str, str] | None = None,
                     baselines: bool = True, device: str | None = "cpu", short_side: int = 512,
-                    max_long_side: int = 2048, text_cache_dir: str | Path | None = None) -> Predictor:
+                    max_long_side: int = 2048, text_cache_dir: str | Path | None = None,
+                    dense: DenseSettings | None = None, pamr: bool = False) -> Predictor:
     """A Predictor with the learned prompt sets in ``checkpoints`` (name → path) first, then the baselines;
-    ``text_cache_dir`` keeps text embeddings on disk across restarts (see ``Predictor``)."""
+    ``text_cache_dir`` keeps text embeddings on disk across restarts (see ``Predictor``). ``dense``: dense mode
+    and sliding window (default: the CLIP's, i.e. its spec's ``--dense``/``--sliding``); learned prompts are
+    refused when they were learned with another mode. ``pamr``: refine label maps with PAMR."""
     frozen = clip if isinstance(clip, FrozenCLIP) else load_clip(clip, resolve_device(device))
+    dense = dense or frozen.dense
     sets: dict[str, PromptSet] = {}
     gamma = 10.0
     for name, path in (checkpoints or {}).items():
-        sets[name] = load_prompts(path, frozen, name=name)
+        sets[name] = load_prompts(path, frozen, name=name, dense_mode=None if dense is None else dense.mode)
         gamma = sets[name].meta.gamma
     if baselines:
         sets.update(baseline_prompt_sets())
     return Predictor(frozen, sets, gamma=gamma, short_side=short_side, max_long_side=max_long_side,
-                     text_cache_dir=text_cache_dir)
+                     text_cache_dir=text_cache_dir, dense=dense, pamr=pamr)

@@ -19,7 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import CheckpointError, dense_mode_mismatch
 from .clip_backbone import FrozenCLIP
+from .dense import pamr as pamr_refine
+from .dense_settings import DenseSettings, SlidingLike
 from .heads import MVPSegOutput, segment
 from .image_io import ImageLike, prepare_image
 from .prompts import PromptSet, TextViews
@@ -99,6 +102,9 @@ class Prediction:
     output: MVPSegOutput  # at feature resolution, batch of one
     work_size: tuple[int, int]  # (H, W) the image was resized to for the CLIP tower
     timings: dict[str, float] = field(default_factory=dict)
+    # PAMR: the (normalised) work-size image 1×3×h×w the label map's logits are refined with; None = off
+    pamr_image: torch.Tensor | None = None
+    dense: DenseSettings | None = None  # the dense settings of the features behind this prediction
 
     def _up(self, x: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
         return F.interpolate(x, size=self.image_size, mode=mode, align_corners=False if mode == "bilinear" else None)
@@ -126,10 +132,23 @@ class Prediction:
         return (out if g is None else out * g[0, :, None, None].float()).cpu().numpy()
 
     @cached_property
+    def logits(self) -> torch.Tensor:
+        """1×C×h×w at the work size: log m_c (bilinear on the logits), refined by PAMR when it is on.
+
+        PAMR is applied as SCLIP/NACLIP do, to the upsampled logits with the image, before the argmax. It is a
+        per-pixel convex combination of neighbours, so a per-pixel offset common to all classes (log_softmax's
+        normaliser) passes through unchanged: refining log m_c picks the same labels as refining the raw logits
+        plus log g_c."""
+        logits = self.output.log_final(self.work_size).float()  # 1×C×h×w, monotone in m_c
+        if self.pamr_image is not None:
+            logits = pamr_refine(self.pamr_image, logits)
+        return logits
+
+    @cached_property
     def label_map(self) -> np.ndarray:
-        """H×W int32 index into ``classes``: argmax of the final masks, bilinear logits at the work size and a
+        """H×W int32 index into ``classes``: argmax of ``logits`` (work size, PAMR when on) and a
         nearest-neighbour upscale beyond it (memory stays bounded for huge images)."""
-        logits = self.output.log_final(self.work_size)  # 1×C×h×w, monotone in m_c
+        logits = self.logits
         # max(dim).indices == argmax(dim) (first maximum on ties), but on CPU argmax over the channel dim of
         # an NCHW tensor is ~20× slower (measured: 221 ms vs 9 ms for 10×512×683).
         labels = logits.max(1, keepdim=True).indices.float()
@@ -154,12 +173,16 @@ class Predictor:
         text_cache_dir: also keep text embeddings in this folder (safetensors, one file per CLIP × prompt
             set), reused across restarts; None: memory only. A folder that cannot be created is logged and
             ignored.
+        dense: dense-feature mode and sliding window (default: the CLIP's, ``clip.dense``); ``set_dense``
+            changes them later (the cached image features are recomputed, the text cache is kept).
+        pamr: refine the label map's logits with PAMR (``mvpseg.dense.pamr``) before the argmax.
     """
 
     def __init__(self, clip: FrozenCLIP, prompt_sets: dict[str, PromptSet], gamma: float = 10.0,
                  short_side: int = 512, max_long_side: int = 2048, text_cache_size: int = 32,
                  amp: bool = True, text_cache_bytes: int = 256 << 20,
-                 text_cache_dir: str | Path | None = None) -> None:
+                 text_cache_dir: str | Path | None = None, dense: DenseSettings | None = None,
+                 pamr: bool = False) -> None:
         if not prompt_sets:
             raise ValueError("a predictor needs at least one prompt set")
         self.clip = clip
@@ -177,7 +200,11 @@ class Predictor:
         self.text_cache = ClassTextCache(text_cache_bytes, disk)
         for name, ps in prompt_sets.items():
             self.add_prompt_set(name, ps)
+        self.dense: DenseSettings | None = dense or clip.dense
+        self.pamr = bool(pamr)
         self._features: torch.Tensor | None = None
+        self._features_dense: DenseSettings | None = None  # the settings self._features were computed with
+        self._input: torch.Tensor | None = None  # normalised work-size image 1×3×h×w (re-encoding, PAMR)
         self._image_size: tuple[int, int] | None = None
         self._work_size: tuple[int, int] | None = None
         # text_encodes: text-tower runs (one per request with any new class); text_classes_encoded: class names
@@ -200,27 +227,62 @@ class Predictor:
         a replaced set never sees the old one's embeddings (they age out of the cache)."""
         self._prompt_sets[name] = prompts.to(self.clip.device).eval()
 
+    # ----------------------------------------------------------------- dense settings
+    def set_dense(self, mode: str | None = None, sliding: SlidingLike = None) -> DenseSettings:
+        """Selects the dense-feature mode (None: the tower's default) and sliding window (None: whole image),
+        validated for this tower (ValueError names the valid ones). The cached image features are keyed on
+        them: the next ``predict`` re-encodes the current image if they changed; cached text is unaffected."""
+        self.dense = self.clip.dense_settings(mode, sliding)
+        return self.dense
+
     # ----------------------------------------------------------------- image
     @torch.no_grad()
     def set_image(self, image: ImageLike) -> None:
         """Loads (any size or mode), resizes to the work size and caches the dense features 1×D×h×w."""
         t0 = time.perf_counter()
         rgb, x, work_size = prepare_image(image, self.short_side, self.max_long_side, self.clip.device)
+        self._features = self._features_dense = None  # nothing half-set if encoding fails
+        self._input, self._image_size, self._work_size = self.clip.normalize(x), rgb.shape[:2], work_size
+        self._encode(t0)
+
+    @torch.no_grad()
+    def _encode(self, t0: float) -> None:
+        """Dense features of the current image under ``self.dense``; ``image_seconds`` covers them (and the
+        image preparation when called from ``set_image``), so it reflects the mode and sliding window used."""
         with amp_autocast(self.clip.device, self.amp):
-            feats = self.clip.dense_features(self.clip.normalize(x))
-        self._features, self._image_size, self._work_size = feats.float(), rgb.shape[:2], work_size
+            feats = self.clip.dense_features(self._input, self.dense)
+        self._features, self._features_dense = feats.float(), self.dense
         self.stats["image_encodes"] += 1
         self.image_seconds = time.perf_counter() - t0
 
     @property
     def has_image(self) -> bool:
-        return self._features is not None
+        return self._input is not None
+
+    @property
+    def features_current(self) -> bool:
+        """Whether the cached image features were computed under the current dense settings."""
+        return self._features is not None and self._features_dense == self.dense
 
     @property
     def image_features(self) -> torch.Tensor:
-        if self._features is None:
+        """1×D×h×w features of the current image under the current dense settings (re-encoded if these
+        changed since ``set_image``)."""
+        if self._input is None:
             raise RuntimeError("call set_image() before predict()")
+        if not self.features_current:
+            self._encode(time.perf_counter())
         return self._features
+
+    def _check_dense(self, name: str, ps: PromptSet) -> None:
+        """Learned prompts only fit the dense mode they were learned with (checked at load against the CLIP's
+        mode; ``set_dense`` may have changed it since)."""
+        meta = getattr(ps, "meta", None)
+        if meta is None or self.dense is None or not hasattr(meta, "dense_mode"):
+            return
+        mismatch = dense_mode_mismatch(meta, self.clip, self.dense.mode, what=f"prompt set '{name}'")
+        if mismatch:
+            raise CheckpointError(mismatch.replace(", but the CLIP is set to", ", but the dense mode is now"))
 
     # ----------------------------------------------------------------- text
     def text_key(self, prompts: str) -> TextKey:
@@ -252,10 +314,11 @@ class Predictor:
     @torch.no_grad()
     def predict(self, vocabulary: str | Sequence[str], prompts: str | None = None) -> Prediction:
         """Segments the current image into ``vocabulary`` with prompt set ``prompts`` (default: the first)."""
-        feats = self.image_features
         names = parse_vocabulary(vocabulary)
         name = prompts or self.prompt_set_names[0]
         ps = self.prompt_set(name)
+        self._check_dense(name, ps)
+        feats = self.image_features
         t0 = time.perf_counter()
         text = self.text_features(names, name)
         t1 = time.perf_counter()
@@ -263,4 +326,4 @@ class Predictor:
         out = segment(feats, text, ps.tau1(), tau2, self.gamma)
         t2 = time.perf_counter()
         return Prediction(names, text.view_names, name, self._image_size, out, self._work_size,
-                          {"text": t1 - t0, "head": t2 - t1})
+                          {"text": t1 - t0, "head": t2 - t1}, self._input if self.pamr else None, self.dense)

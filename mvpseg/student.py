@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from .checkpoint import (CheckpointError, PromptMeta, atomic_write, check_compatible, load_safetensors, read_sidecar,
                          save_safetensors, sidecar_paths)
 from .clip_backbone import NORMALIZATIONS, FrozenCLIP
+from .dense import default_dense_mode
+from .dense_settings import DenseSettings
 from .prompts import LearnedPrompts, PromptSet, TextViews
 from .student_heads import HEADS, ResNetBackbone, load_backbone_weights, make_head, make_resnet
 
@@ -163,6 +165,9 @@ class StudentMeta:
     extra: dict[str, Any] = field(default_factory=dict)
     # the teacher CLIP's input statistics during distillation (None: written before it was recorded)
     clip_normalization: str | None = None
+    # the teacher's dense-feature mode behind the pseudo labels (None: written before it was recorded, i.e. the
+    # tower's default); its sliding window is in ``extra["teacher_sliding"]`` (an inference choice, not checked)
+    teacher_dense_mode: str | None = None
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
@@ -174,11 +179,13 @@ class LoadedStudent:
     meta: StudentMeta
 
 
-def _prompt_record(prompts: PromptSet, clip: FrozenCLIP) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _prompt_record(prompts: PromptSet, clip: FrozenCLIP,
+                   dense: DenseSettings | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if isinstance(prompts, LearnedPrompts):
         meta = getattr(prompts, "meta", None) or PromptMeta(
             clip.spec.model_name, clip.spec.pretrained, clip.fingerprint, clip.text_width, clip.embed_dim,
-            prompts.n_seg, prompts.n_ctx, prompts.use_global, normalization=clip.normalization)
+            prompts.n_seg, prompts.n_ctx, prompts.use_global, normalization=clip.normalization,
+            dense_mode=None if dense is None else dense.mode)
         tensors = {f"prompts.{k}": v for k, v in prompts.checkpoint_tensors().items()}
         record = asdict(meta)
         record["training_classes"] = list(record["training_classes"])
@@ -188,16 +195,21 @@ def _prompt_record(prompts: PromptSet, clip: FrozenCLIP) -> tuple[dict[str, Any]
 
 def save_student(path: str | os.PathLike, net: StudentNet, prompts: PromptSet, clip: FrozenCLIP,
                  class_names: Sequence[str] = (), background_index: int | None = None,
-                 unseen: Sequence[int] = (), extra: dict[str, Any] | None = None) -> Path:
-    """Writes ``path`` (.safetensors) and its .json sidecar; returns the .safetensors path."""
+                 unseen: Sequence[int] = (), extra: dict[str, Any] | None = None,
+                 dense: DenseSettings | None = None) -> Path:
+    """Writes ``path`` (.safetensors) and its .json sidecar; returns the .safetensors path. ``dense``: the
+    teacher's dense settings behind the pseudo labels (default: the CLIP's)."""
     st, js = sidecar_paths(path)
     st.parent.mkdir(parents=True, exist_ok=True)
-    prompt_record, tensors = _prompt_record(prompts, clip)
+    dense = dense or clip.dense
+    extra = dict(extra or {})
+    extra.setdefault("teacher_sliding", None if dense is None else dense.sliding_record())
+    prompt_record, tensors = _prompt_record(prompts, clip, dense)
     state = {f"student.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     meta = StudentMeta(asdict(net.config), clip.spec.model_name, clip.spec.pretrained, clip.fingerprint,
                        clip.embed_dim, clip.text_width, prompt_record, tuple(class_names), background_index,
-                       tuple(int(u) for u in unseen), net.backbone_init, clip.spec.model_config, dict(extra or {}),
-                       clip_normalization=clip.normalization)
+                       tuple(int(u) for u in unseen), net.backbone_init, clip.spec.model_config, extra,
+                       clip_normalization=clip.normalization, teacher_dense_mode=None if dense is None else dense.mode)
     save_safetensors(st, {**state, **tensors}, FORMAT, FORMAT_VERSION)
     atomic_write(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
     return st
@@ -217,7 +229,9 @@ def read_student_meta(path: str | os.PathLike) -> StudentMeta:
 
 def _check_clip(meta: StudentMeta, clip: FrozenCLIP) -> None:
     if meta.prompts.get("kind") == "learned":
-        check_compatible(_prompt_meta(meta), clip)  # learned prompts are tied to the exact text tower
+        # learned prompts are tied to the exact text tower; their dense mode is the teacher's (checked below,
+        # with the student's own message)
+        check_compatible(_prompt_meta(meta), clip, dense_mode=meta.teacher_dense_mode or clip.dense_mode)
     problems = []
     if meta.embed_dim != clip.embed_dim:
         problems.append(f"embedding width {meta.embed_dim} vs {clip.embed_dim}")
@@ -228,6 +242,18 @@ def _check_clip(meta: StudentMeta, clip: FrozenCLIP) -> None:
     if problems:
         raise CheckpointError("this student was trained against another CLIP: " + "; ".join(problems) +
                               f". Load {meta.clip_model} ({meta.clip_pretrained}) to use it.")
+    teacher = meta.teacher_dense_mode or _default_mode(clip)
+    if teacher is not None and clip.dense_mode is not None and teacher != clip.dense_mode:
+        raise CheckpointError(f"this student was distilled from pseudo labels of dense mode {teacher!r}, but the "
+                              f"CLIP is set to {clip.dense_mode!r}: pass --dense {teacher}")
+
+
+def _default_mode(clip: FrozenCLIP) -> str | None:
+    """The tower's default dense mode (what students written before the mode was recorded used)."""
+    try:
+        return default_dense_mode(clip.model.visual)
+    except NotImplementedError:
+        return None
 
 
 def _prompt_meta(meta: StudentMeta) -> PromptMeta:

@@ -41,8 +41,10 @@ class StudentPredictor:
 
     def __init__(self, student: StudentNet, clip: FrozenCLIP, prompts: PromptSet, name: str = "mvp-seg+",
                  short_side: int = 512, max_long_side: int = 2048, text_cache_size: int = 32,
-                 amp: bool = True) -> None:
+                 amp: bool = True, pamr: bool = False) -> None:
         self.student = student.to(clip.device).eval()
+        self.pamr = bool(pamr)  # refine label maps with PAMR (mvpseg.dense.pamr), as Predictor(pamr=True)
+        self._input: torch.Tensor | None = None
         self.clip = clip
         self.prompts = prompts.to(clip.device).eval()
         self.name = name
@@ -64,7 +66,7 @@ class StudentPredictor:
 
             meta = read_student_meta(path)
             clip = ClipSpec(model_name=meta.clip_model, pretrained=meta.clip_pretrained,
-                            model_config=meta.clip_model_config)
+                            model_config=meta.clip_model_config, dense_mode=meta.teacher_dense_mode)
         frozen = clip if isinstance(clip, FrozenCLIP) else load_clip(clip, device)
         loaded: LoadedStudent = load_student(path, frozen)
         return cls(loaded.net, frozen, loaded.prompts, **kwargs)
@@ -82,8 +84,9 @@ class StudentPredictor:
         """Loads (any size or mode), resizes to the work size and caches the student features 1×D×h×w."""
         t0 = time.perf_counter()
         rgb, x, work_size = prepare_image(image, self.short_side, self.max_long_side, self.student.device)
+        self._input = self.student.normalize(x)
         with amp_autocast(self.student.device, self.amp):
-            feats = self.student.features(self.student.normalize(x))
+            feats = self.student.features(self._input)
         self._features, self._image_size, self._work_size = feats.float(), rgb.shape[:2], work_size
         self.stats["image_encodes"] += 1
         self.image_seconds = time.perf_counter() - t0
@@ -121,4 +124,4 @@ class StudentPredictor:
         out = MVPSegOutput(view_masks=logits[:, None], fused_logits=logits, global_mask=None, gpr_logits=None)
         t2 = time.perf_counter()
         return Prediction(names, ("student",), self.name, self._image_size, out, self._work_size,
-                          {"text": t1 - t0, "head": t2 - t1})
+                          {"text": t1 - t0, "head": t2 - t1}, self._input if self.pamr else None)

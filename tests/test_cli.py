@@ -49,3 +49,18 @@ def test_offline_rn50_is_a_clear_error(tmp_path, capsys):
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(img)
     rc = main(["segment", str(img), "--classes", "cat", "--cache-dir", str(tmp_path / "cache")])
     assert rc == 2 and "Cannot load CLIP weights RN50 (openai)" in capsys.readouterr().err
+
+
+def test_segment_pamr_and_dense_flags(tiny, tmp_path, capsys):
+    img = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 110, 3), dtype=np.uint8)).save(img)
+    out = tmp_path / "o.png"
+    rc = main(["segment", str(img), "--classes", "cat, dog", "--baseline", "a-photo-of", "--out", str(out),
+               "--short-side", "64", "--pamr", "--sliding", "64/32"] + _clip_args(tiny, tmp_path))
+    assert rc == 0
+    legend = json.loads(out.with_suffix(".json").read_text())
+    assert legend["pamr"] is True and legend["dense"] == "maskclip, sliding 64/32"
+    rc = main(["segment", str(img), "--classes", "cat", "--out", str(out), "--dense", "sclip"]
+              + _clip_args(tiny, tmp_path))
+    assert rc == 2
+    assert "error: dense mode 'sclip' is not available for a ModifiedResNet tower" in capsys.readouterr().err

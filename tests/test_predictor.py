@@ -121,3 +121,72 @@ def test_a_name_over_the_prompt_sets_token_budget_is_a_vocabulary_error_that_say
 
     single = TemplatePrompts.single()
     assert single.name_token_budget(tiny) == tiny.context_length - 2 - len(tiny.tokenizer.encode("a photo of a ."))
+
+
+# ----------------------------------------------------------------------------- dense settings, PAMR (issue #15)
+def test_pamr_refines_the_label_maps_logits_exactly_as_calling_pamr(tiny):
+    from mvpseg.dense import pamr
+
+    img = np.random.default_rng(2).integers(0, 255, (70, 100, 3), dtype=np.uint8)
+    plain, refined = (build_predictor(tiny, short_side=64, max_long_side=256, pamr=on) for on in (False, True))
+    plain.set_image(img)
+    refined.set_image(img)
+    a, b = plain.predict("cat, dog, sky"), refined.predict("cat, dog, sky")
+    work = a.work_size
+    # off: today's output (bilinear log m_c at the work size, then the argmax)
+    assert a.pamr_image is None and torch.equal(a.logits, a.output.log_final(work))
+    # on: pamr on the same logits with the normalised work-size image, nothing else changed
+    torch.testing.assert_close(b.output.fused_logits, a.output.fused_logits, rtol=0, atol=0)
+    assert b.pamr_image.shape == (1, 3, *work)
+    expected = pamr(b.pamr_image, a.output.log_final(work))
+    torch.testing.assert_close(b.logits, expected, rtol=0, atol=0)
+    labels = torch.nn.functional.interpolate(expected.max(1, keepdim=True).indices.float(), size=(70, 100),
+                                             mode="nearest")[0, 0].int().numpy()
+    np.testing.assert_array_equal(b.label_map, labels)
+    assert not torch.allclose(a.logits, b.logits, atol=1e-3)  # it does refine
+
+
+@pytest.fixture(scope="module")
+def vit():
+    from mvpseg.testing import tiny_vit_clip
+
+    return tiny_vit_clip()
+
+
+def test_dense_settings_key_the_image_features_but_not_the_text(vit):
+    p = build_predictor(vit, short_side=64, max_long_side=256)
+    assert p.dense == vit.dense and p.dense.mode == "maskclip-vit"
+    img = np.random.default_rng(3).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    p.set_image(img)
+    p.predict("cat, dog", prompts="a-photo-of")
+    assert p.stats["image_encodes"] == 1 and p.stats["text_encodes"] == 1
+    settings = p.set_dense("sclip", "32/16")
+    assert settings.describe() == "sclip, sliding 32/16" and not p.features_current
+    r = p.predict("cat, dog", prompts="a-photo-of")
+    assert p.stats["image_encodes"] == 2 and p.stats["text_encodes"] == 1  # image re-encoded, text reused
+    assert r.dense == settings
+    torch.testing.assert_close(p.image_features, vit.dense_features(p._input, settings), rtol=0, atol=0)
+    p.predict("cat, dog", prompts="a-photo-of")
+    p.set_dense("sclip", (32, 16))  # the same settings again: the features stay cached
+    p.predict("cat", prompts="a-photo-of")
+    assert p.stats["image_encodes"] == 2
+    with pytest.raises(ValueError, match="dense mode 'maskclip' is not available for a VisionTransformer"):
+        p.set_dense("maskclip")
+    with pytest.raises(ValueError, match="multiples of the VisionTransformer's stride 8"):
+        p.set_dense("sclip", (36, 12))
+    assert p.dense == settings  # a refused change leaves the settings as they were
+
+
+def test_learned_prompts_refuse_a_dense_mode_changed_after_loading(vit, tmp_path):
+    from mvpseg import CheckpointError, save_prompts
+
+    path = save_prompts(tmp_path / "p.safetensors", LearnedPrompts(vit.text_width, n_seg=2, n_ctx=4), vit)
+    p = build_predictor(vit, checkpoints={"learned": str(path)}, short_side=64)
+    p.set_image(np.zeros((64, 64, 3), np.uint8))
+    p.predict("cat, dog")
+    p.set_dense("naclip")
+    with pytest.raises(CheckpointError, match="prompt set 'learned' were learned with dense mode 'maskclip-vit'"):
+        p.predict("cat, dog")
+    p.predict("cat, dog", prompts="parts")  # handcrafted sets work with any mode
+    with pytest.raises(CheckpointError, match="pass --dense maskclip-vit"):
+        build_predictor(vit, checkpoints={"learned": str(path)}, dense=vit.dense_settings("clearclip"))

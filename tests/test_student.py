@@ -248,3 +248,36 @@ def test_label_map_is_argmax_at_original_size(tiny, prompts):
     pred.set_image(img)  # work size == image size: the label map is the exact argmax of the probabilities
     r = pred.predict(["a", "b", "c", "d"])
     assert (r.label_map == r.fused.argmax(0)).mean() > 0.99
+
+
+def test_students_record_the_teachers_dense_mode_and_refuse_another(tmp_path):
+    from mvpseg.testing import tiny_vit_clip
+
+    teacher = tiny_vit_clip(dense_mode="clearclip", sliding=(32, 16))
+    torch.manual_seed(0)
+    prompts = LearnedPrompts(teacher.text_width, n_seg=2, n_ctx=4)
+    net = tiny_student()
+    path = save_student(tmp_path / "s", net, prompts, teacher)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["teacher_dense_mode"] == "clearclip" and meta["extra"]["teacher_sliding"] == [32, 16]
+    assert meta["prompts"]["meta"]["dense_mode"] == "clearclip"
+    load_student(path, tiny_vit_clip(dense_mode="clearclip"))  # the sliding window is not checked
+    with pytest.raises(CheckpointError) as e:
+        load_student(path, tiny_vit_clip())
+    assert str(e.value) == ("this student was distilled from pseudo labels of dense mode 'clearclip', but the CLIP "
+                            "is set to 'maskclip-vit': pass --dense clearclip")
+    # handcrafted prompts: the same check; an explicit teacher setting wins over the CLIP's
+    path2 = save_student(tmp_path / "h", net, TemplatePrompts.single(), teacher, dense=teacher.dense_settings("sclip"))
+    with pytest.raises(CheckpointError, match="dense mode 'sclip'.*pass --dense sclip"):
+        load_student(path2, teacher)
+
+
+def test_student_predictor_pamr_refines_the_logits(tiny, prompts):
+    from mvpseg.dense import pamr
+
+    img = np.random.default_rng(4).integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    plain, refined = (StudentPredictor(tiny_student(), tiny, prompts, short_side=48, pamr=on) for on in (False, True))
+    plain.set_image(img)
+    refined.set_image(img)
+    a, b = plain.predict("cat, dog"), refined.predict("cat, dog")
+    torch.testing.assert_close(b.logits, pamr(refined._input, a.output.log_final(a.work_size)), rtol=0, atol=0)
