@@ -49,3 +49,17 @@ def tiny_vit_clip(seed: int = 0, device: str = "cpu", name: str = "mvpseg-tiny-v
         cfg = str(tiny_config_file(name=name, config=TINY_VIT_CONFIG))
         return load_clip(ClipSpec(model_name=name, pretrained=None, model_config=cfg, dense_mode=dense_mode,
                                   sliding=sliding), device=device)
+
+
+def write_tiny_vit_clip(folder: str | Path, seed: int = 0, name: str = "mvpseg-tiny-vit") -> list[str]:
+    """Saves the tiny ViT CLIP (config JSON + safetensors weights) to ``folder``; returns the CLI arguments
+    that load it (``--clip … --model-config … --pretrained …``)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    clip = tiny_vit_clip(seed=seed, name=name)
+    weights = folder / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.model.state_dict().items()}, str(weights))
+    cfg = tiny_config_file(folder, name=name, config=TINY_VIT_CONFIG)
+    return ["--clip", name, "--model-config", str(cfg), "--pretrained", str(weights)]

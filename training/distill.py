@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from mvpseg.builder import baseline_prompt_sets
 from mvpseg.checkpoint import load_prompts
 from mvpseg.clip_backbone import FrozenCLIP, load_clip
+from mvpseg.dense import default_dense_mode
 from mvpseg.model import MVPSeg
 from mvpseg.prompts import PromptSet
 from mvpseg.student import StudentConfig, StudentNet, fuse_views, save_student
@@ -64,7 +65,7 @@ DATASET_DEFAULTS = {
 }
 RESUME_KEYS = ("dataset", "split", "prompts", "backbone", "head", "background", "lr", "momentum",
                "weight_decay", "power", "min_lr", "max_iters", "switch_iter", "global_batch", "seed",
-               "crop_size", "train_scale", "teacher_gpr", "clip", "pretrained")
+               "crop_size", "train_scale", "teacher_gpr", "clip", "pretrained", "dense", "sliding")
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,10 @@ class DistillConfig:
     skip_missing: bool = False
     clip: str = "RN50"
     pretrained: str | None = "openai"
+    # the teacher's dense features behind the pseudo labels (--dense, resolved once the CLIP is loaded) and
+    # --sliding; both are recorded in the student checkpoint
+    dense: str | None = None
+    sliding: tuple[int, int] | None = None
 
     @property
     def schedule(self) -> LRSchedule:
@@ -177,7 +182,8 @@ def config_from_args(a: argparse.Namespace) -> DistillConfig:
         teacher_gpr=not a.no_teacher_gpr, ckpt_every=a.ckpt_every, keep_ckpts=a.keep_ckpts,
         eval_split=a.eval_split, eval_scale=tuple(a.eval_scale) if a.eval_scale else None,
         eval_limit=a.eval_limit, eval_teacher=not a.no_eval_teacher,
-        skip_missing=a.skip_missing, clip=a.clip, pretrained=a.pretrained)
+        skip_missing=a.skip_missing, clip=a.clip, pretrained=a.pretrained, dense=getattr(a, "dense", None),
+        sliding=tuple(a.sliding) if getattr(a, "sliding", None) else None)
 
 
 def load_teacher_prompts(spec: str, clip: FrozenCLIP) -> tuple[PromptSet, float]:
@@ -214,7 +220,7 @@ def evaluate_student(student: StudentNet, class_emb: torch.Tensor, bg_index: int
 
 def _config_record(cfg: DistillConfig) -> dict:
     d = asdict(cfg)
-    for key in ("train_scale", "eval_scale"):  # tuples read back from JSON as lists
+    for key in ("train_scale", "eval_scale", "sliding"):  # tuples read back from JSON as lists
         d[key] = list(d[key]) if d[key] else None
     return d
 
@@ -227,8 +233,9 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
         raise SystemExit(f"{out} already holds training checkpoints: pass --resume to continue or choose a new --out")
     seed_everything(cfg.seed)  # identical student initialisation on every process
     clip = load_clip(clip_spec(args), ctx.device)
-    prompts, gamma = load_teacher_prompts(cfg.prompts, clip)
-    teacher = MVPSeg(clip, prompts, gamma=gamma).eval()
+    cfg = replace(cfg, dense=clip.dense_mode)  # resolved: --resume compares modes, not flags
+    prompts, gamma = load_teacher_prompts(cfg.prompts, clip)  # learned prompts: refused under another mode
+    teacher = MVPSeg(clip, prompts, gamma=gamma).eval()  # pseudo labels from the CLIP's dense settings
 
     profile = get_profile(cfg.dataset)
     data = build_dataset(cfg.dataset, cfg.data_root, cfg.split, label_space="full", train=True,
@@ -259,7 +266,8 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
     sched = cfg.schedule
 
     start = 0 if resume_path is None else restore_state(
-        resume_path, _config_record(cfg), RESUME_KEYS, {"student": student}, opt, scaler, sched.state_dict())
+        resume_path, _config_record(cfg), RESUME_KEYS, {"student": student}, opt, scaler, sched.state_dict(),
+        defaults={"dense": default_dense_mode(clip.model.visual), "sliding": None})  # states from before them
 
     overrides: dict = {"crop_size": cfg.crop_size} if cfg.crop_size else {}
     if cfg.train_scale:
@@ -341,7 +349,8 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
     if ctx.is_main:
         header = {"CLIP": clip.spec.describe(), "teacher prompts": cfg.prompts, "student": f"{cfg.backbone} + "
                   f"{cfg.head}", "backbone init": student.backbone_init, "iterations": it,
-                  "teacher-guided iterations": cfg.switch_iter, "processes": ctx.world_size}
+                  "teacher-guided iterations": cfg.switch_iter, "processes": ctx.world_size,
+                  "teacher dense features": clip.dense.describe() if clip.dense else None}
         results = {k: v.as_dict() for k, v in evals.items()}
         save_student(final, student, prompts, clip, class_names=vocab, background_index=bg_index, unseen=unseen,
                      extra={"train_config": _config_record(cfg), "iterations": it, "eval": results})

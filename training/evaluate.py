@@ -27,10 +27,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from mvpseg.builder import baseline_prompt_sets
 from mvpseg.checkpoint import load_prompts
 from mvpseg.clip_backbone import FrozenCLIP, load_clip
+from mvpseg.dense import pamr
 from mvpseg.heads import segment
 from mvpseg.prompts import PromptSet
 
@@ -70,8 +72,10 @@ def build_methods(clip: FrozenCLIP, prompt_paths: dict[str, str], baselines) -> 
 @torch.no_grad()
 def evaluate_dataset(clip: FrozenCLIP, methods, dataset, transform, ctx: DistContext,
                      limit: int | None = None, num_workers: int = 0, amp=None,
-                     progress: bool = True) -> dict[str, SegScores]:
-    """Scores every method on ``dataset`` (full label space); returns name → SegScores."""
+                     progress: bool = True, use_pamr: bool = False) -> dict[str, SegScores]:
+    """Scores every method on ``dataset`` (full label space); returns name → SegScores. Dense features use
+    the CLIP's settings (``--dense``/``--sliding``); ``use_pamr`` refines the logits at the label size with the
+    image resized to it (SCLIP's evaluation) before the argmax."""
     vocab = tuple(dataset.prompt_names)
     texts = {name: ps.encode(clip, vocab).detach() for name, (ps, _) in methods.items()}
     temps = {name: (ps.tau1(), ps.tau2(), g) for name, (ps, g) in methods.items()}
@@ -81,13 +85,19 @@ def evaluate_dataset(clip: FrozenCLIP, methods, dataset, transform, ctx: DistCon
     cast = (torch.autocast(ctx.device.type, dtype=amp) if amp is not None
             else contextlib.nullcontext())
     for image, label, _ in eval_loader(shard, num_workers):
+        x = clip.normalize(image[None].to(ctx.device))
         with cast:
-            feats = clip.dense_features(clip.normalize(image[None].to(ctx.device)))
+            feats = clip.dense_features(x)
         label = label.to(ctx.device)
+        guide = F.interpolate(x.float(), size=tuple(label.shape), mode="bilinear", align_corners=False) \
+            if use_pamr else None
         for name, text in texts.items():
             tau1, tau2, gamma = temps[name]
             out = segment(feats.float(), text, tau1, tau2, gamma)
-            pred = out.log_final(tuple(label.shape)).argmax(1)[0]
+            logits = out.log_final(tuple(label.shape))
+            if guide is not None:
+                logits = pamr(guide, logits)
+            pred = logits.argmax(1)[0]
             cms[name].update(pred, label)
         bar.update(ctx.world_size)
     bar.close()
@@ -132,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N images only (smoke tests)")
     p.add_argument("--seed", type=int, default=0, help="seed (only matters for random-weight CLIPs)")
     p.add_argument("--out", default=None, help="folder for results.md / results.json")
+    p.add_argument("--pamr", action="store_true",
+                   help="refine the logits with PAMR before the argmax (as SCLIP/NACLIP's --pamr on)")
     add_clip_args(p)
     add_runtime_args(p)
     one_line_user_errors()  # bad checkpoints / CLIP weights from the command line: one line, as in training
@@ -169,7 +181,7 @@ def _main(argv=None) -> dict:
             ds = build_dataset(key, root, args.split, label_space="full")
             tf = prof.eval_transform(**({"scale": tuple(args.eval_scale)} if args.eval_scale else {}))
             results[prof.name] = evaluate_dataset(clip, methods, ds, tf, ctx, args.limit,
-                                                  args.num_workers, amp, not args.no_progress)
+                                                  args.num_workers, amp, not args.no_progress, args.pamr)
             n = len(ds) if args.limit is None else min(args.limit, len(ds))
             unseen_names = {ds.prompt_names[i] for i in ds.unseen_indices}
             meta[prof.name] = {
@@ -183,7 +195,10 @@ def _main(argv=None) -> dict:
                     for name, (ps, _) in methods.items() if hasattr(ps, "meta")},
             }
         header = {"CLIP": clip.spec.describe(), "methods": ", ".join(methods),
-                  "inference": "whole image, single scale, keep-ratio img_scale per dataset",
+                  "inference": ("whole image" if clip.sliding is None else
+                                f"sliding window {clip.sliding.window}/{clip.sliding.stride}")
+                               + ", single scale, keep-ratio img_scale per dataset" + (", PAMR" if args.pamr else ""),
+                  "dense": clip.dense_mode,
                   "processes": ctx.world_size, "seconds": round(time.perf_counter() - t0, 1)}
         report = {"header": header, "datasets": meta,
                   "results": {ds: {m: s.as_dict() for m, s in sc.items()}

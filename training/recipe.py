@@ -48,7 +48,7 @@ RESUME_KEYS = ("dataset", "split", "n_seg", "n_ctx", "use_global", "gamma", "lam
                "warmup_iters", "warmup_ratio", "lr_policy", "max_iters", "global_batch", "seed",
                "crop_size", "train_scale", "clip", "pretrained", "select", "holdout_frac", "val_images",
                "val_every", "patience", "select_confidence", "fresh", "lambda_prior", "tau1_init",
-               "seg_reduction", "init_fit", "prior_prompts")
+               "seg_reduction", "init_fit", "prior_prompts", "dense", "sliding")
 # Settings that only matter while selecting a model: a run with --select none ignores them, so they are not
 # compared on resume (a state written before they existed resumes under any of their values).
 SELECTION_KEYS = ("holdout_frac", "val_images", "val_every", "patience", "select_confidence")
@@ -67,7 +67,8 @@ def resume_keys(cfg: "TrainConfig") -> tuple[str, ...]:
 LEGACY_DEFAULTS = {"optimizer": "sgd", "select": "none", "holdout_frac": 0.25, "val_images": 64,
                    "val_every": 50, "patience": 4, "select_confidence": 0.0, "fresh": "off",
                    "lambda_prior": 0.0, "tau1_init": None,
-                   "seg_reduction": "pixel", "init_fit": 0, "prior_prompts": "maskclip-85"}
+                   "seg_reduction": "pixel", "init_fit": 0, "prior_prompts": "maskclip-85", "sliding": None}
+# (a state written before "dense" existed used the tower's default mode: train_prompts adds it per tower)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,10 @@ class TrainConfig:
     skip_missing: bool = False
     clip: str = "RN50"
     pretrained: str | None = "openai"
+    # dense features the prompts are learned on (--dense; None until the CLIP is loaded, then its resolved
+    # mode: train_prompts records the resolved one, so --resume compares modes, not flags) and --sliding
+    dense: str | None = None
+    sliding: tuple[int, int] | None = None
 
     @property
     def loss_weights(self) -> LossWeights:
@@ -232,13 +237,15 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         select=pick("select"), holdout_frac=a.holdout_frac, val_images=a.val_images, val_every=a.val_every,
         patience=a.patience, select_confidence=a.select_confidence, fresh=pick("fresh"),
         lambda_prior=pick("lambda_prior"), tau1_init=a.tau1_init, seg_reduction=pick("seg_reduction"),
-        init_fit=pick("init_fit"), prior_prompts=a.prior_prompts,
+        init_fit=pick("init_fit"), prior_prompts=a.prior_prompts, dense=getattr(a, "dense", None),
+        sliding=tuple(a.sliding) if getattr(a, "sliding", None) else None,
     )
 
 
 def _config_record(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
     d["train_scale"] = list(cfg.train_scale) if cfg.train_scale else None
+    d["sliding"] = list(cfg.sliding) if cfg.sliding else None
     return d
 
 

@@ -31,10 +31,13 @@ import signal
 import time
 from pathlib import Path
 
+from dataclasses import replace
+
 import torch
 
 from mvpseg.checkpoint import save_prompts
 from mvpseg.clip_backbone import load_clip
+from mvpseg.dense import default_dense_mode
 from mvpseg.losses import anchor_loss
 from mvpseg.model import MVPSeg
 from mvpseg.prompts import LearnedPrompts
@@ -152,6 +155,9 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                          "or choose a new --out")
     seed_everything(cfg.seed)  # identical prompt initialisation on every process
     clip = load_clip(clip_spec(args), ctx.device)
+    # the resolved dense mode (None → the tower's default) enters the run config: --resume compares modes
+    cfg = replace(cfg, dense=clip.dense_mode)
+    legacy = {**LEGACY_DEFAULTS, "dense": default_dense_mode(clip.model.visual)}
     clip.set_text_checkpointing(cfg.text_checkpointing)
     prompts = LearnedPrompts(clip.text_width, n_seg=cfg.n_seg, n_ctx=cfg.n_ctx, use_global=cfg.use_global,
                              tau1_init=cfg.tau1_init).to(ctx.device)
@@ -171,7 +177,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
 
     start = 0 if resume_path is None else restore_state(
         resume_path, _config_record(cfg), resume_keys(cfg), {"prompts": prompts}, opt, scaler,
-        cfg.schedule.state_dict(), defaults=LEGACY_DEFAULTS, optional={"selection": tracker})
+        cfg.schedule.state_dict(), defaults=legacy, optional={"selection": tracker})
 
     profile = get_profile(cfg.dataset)
     stream_data, data, val_idx, fresh = _training_data(cfg, clip)
