@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                         cache_dir=spec.cache_dir, normalization=spec.normalization, device=args.device,
                         checkpoints=tuple(_checkpoint(c) for c in args.checkpoint), discover=not args.no_discover,
                         student=args.student, short_side=args.short_side, max_classes=args.max_classes,
-                        fallback=args.fallback, text_cache_dir=text_cache)
+                        fallback=args.fallback, text_cache_dir=text_cache, dense_mode=spec.dense_mode,
+                        sliding=spec.sliding)
     try:
         models = load_models(config)
     except Exception as e:  # e.g. --device cuda without CUDA, --fallback none offline, unknown model

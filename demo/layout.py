@@ -121,7 +121,7 @@ def _summary(run: SegmentRun, total: float) -> str:
     (w, h), (wh, ww) = run.image.original_size, p.work_size
     lines = [f"**{plain(run.primary.label)}** — " + (", ".join(f"{plain(c)} {s:.0%}" for s, c in found)
                                                        or "nothing found"),
-             f"Image {w}×{h} · CLIP input {ww}×{wh} · {total:.2f} s"
+             f"Image {w}×{h} · CLIP input {ww}×{wh} · dense features: {run.dense} · {total:.2f} s"
              + (" (image features reused)" if run.image_cached else "")]
     return "\n\n".join(lines + [f"_{n}_" for n in run.notes])
 
@@ -130,8 +130,8 @@ def _timings(run: SegmentRun, stages: dict[str, tuple[float, str]], total: float
     """The 'Time per stage' table: the service's stages, then the rendering stages, then the total."""
     rows = [("check + decode image", run.load_seconds, f"{run.image.rgb.shape[1]}×{run.image.rgb.shape[0]}")]
     rows.append(("image features (CLIP image tower)", run.image_seconds,
-                 "cached: same image as before" if run.image_cached else
-                 "work size {1}×{0}".format(*run.primary.prediction.work_size)))
+                 f"cached: same image and dense settings as before ({run.dense})" if run.image_cached else
+                 "work size {1}×{0} · {2}".format(*run.primary.prediction.work_size, run.dense)))
     for r in run.results:
         rows.append((f"text embeddings · {r.label}", r.text_seconds,
                      "cached: every class seen before with these prompts" if r.text_cached else
@@ -171,12 +171,14 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
 
     @user_errors
     def segment(image: str | None, vocabulary: str, prompt_sets: list[str], prompt_files: list[str] | None,
-                hub_repo: str | None, progress: gr.Progress = gr.Progress()) -> tuple:
+                hub_repo: str | None, dense_mode: str | None = None, sliding: bool | None = None,
+                progress: gr.Progress = gr.Progress()) -> tuple:
         t0 = time.perf_counter()
         names = service.ordered(prompt_sets)
         uploaded = upload_source(prompt_files) if UPLOADED in names else None
         hub = hub_source(hub_repo) if HUB in names else None
-        run = service.segment(image, vocabulary, names, uploaded, hub, progress=lambda f, d: progress(f, desc=d))
+        run = service.segment(image, vocabulary, names, uploaded, hub, progress=lambda f, d: progress(f, desc=d),
+                              dense_mode=dense_mode, sliding=sliding)
         stages: dict[str, tuple[float, str]] = {}
 
         t = time.perf_counter()
@@ -269,6 +271,19 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
                 prompt_sets = gr.CheckboxGroup(choices=service.choices(), value=service.default_selection(),
                                                label="Prompt sets (the topmost ticked one is the main result)",
                                                elem_id="prompt-sets")
+                # Only the modes this tower supports; a ResNet has just maskclip, so the selector is hidden there
+                # (it stays an input of /segment, with its default, so that API calls keep one signature).
+                modes = list(models.dense_choices)
+                default_mode = service.dense_settings(None, None).mode if modes else None
+                window = "{}/{}".format(*models.window) if models.window else ""
+                with gr.Row():
+                    dense_mode = gr.Dropdown(choices=modes, value=default_mode, label="Dense features",
+                                             info="how CLIP's last block yields per-patch features",
+                                             interactive=len(modes) > 1, visible=len(modes) > 1,
+                                             elem_id="dense-mode")
+                    sliding = gr.Checkbox(value=models.sliding_default, label=f"Sliding window {window}",
+                                          info="average overlapping windows at CLIP's own resolution (slower)",
+                                          interactive=bool(modes), elem_id="sliding")
                 with gr.Accordion("Your own learned prompts", open=False):
                     prompt_files = gr.File(label="Checkpoint: NAME.safetensors + NAME.json", file_count="multiple",
                                            file_types=[".safetensors", ".json"], elem_id="prompt-files")
@@ -299,7 +314,8 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
         with gr.Accordion("Time per stage", open=True):
             timings = gr.Dataframe(headers=["stage", "seconds", "note"], interactive=False, elem_id="timings")
 
-        button.click(run_segment, inputs=[image, vocabulary, prompt_sets, prompt_files, hub_repo],
+        # new inputs go at the END (with defaults): existing /segment API calls keep working
+        button.click(run_segment, inputs=[image, vocabulary, prompt_sets, prompt_files, hub_repo, dense_mode, sliding],
                      outputs=[overlay, summary, compare, student_status, views, gpr, tsne, timings],
                      api_name="segment", concurrency_limit=1, concurrency_id="model")
         prompt_files.upload(check_upload, inputs=[prompt_files, prompt_sets], outputs=[prompt_status, prompt_sets],

@@ -42,6 +42,8 @@ class DemoConfig:
         ``"random"`` goes straight to random weights; ``"none"`` re-raises.
     text_cache_dir: where text embeddings are kept across restarts (``default_text_cache_dir()`` in the app);
         None: in memory only.
+    dense_mode / sliding: the default dense-feature mode and sliding window (``--dense``/``--sliding``); the
+        page can change both per request.
     """
 
     clip: str = "RN50"
@@ -57,6 +59,8 @@ class DemoConfig:
     fallback: Literal["auto", "random", "none"] = "auto"
     normalization: str | None = None
     text_cache_dir: str | None = None
+    dense_mode: str | None = None
+    sliding: tuple[int, int] | None = None
 
 
 def default_text_cache_dir() -> str:
@@ -104,10 +108,52 @@ class DemoModels:
     notices: list[str] = field(default_factory=list)  # markdown warnings shown at the top of the page
     student: StudentSlot = field(default_factory=lambda: StudentSlot(None, "not configured"))
     max_classes: int = 30
+    # the window the page's "sliding window" switch uses (--sliding, else native_window of the tower)
+    sliding_window: tuple[int, int] | None = None
+    sliding_default: bool = False  # the switch's initial state (on when --sliding was given)
 
     @property
     def clip(self) -> mvpseg.FrozenCLIP:
         return self.predictor.clip
+
+    @property
+    def dense_choices(self) -> tuple[str, ...]:
+        """The dense modes the loaded tower supports (ResNet: maskclip only)."""
+        return dense_modes_of(self.clip)
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """(window, stride) of the sliding-window switch; None for a tower without dense features."""
+        if self.sliding_window is not None:
+            return self.sliding_window
+        return native_window(self.clip) if self.dense_choices else None
+
+
+def dense_modes_of(clip: mvpseg.FrozenCLIP) -> tuple[str, ...]:
+    """Modes valid for this CLIP's image tower, in DENSE_MODES order (empty for a tower without dense path)."""
+    from mvpseg.dense import DENSE_MODES
+
+    valid = []
+    for mode in DENSE_MODES:
+        try:
+            clip.dense_settings(mode)
+            valid.append(mode)
+        except (ValueError, NotImplementedError):
+            pass
+    return tuple(valid)
+
+
+def native_window(clip: mvpseg.FrozenCLIP) -> tuple[int, int]:
+    """The papers' sliding window for this tower: its pretraining resolution (224 for ViT-B/16), stride about
+    half of it, both rounded to multiples of the tower's stride (RN50: 224/128, ViT-B/16: 224/112)."""
+    from mvpseg.dense import tower_stride
+
+    visual = clip.model.visual
+    s = tower_stride(visual)
+    size = getattr(visual, "image_size", 224)
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    window = max(s, round(size / s) * s)
+    return window, max(s, min(window, round(window / 2 / s) * s))
 
 
 def toy_available(spec: mvpseg.ClipSpec = mvpseg.TOY_CLIP_SPEC) -> bool:
@@ -149,7 +195,7 @@ def _load_clip(config: DemoConfig, device: torch.device,
         spec = toy_spec
     else:
         spec = mvpseg.ClipSpec(config.clip, config.pretrained, config.cache_dir, config.model_config,
-                               config.normalization)
+                               config.normalization, config.dense_mode, config.sliding)
     try:
         if spec is toy_spec and not toy_available(toy_spec):
             raise mvpseg.ClipWeightsUnavailable(
@@ -196,7 +242,8 @@ def discover_checkpoints(root: Path = ASSETS_DIR) -> list[tuple[str, str]]:
 
 
 def _load_learned(clip: mvpseg.FrozenCLIP, explicit: Sequence[tuple[str, str]], discovered: Sequence[tuple[str, str]],
-                  reserved: Sequence[str]) -> tuple[dict[str, str], dict[str, str], list[str]]:
+                  reserved: Sequence[str], dense_mode: str | None = None
+                  ) -> tuple[dict[str, str], dict[str, str], list[str]]:
     """Checks every checkpoint against the CLIP; returns (name → path, name → description, notices)."""
     paths: dict[str, str] = {}
     descriptions: dict[str, str] = {}
@@ -208,7 +255,7 @@ def _load_learned(clip: mvpseg.FrozenCLIP, explicit: Sequence[tuple[str, str]], 
             if any(p == path for p in paths.values()):
                 continue
             try:
-                prompts = mvpseg.load_prompts(path, clip, name=name)
+                prompts = mvpseg.load_prompts(path, clip, name=name, dense_mode=dense_mode)
             except (mvpseg.CheckpointError, FileNotFoundError) as e:
                 if origin == "--checkpoint":  # asked for explicitly: say why it is not offered
                     notices.append(f"⚠️ Learned prompts `{path}` were not loaded: {e}")
@@ -255,13 +302,15 @@ def load_models(config: DemoConfig = DemoConfig(), toy_spec: mvpseg.ClipSpec = m
     """Loads everything once at start. Never fails for missing weights unless ``fallback="none"``."""
     device = mvpseg.resolve_device(config.device)
     clip, mode, notices = _load_clip(config, device, toy_spec)
+    dense = _dense_for(clip, config, notices)
     baselines = mvpseg.baseline_prompt_sets()
     discovered = discover_checkpoints(assets_dir) if config.discover else []
-    paths, descriptions, more = _load_learned(clip, config.checkpoints, discovered, reserved=tuple(baselines))
+    paths, descriptions, more = _load_learned(clip, config.checkpoints, discovered, reserved=tuple(baselines),
+                                              dense_mode=None if dense is None else dense.mode)
     notices += more
     short_side = config.short_side or (TOY_SHORT_SIDE if mode == "toy" else DEFAULT_SHORT_SIDE)
     predictor = mvpseg.build_predictor(clip, checkpoints=paths, baselines=True, short_side=short_side,
-                                       text_cache_dir=config.text_cache_dir)
+                                       text_cache_dir=config.text_cache_dir, dense=dense)
     description = f"{clip.spec.describe()}" if mode != "toy" else "bundled toy-world CLIP (toyclip)"
     if mode == "toy" and not paths:
         notices.append("ℹ️ No learned prompts for the toy model are shipped yet: the handcrafted prompt sets are "
@@ -269,7 +318,23 @@ def load_models(config: DemoConfig = DemoConfig(), toy_spec: mvpseg.ClipSpec = m
     return DemoModels(predictor=predictor, clip_description=description, mode=mode, device=str(device),
                       learned_sets=descriptions, notices=notices,
                       student=load_student(config.student, clip, device, short_side),
-                      max_classes=config.max_classes)
+                      max_classes=config.max_classes,
+                      sliding_window=None if dense is None else
+                      (dense.sliding_record() and tuple(dense.sliding_record())) or native_window(clip),
+                      sliding_default=dense is not None and dense.sliding is not None)
+
+
+def _dense_for(clip: mvpseg.FrozenCLIP, config: DemoConfig, notices: list[str]):
+    """The predictor's initial dense settings: the configured ones when they fit the loaded tower (a fallback
+    toy or random CLIP may not be the requested architecture: then its default, with a notice)."""
+    if clip.dense is None or (config.dense_mode is None and config.sliding is None):
+        return clip.dense
+    try:
+        return clip.dense_settings(config.dense_mode, config.sliding)
+    except ValueError as e:
+        notices.append(f"ℹ️ The requested dense settings do not fit the loaded CLIP ({e}); using "
+                       f"{clip.dense.describe()}.")
+        return clip.dense
 
 
 def offline() -> bool:

@@ -60,6 +60,7 @@ class SegmentRun:
     image_seconds: float
     image_cached: bool
     label_seconds: float = 0.0
+    dense: str = ""  # the dense settings of the image features, e.g. "sclip, sliding 224/112"
     student_map: np.ndarray | None = None
     student_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -82,6 +83,7 @@ class SegmentService:
         self.predictor = models.predictor
         self._lock = threading.RLock()
         self._image_key: str | None = None
+        self._default_dense = models.predictor.dense  # what an empty dense choice means
         self._slots: dict[str, str] = {}  # slot name → key of the PromptSource registered there
         self._tsne: OrderedDict[tuple, Any] = OrderedDict()
         self._tsne_size = tsne_cache_size
@@ -126,28 +128,58 @@ class SegmentService:
             self._slots[slot] = source.key
 
     # ----------------------------------------------------------------- request
+    def dense_settings(self, dense_mode: str | None, sliding: bool | None):
+        """The request's dense settings: ``dense_mode`` None/"" and ``sliding`` None keep the defaults; sliding
+        uses the models' window. DemoInputError names the valid modes."""
+        m = self.models
+        default = self._default_dense
+        mode = dense_mode or (default.mode if default is not None else None)
+        on = m.sliding_default if sliding is None else bool(sliding)
+        try:
+            return self.predictor.clip.dense_settings(mode, m.window if on else None)
+        except (ValueError, NotImplementedError) as e:
+            raise DemoInputError(f"Dense features: {e}.") from None
+
     def segment(self, image: Any, vocabulary: str | Sequence[str], prompt_sets: Sequence[str] | str | None,
                 uploaded: PromptSource | None = None, hub: PromptSource | None = None,
-                progress: Callable[[float, str], None] | None = None) -> SegmentRun:
-        """Runs every selected prompt set on ``image``. Raises ImageError, VocabularyError, CheckpointError or
-        DemoInputError with a message for the user."""
+                progress: Callable[[float, str], None] | None = None, dense_mode: str | None = None,
+                sliding: bool | None = None) -> SegmentRun:
+        """Runs every selected prompt set on ``image`` with the dense mode ``dense_mode`` (None: the default)
+        and the sliding window on or off (None: the default). The image features are cached per image *and*
+        dense settings; text embeddings do not depend on them. A learned set that does not fit the dense mode
+        is skipped with a note. Raises ImageError, VocabularyError, CheckpointError or DemoInputError with a
+        message for the user."""
         step = progress or (lambda frac, desc: None)
         t0 = time.perf_counter()
         names = self.ordered(prompt_sets)
         classes = mvpseg.parse_vocabulary(vocabulary, max_classes=self.models.max_classes)
+        settings = self.dense_settings(dense_mode, sliding)
         img = load_demo_image(image)
         load_seconds = time.perf_counter() - t0
         results: list[SetResult] = []
+        notes: list[str] = []
         with self._lock:
             for slot, source in ((UPLOADED, uploaded), (HUB, hub)):
                 if slot in names:
                     self._register(slot, source)
-            image_cached = self._image_key == img.key and self.predictor.has_image
+            if settings != self.predictor.dense:
+                self.predictor.set_dense(settings.mode, settings.sliding)
+            conflicts = {n: self.predictor.dense_conflict(n) for n in names}
+            runnable = [n for n in names if not conflicts[n]]
+            if not runnable:
+                raise DemoInputError(next(iter(conflicts.values())) + ", or tick a handcrafted prompt set.")
+            notes += [f"{self.label(n)} skipped: {c}" for n, c in conflicts.items() if c]
+            names = runnable
+            same_image = self._image_key == img.key and self.predictor.has_image
+            image_cached = same_image and self.predictor.features_current
             if not image_cached:
-                step(0.1, "encoding the image (CLIP image tower)")
-                self._image_key = None  # stays unset if set_image fails half-way
-                self.predictor.set_image(img.rgb)
-                self._image_key = img.key
+                step(0.1, f"encoding the image (CLIP image tower, {settings.describe()})")
+                if same_image:  # only the dense settings changed: re-encode the prepared image
+                    _ = self.predictor.image_features
+                else:
+                    self._image_key = None  # stays unset if set_image fails half-way
+                    self.predictor.set_image(img.rgb)
+                    self._image_key = img.key
             image_seconds = 0.0 if image_cached else self.predictor.image_seconds
             for i, name in enumerate(names):
                 step(0.3 + 0.5 * i / len(names), f"prompt set {self.label(name)}")
@@ -158,7 +190,7 @@ class SegmentService:
                 results.append(SetResult(name, self.label(name), pred, text, pred.timings["text"],
                                          pred.timings["head"], encoded == 0, encoded))
         run = SegmentRun(img, classes, visualize.palette(len(classes)), results, load_seconds, image_seconds,
-                         image_cached, notes=[img.note] if img.note else [])
+                         image_cached, dense=settings.describe(), notes=([img.note] if img.note else []) + notes)
         t1 = time.perf_counter()
         for r in results:  # full-size label maps (lazy in Prediction): independent of the predictor's state
             _ = r.prediction.label_map
@@ -202,6 +234,10 @@ class SegmentService:
         return {
             "clip": m.clip_description, "mode": m.mode, "device": m.device,
             "work_short_side": self.predictor.short_side, "prompt_sets": sets,
+            "dense": {"modes": list(m.dense_choices),
+                      "default": None if self._default_dense is None else self._default_dense.mode,
+                      "sliding_window": list(m.window) if m.window else None,
+                      "sliding_default": m.sliding_default},
             "student": {"configured": m.student.configured, "status": m.student.status},
             "limits": {"max_classes": m.max_classes, "max_name_chars": mvpseg.predictor.MAX_NAME_CHARS},
             "notices": list(m.notices), "stats": dict(self.predictor.stats),

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 import mvpseg
-from mvpseg.testing import tiny_clip
+from mvpseg.testing import tiny_clip, tiny_vit_clip
 
 from .models import DemoModels, describe_prompts, load_student, toy_available
 
@@ -36,12 +36,12 @@ def save_tiny_student(path: Path, clip: mvpseg.FrozenCLIP, prompts_path: Path, s
 
 
 def small_models(folder: Path, *, toy: bool = False, student: bool = False, short_side: int = 128,
-                 max_classes: int = 30) -> DemoModels:
-    """DemoModels over the tiny random CLIP (or the bundled toy CLIP when ``toy`` and it exists) with one
-    random learned prompt set named "learned" and, optionally, a random student."""
+                 max_classes: int = 30, vit: bool = False) -> DemoModels:
+    """DemoModels over the tiny random CLIP (``vit``: the tiny ViT CLIP; or the bundled toy CLIP when ``toy``
+    and it exists) with one random learned prompt set named "learned" and, optionally, a random student."""
     folder.mkdir(parents=True, exist_ok=True)
     use_toy = toy and toy_available()
-    clip = mvpseg.load_clip(mvpseg.TOY_CLIP_SPEC) if use_toy else tiny_clip()
+    clip = mvpseg.load_clip(mvpseg.TOY_CLIP_SPEC) if use_toy else tiny_vit_clip() if vit else tiny_clip()
     prompts_path = save_random_prompts(folder / "learned.safetensors", clip)
     predictor = mvpseg.build_predictor(clip, checkpoints={"learned": str(prompts_path)}, short_side=short_side)
     slot = load_student(str(save_tiny_student(folder / "student.safetensors", clip, prompts_path)) if student

@@ -274,15 +274,20 @@ class Predictor:
             self._encode(time.perf_counter())
         return self._features
 
-    def _check_dense(self, name: str, ps: PromptSet) -> None:
-        """Learned prompts only fit the dense mode they were learned with (checked at load against the CLIP's
-        mode; ``set_dense`` may have changed it since)."""
-        meta = getattr(ps, "meta", None)
+    def dense_conflict(self, name: str) -> str:
+        """Why prompt set ``name`` cannot run under the current dense mode ("" when it can): learned prompts
+        only fit the mode they were learned with (checked at load against the CLIP's mode; ``set_dense`` may
+        have changed it since). Handcrafted sets fit every mode."""
+        meta = getattr(self.prompt_set(name), "meta", None)
         if meta is None or self.dense is None or not hasattr(meta, "dense_mode"):
-            return
+            return ""
         mismatch = dense_mode_mismatch(meta, self.clip, self.dense.mode, what=f"prompt set '{name}'")
-        if mismatch:
-            raise CheckpointError(mismatch.replace(", but the CLIP is set to", ", but the dense mode is now"))
+        return mismatch.replace(", but the CLIP is set to", ", but the dense mode is now")
+
+    def _check_dense(self, name: str, ps: PromptSet) -> None:
+        conflict = self.dense_conflict(name)
+        if conflict:
+            raise CheckpointError(conflict)
 
     # ----------------------------------------------------------------- text
     def text_key(self, prompts: str) -> TextKey:
