@@ -10,6 +10,8 @@ scenes and seen classes.
 
     python benchmarks/recipe_ablation.py --out runs/recipe                # everything in docs/recipe.md
     python benchmarks/recipe_ablation.py --worlds sparse --seeds 0 --arms default old --out /tmp/r
+    python benchmarks/recipe_ablation.py --worlds sparse --seeds 0 --arms default --dense clearclip \
+        --model-config assets/toyclip-vit/toyclip-vit.json --weights assets/toyclip-vit/toyclip-vit.safetensors
 
 Prints per-world tables (mean ± sd over seeds of mIoU(U) and hIoU, and each arm's margin over the best
 handcrafted set per seed) and writes ``<out>/summary.md`` / ``summary.json``; finished runs are reused.
@@ -57,7 +59,7 @@ BASELINES = ("maskclip-85", "parts", "a-photo-of")
 def clip_args(a) -> list[str]:
     return ["--clip", Path(a.model_config).stem, "--model-config", str(a.model_config), "--pretrained",
             str(a.weights), "--device", a.device, "--num-workers", str(a.workers), "--cpu-threads",
-            str(a.threads), "--no-progress"]
+            str(a.threads), "--no-progress", *(["--dense", a.dense] if a.dense else [])]
 
 
 def train_arm(a, world: str, seed: int, arm: str) -> Path:
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--model-config", default=str(REPO / "assets/toyclip/toyclip.json"))
     p.add_argument("--weights", default=str(REPO / "assets/toyclip/toyclip.safetensors"))
+    p.add_argument("--dense", default=None, help="dense-feature mode for training and evaluation (a ViT CLIP: "
+                   "maskclip-vit, sclip, clearclip, naclip; default: the tower's)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     results: dict = {}
