@@ -18,8 +18,13 @@ import torch.nn as nn
 from .dense import (DENSE_MODES, SlidingWindow, check_dense_mode, default_dense_mode, dense_features,
                     sliding_dense_features, tower_stride)
 
-__all__ = ["DENSE_MODES", "DenseSettings", "SlidingLike", "as_window", "compute_dense", "parse_sliding",
+__all__ = ["DENSE_MODES", "DenseSettings", "DenseSettingsError", "SlidingLike", "as_window", "compute_dense", "parse_sliding",
            "resolve_dense"]
+
+class DenseSettingsError(ValueError):
+    """A dense mode the tower does not have, or a sliding window that does not fit it (a user error: the
+    training scripts print it as one line)."""
+
 
 #: What callers may pass for a sliding window: None (whole image), (window, stride), "224/112" or a SlidingWindow.
 SlidingLike = Union[None, SlidingWindow, tuple[int, int], list, str]
@@ -78,14 +83,17 @@ def resolve_dense(visual: nn.Module, mode: str | None = None, sliding: SlidingLi
     """Validates ``mode`` (None: the tower's default) and ``sliding`` for this tower. ValueError says what is
     valid: the modes of this tower, or window/stride multiples of its stride (32 for a ResNet, the patch size
     for a ViT: windows must cover whole feature cells so that their features land on the canvas exactly)."""
-    mode = default_dense_mode(visual) if mode is None else check_dense_mode(visual, mode)
-    window = as_window(sliding)
+    try:
+        mode = default_dense_mode(visual) if mode is None else check_dense_mode(visual, mode)
+        window = as_window(sliding)
+    except ValueError as e:
+        raise DenseSettingsError(str(e)) from None
     if window is not None:
         s = tower_stride(visual)
         if window.window % s or window.stride % s:
             def near(v: int) -> int:
                 return max(s, round(v / s) * s)
-            raise ValueError(f"sliding window {window.window}/{window.stride} must be multiples of the "
+            raise DenseSettingsError(f"sliding window {window.window}/{window.stride} must be multiples of the "
                              f"{type(visual).__name__}'s stride {s} (e.g. --sliding "
                              f"{near(window.window)}/{min(near(window.stride), near(window.window))})")
     return DenseSettings(mode, window)

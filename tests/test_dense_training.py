@@ -120,3 +120,19 @@ def test_distill_pseudo_labels_use_the_teachers_mode_and_the_student_records_it(
         distill.main(distill_args(root, clip_args, "d_refused", str(prompts)))
     student = distill.main(distill_args(root, clip_args, "d_clear", str(prompts), "--dense", "clearclip"))
     assert read_student_meta(student).teacher_dense_mode == "clearclip"
+
+
+def test_a_mode_the_tower_lacks_is_one_line_from_the_scripts(setup):
+    import subprocess
+    import sys
+
+    root, clip_args = setup
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "training.evaluate", "--data", f"voc={root / 'data' / 'VOCdevkit'}",
+                           *clip_args, "--dense", "maskclip", "--device", "cpu"], cwd=repo, capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin",
+                                                       "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: dense mode 'maskclip' is not available for a VisionTransformer tower (use 'maskclip-vit' for MaskCLIP "
+        "on a ViT); valid modes: 'maskclip-vit', 'sclip', 'clearclip', 'naclip'")

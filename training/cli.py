@@ -68,10 +68,12 @@ def user_message(exc: BaseException) -> str:
 def user_error_types() -> tuple[type, ...]:
     """Errors that mean "your input is wrong" (each message names the file or setting), not a bug."""
     from mvpseg import CheckpointError, ClipWeightsError, ClipWeightsUnavailable, VocabularyError
+    from mvpseg.dense_settings import DenseSettingsError
 
     from .checkpointing import ResumeError
 
-    return (DatasetError, CheckpointError, ClipWeightsError, ClipWeightsUnavailable, VocabularyError, ResumeError)
+    return (DatasetError, CheckpointError, ClipWeightsError, ClipWeightsUnavailable, VocabularyError, ResumeError,
+            DenseSettingsError)
 
 
 def one_line_user_errors() -> None:
