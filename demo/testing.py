@@ -88,3 +88,32 @@ def serve(demo, host: str = "127.0.0.1") -> Iterator[str]:
         yield url
     finally:
         demo.close()
+
+
+def raw_queue_call(url: str, api_name: str, data: list, session_hash: str, timeout: float = 60.0) -> str:
+    """Calls an endpoint the way a hand-made client does, without ``gradio_client`` (no upload step, no input
+    filling): POST ``/gradio_api/queue/join`` then read the event stream; returns the stream's text."""
+    import http.client
+    import json
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    with urllib.request.urlopen(f"{url}/config", timeout=timeout) as r:
+        config = json.loads(r.read())
+    fn = next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name.lstrip("/"))
+    body = json.dumps({"data": data, "fn_index": fn, "session_hash": session_hash, "event_data": None,
+                       "trigger_id": None}).encode()
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        conn.request("POST", "/gradio_api/queue/join", body=body, headers={"Content-Type": "application/json"})
+        status = conn.getresponse().status
+    finally:
+        conn.close()
+    if status != 200:
+        raise RuntimeError(f"queue/join answered {status}")
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    try:
+        conn.request("GET", f"/gradio_api/queue/data?session_hash={session_hash}")
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()

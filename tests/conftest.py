@@ -19,3 +19,13 @@ def tiny():
     from mvpseg.testing import tiny_clip
 
     return tiny_clip(seed=0)
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test (training runs: deterministic and kind to a shared 2-core machine); the
+    previous count is restored afterwards. Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -34,7 +34,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from demo import build_demo  # noqa: E402
-from demo.testing import serve, small_models  # noqa: E402
+from demo.testing import raw_queue_call, serve, small_models  # noqa: E402
 from fixtures_data import make_folder, write_tiny_clip  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -229,30 +229,9 @@ def test_inline_data_url_images_are_refused(served):
     client, _, _ = served
     data = "data:image/png;base64," + base64.b64encode(png(32, 32)).decode()
     payload = {"path": None, "url": data, "meta": {"_type": "gradio.FileData"}, "orig_name": "x.png"}
-    import http.client
-    from urllib.parse import urlparse
-
-    url = urlparse(client.src)
-    body = json.dumps({"data": [payload, "cat", ["maskclip-85"], [], ""], "fn_index": _fn_index(client, "/segment"),
-                       "session_hash": "datauri1", "event_data": None, "trigger_id": None}).encode()
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    conn.request("POST", "/gradio_api/queue/join", body=body, headers={"Content-Type": "application/json"})
-    assert conn.getresponse().status == 200
-    conn.close()
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    conn.request("GET", "/gradio_api/queue/data?session_hash=datauri1")
-    stream = conn.getresponse().read().decode()
-    conn.close()
+    stream = raw_queue_call(client.src.rstrip("/"), "/segment", [payload, "cat", ["maskclip-85"], [], ""], "datauri1")
     assert "Inline data: URLs are not accepted" in stream and "process_completed" in stream
     assert '"success": true' not in stream.replace("'", '"')
-
-
-def _fn_index(client: Client, api_name: str) -> int:
-    config = client.config
-    for dep in config["dependencies"]:
-        if dep.get("api_name") == api_name.lstrip("/"):
-            return dep["id"]
-    raise KeyError(api_name)
 
 
 # ------------------------------------------------------------------------------------------ command lines

@@ -18,7 +18,7 @@ from demo import build_demo  # noqa: E402
 from demo.layout import _timings  # noqa: E402
 from demo.service import SegmentService  # noqa: E402
 from demo.sources import DemoInputError  # noqa: E402
-from demo.testing import serve, small_models  # noqa: E402
+from demo.testing import raw_queue_call, serve, small_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "assets" / "examples" / "toy_test_294.png"
@@ -104,24 +104,8 @@ def test_app_flags_set_the_defaults(tmp_path):
 
 
 def test_raw_queue_calls_without_the_new_inputs_use_their_defaults(vit_models):
-    import http.client
-    import json
-    from urllib.parse import urlparse
-
     demo = build_demo(vit_models, examples=[])
     with serve(demo) as url:
-        client = Client(url, verbose=False)
-        fn = next(d["id"] for d in client.config["dependencies"] if d.get("api_name") == "segment")
-        u = urlparse(url)
-        body = json.dumps({"data": [None, "cat", ["parts"], [], ""], "fn_index": fn, "session_hash": "raw5",
-                           "event_data": None, "trigger_id": None}).encode()
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
-        conn.request("POST", "/gradio_api/queue/join", body=body, headers={"Content-Type": "application/json"})
-        assert conn.getresponse().status == 200
-        conn.close()
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
-        conn.request("GET", "/gradio_api/queue/data?session_hash=raw5")
-        stream = conn.getresponse().read().decode()
-        conn.close()
+        stream = raw_queue_call(url, "/segment", [None, "cat", ["parts"], [], ""], "raw5")
         # the handler ran with the defaults (and refused the missing image), instead of gradio's input-count error
         assert "enough input values" not in stream and "process_completed" in stream

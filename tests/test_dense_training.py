@@ -20,12 +20,7 @@ def setup(tmp_path_factory):
     return root, write_tiny_vit_clip(root / "clip")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_args(root: Path, clip_args, out: str, *extra) -> list[str]:

@@ -22,12 +22,7 @@ from training.datasets.folder import in_val, seeded_split
 from training.runlog import read_jsonl
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- classes.txt
