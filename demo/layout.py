@@ -147,22 +147,6 @@ def _timings(run: SegmentRun, stages: dict[str, tuple[float, str]], total: float
     return pd.DataFrame([(a, round(b, 4), c) for a, b, c in rows], columns=["stage", "seconds", "note"])
 
 
-class _Blocks(gr.Blocks):
-    """gr.Blocks whose ``/segment`` also accepts raw queue calls that omit its trailing optional inputs (the
-    dense mode and sliding switch, added after the first five): gradio_client fills them in from the API's
-    defaults, but a raw ``/queue/join`` body is checked against every input, so here the missing ones are
-    padded with the components' initial values. Only for the endpoints in ``optional_inputs`` (name → the
-    number of inputs a call must give), never below that number."""
-
-    optional_inputs: dict[str, int] = {}
-
-    async def preprocess_data(self, block_fn, inputs, state, explicit_call: bool = False):
-        required = self.optional_inputs.get(getattr(block_fn, "api_name", None) or "")
-        if required is not None and inputs is not None and required <= len(inputs) < len(block_fn.inputs):
-            inputs = list(inputs) + [b.value for b in block_fn.inputs[len(inputs):]]
-        return await super().preprocess_data(block_fn, inputs, state, explicit_call)
-
-
 def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable] | None = None,
                examples: Sequence[Sequence[str]] | None = None) -> gr.Blocks:
     """The page over ``models`` (``demo.load_models``). ``gpu_decorator`` (ZeroGPU's ``spaces.GPU``) wraps
@@ -258,7 +242,7 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
                 "It is ticked above as 'Learned · Hugging Face Hub repo'.", selected + [HUB])
 
     run_segment = gpu_decorator(segment) if gpu_decorator else segment
-    with _Blocks(title="MVP-SEG · open-vocabulary segmentation", analytics_enabled=False,
+    with gr.Blocks(title="MVP-SEG · open-vocabulary segmentation", analytics_enabled=False,
                  delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# MVP-SEG · open-vocabulary segmentation with multi-view prompts\n"
                     "Upload an image (or click an example), list the classes to look for, pick prompt sets and "
@@ -330,11 +314,10 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
         with gr.Accordion("Time per stage", open=True):
             timings = gr.Dataframe(headers=["stage", "seconds", "note"], interactive=False, elem_id="timings")
 
-        # new inputs go at the END (with defaults): existing /segment API calls keep working
+        # new inputs go at the END (with defaults): gradio_client calls written for the first five keep working
         button.click(run_segment, inputs=[image, vocabulary, prompt_sets, prompt_files, hub_repo, dense_mode, sliding],
                      outputs=[overlay, summary, compare, student_status, views, gpr, tsne, timings],
                      api_name="segment", concurrency_limit=1, concurrency_id="model")
-        demo.optional_inputs = {"segment": 5}  # image … hub_repo required; dense mode and sliding optional
         prompt_files.upload(check_upload, inputs=[prompt_files, prompt_sets], outputs=[prompt_status, prompt_sets],
                             api_name="check_upload")
         prompt_files.clear(check_upload, inputs=[prompt_files, prompt_sets], outputs=[prompt_status, prompt_sets],

@@ -159,12 +159,13 @@ def learned_dense_mode(meta: PromptMeta, clip: FrozenCLIP) -> str | None:
         return None
 
 
-def dense_mode_mismatch(meta: PromptMeta, clip: FrozenCLIP, mode: str | None, what: str = "these prompts") -> str:
+def dense_mode_mismatch(meta: PromptMeta, clip: FrozenCLIP, mode: str | None, what: str = "these prompts",
+                        now: str = "the CLIP is set to") -> str:
     """The refusal message when prompts learned with one dense mode meet another ("" when they agree)."""
     learned = learned_dense_mode(meta, clip)
     if learned is None or mode is None or learned == mode:
         return ""
-    return (f"{what} were learned with dense mode {learned!r}, but the CLIP is set to {mode!r}: pass --dense "
+    return (f"{what} were learned with dense mode {learned!r}, but {now} {mode!r}: pass --dense "
             f"{learned} (prompts fitted to one kind of dense features give far worse masks with another)")
 
 

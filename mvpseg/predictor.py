@@ -281,13 +281,8 @@ class Predictor:
         meta = getattr(self.prompt_set(name), "meta", None)
         if meta is None or self.dense is None or not hasattr(meta, "dense_mode"):
             return ""
-        mismatch = dense_mode_mismatch(meta, self.clip, self.dense.mode, what=f"prompt set '{name}'")
-        return mismatch.replace(", but the CLIP is set to", ", but the dense mode is now")
-
-    def _check_dense(self, name: str, ps: PromptSet) -> None:
-        conflict = self.dense_conflict(name)
-        if conflict:
-            raise CheckpointError(conflict)
+        return dense_mode_mismatch(meta, self.clip, self.dense.mode, what=f"prompt set '{name}'",
+                                   now="the dense mode is now")
 
     # ----------------------------------------------------------------- text
     def text_key(self, prompts: str) -> TextKey:
@@ -322,7 +317,9 @@ class Predictor:
         names = parse_vocabulary(vocabulary)
         name = prompts or self.prompt_set_names[0]
         ps = self.prompt_set(name)
-        self._check_dense(name, ps)
+        conflict = self.dense_conflict(name)
+        if conflict:
+            raise CheckpointError(conflict)
         feats = self.image_features
         t0 = time.perf_counter()
         text = self.text_features(names, name)
