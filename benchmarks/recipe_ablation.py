@@ -33,6 +33,8 @@ sys.path.insert(0, str(REPO))
 WORLDS = {"sparse": "world=sparse", "crowded": "world=crowded", "medium-b": "world=medium,unseen=b",
           # designed for the second addendum (docs/recipe.md): crowded layout, a third zero-shot split
           "crowded-c": "world=crowded,unseen=c",
+          # designed for the third addendum (confirmation only: nothing tuned or looked at on them before)
+          "sparse-c": "world=sparse,unseen=c", "medium-a": "world=medium", "crowded-b": "world=crowded,unseen=b",
           # needs the zoom-2 toy CLIP: --model-config assets/toyclip-zoom2/toyclip-zoom2.json --weights ...
           "sparse-zoom2": "world=sparse,zoom=2"}
 # Arm → train_prompts arguments on top of the defaults ("old": the recipe documented before this study,
@@ -49,6 +51,9 @@ ARMS: dict[str, list[str]] = {
     "no-select": ["--select", "none"],
     "sgd-poly": ["--optimizer", "sgd", "--warmup-iters", "40", "--lr-policy", "poly"],
     "tau1-100": ["--tau1-init", "100"],
+    # third addendum: AdamW steps a quarter of the default's (0.025 × the token-embedding RMS, 5e-4 on the toy
+    # CLIPs), with 2× the iterations and validations half as often (the same number of checks)
+    "lr-rel": ["--lr", "5e-4", "--max-iters", "1000", "--val-every", "100"],
     "old": ["--recipe", "paper", "--lr", "2e-3", "--warmup-iters", "40", "--max-iters", "400",
             "--global-batch", "8"],
 }

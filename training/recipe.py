@@ -108,6 +108,7 @@ class TrainConfig:
     tau1_init: float | None = None  # None: 100/k
     seg_reduction: str = "pixel"  # L_seg: mean over pixels (paper) | over classes (mvpseg.losses.seg_loss)
     init_fit: int = 200  # text-only steps fitting every view to the handcrafted embeddings before training
+    init_fit_lr: float = 2e-3  # AdamW lr of those steps (its own: the warm start must not change with --lr)
     prior_prompts: str = "auto"  # handcrafted set behind the warm start and the anchor (PRIOR_CHOICES)
     crop_size: int | None = None
     train_scale: tuple[int, int] | None = None
@@ -158,6 +159,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--init-fit", type=int, default=None,
                    help="text-only AdamW steps that first fit every prompt's class embeddings to the handcrafted "
                         "ones of --prior-prompts (a handcrafted starting point for 32 context tokens; 0 = random start)")
+    p.add_argument("--init-fit-lr", type=float, default=2e-3,
+                   help="AdamW learning rate of the --init-fit steps (independent of --lr)")
     p.add_argument("--seg-reduction", default=None, choices=["pixel", "class"],
                    help="L_seg mean over labelled pixels (paper) or over the classes present (mIoU's weighting)")
     p.add_argument("--cls-loss", dest="cls_mode", default="bce", choices=["bce", "paper"])
@@ -237,7 +240,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         select=pick("select"), holdout_frac=a.holdout_frac, val_images=a.val_images, val_every=a.val_every,
         patience=a.patience, select_confidence=a.select_confidence, fresh=pick("fresh"),
         lambda_prior=pick("lambda_prior"), tau1_init=a.tau1_init, seg_reduction=pick("seg_reduction"),
-        init_fit=pick("init_fit"), prior_prompts=a.prior_prompts, dense=getattr(a, "dense", None),
+        init_fit=pick("init_fit"), init_fit_lr=a.init_fit_lr, prior_prompts=a.prior_prompts, dense=getattr(a, "dense", None),
         sliding=tuple(a.sliding) if getattr(a, "sliding", None) else None,
     )
 

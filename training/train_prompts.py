@@ -203,7 +203,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     prior = targets if cfg.lambda_prior > 0 else None
     if cfg.init_fit > 0 and resume_path is None:  # every process does the same deterministic steps
         t = time.perf_counter()
-        fit_cos = fit_to_templates(prompts, clip, encoder, vocab, targets, cfg.init_fit, cfg.lr)
+        fit_cos = fit_to_templates(prompts, clip, encoder, vocab, targets, cfg.init_fit, cfg.init_fit_lr)
         log.info("warm start: %d text-only steps, mean cosine to the %s embeddings %.3f (%.1f s)",
                  cfg.init_fit, prior_name, fit_cos, time.perf_counter() - t)
     overrides = {"pad_value": tuple(clip.pixel_mean.flatten().tolist())}
