@@ -54,6 +54,8 @@ ARMS: dict[str, list[str]] = {
     # third addendum: AdamW steps a quarter of the default's (0.025 × the token-embedding RMS, 5e-4 on the toy
     # CLIPs), with 2× the iterations and validations half as often (the same number of checks)
     "lr-rel": ["--lr", "5e-4", "--max-iters", "1000", "--val-every", "100"],
+    # fourth addendum: the warm start also minimises λ_OC · L_OC, so the views start apart
+    "oc-warm": ["--init-fit-oc", "on"],
     "old": ["--recipe", "paper", "--lr", "2e-3", "--warmup-iters", "40", "--max-iters", "400",
             "--global-batch", "8"],
 }

@@ -164,11 +164,35 @@ def test_warm_start_fits_the_template_embeddings(voc):
     prompts = LearnedPrompts(clip.text_width, n_seg=3, n_ctx=8)
     with torch.no_grad():
         before = float((prompts.encode(clip, names).seg * targets).sum(-1).mean())
-    after = fit_to_templates(prompts, clip, None, names, targets, steps=60, lr=0.01)
+    after, _ = fit_to_templates(prompts, clip, None, names, targets, steps=60, lr=0.01)
     check = prompts.encode(clip, names)
     assert after > before + 0.05 and after > 0.9
     views = torch.cat([check.glob[None], check.seg])
     assert float((views * targets).sum(-1).mean()) == pytest.approx(after, abs=0.02)
+
+
+def test_warm_start_under_ocloss_keeps_the_fit_and_pulls_the_views_apart(voc):
+    """Without the OCLoss term the views fit the same targets from different random starts and end up with
+    nearly the same mean context (what OCLoss penalises); with it (``--init-fit-oc on``) they fit as well and
+    their mean contexts are near-orthogonal — the returned L_OC is Eq. 5's mean |cos| over pairs."""
+    from mvpseg.handcrafted import TemplatePrompts
+    from mvpseg.losses import oc_loss
+    from mvpseg.prompts import LearnedPrompts
+    from training.train_prompts import fit_to_templates
+
+    _, clip_args = voc
+    clip = _clip(clip_args)
+    names = ("cat", "dog", "potted plant", "sky")
+    targets = TemplatePrompts.maskclip85().encode(clip, names).seg[0]
+    fits = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        prompts = LearnedPrompts(clip.text_width, n_seg=3, n_ctx=8)
+        cos, oc = fit_to_templates(prompts, clip, None, names, targets, steps=60, lr=0.01, oc_weight=weight)
+        assert oc == pytest.approx(float(oc_loss(prompts.seg_ctx.detach())), abs=0.05)  # value before the last step
+        fits[weight] = (cos, float(oc_loss(prompts.seg_ctx.detach())))
+    assert fits[1.0][0] > 0.9 and fits[1.0][0] >= fits[0.0][0] - 0.02  # the fit is kept
+    assert fits[1.0][1] < 0.1 and fits[1.0][1] < fits[0.0][1] - 0.2  # the views are pulled apart
 
 
 def test_paired_bootstrap_accepts_only_a_consistent_improvement():

@@ -38,7 +38,7 @@ import torch
 from mvpseg.checkpoint import save_prompts
 from mvpseg.clip_backbone import load_clip
 from mvpseg.dense import default_dense_mode
-from mvpseg.losses import anchor_loss
+from mvpseg.losses import anchor_loss, oc_loss
 from mvpseg.model import MVPSeg
 from mvpseg.prompts import LearnedPrompts
 
@@ -130,20 +130,23 @@ def choose_prior(cfg: TrainConfig, handcrafted: dict, holdout) -> tuple[str, dic
 
 
 def fit_to_templates(prompts: LearnedPrompts, clip, encoder, vocab: tuple[str, ...], targets: torch.Tensor,
-                     steps: int, lr: float) -> float:
+                     steps: int, lr: float, oc_weight: float = 0.0) -> tuple[float, float]:
     """Text-only warm start: AdamW on mean_{views, classes} (1 − cos(e^i_c, t_c)) for every prompt (global one
-    included), t = the 85-template embeddings; returns the final mean cosine. Its own optimiser, so the
-    training optimiser's state starts clean."""
+    included), t = the handcrafted embeddings, plus ``oc_weight`` · L_OC (Eq. 5, mean over pairs) of the
+    segmentation prompts. Without that term the views converge to nearly the same context (|cos| ≈ 0.9
+    between their mean tokens), which OCLoss then spends the first steps of learning undoing. Returns the
+    final (mean cosine, L_OC). Its own optimiser, so the training optimiser's state starts clean."""
     opt = torch.optim.AdamW([prompts.ctx], lr=lr, weight_decay=0.0)
-    cos = torch.zeros(())
+    cos, oc = torch.zeros(()), oc_loss(prompts.seg_ctx.detach())
     for _ in range(steps):
         text = encoder.encode(prompts, vocab) if encoder else prompts.encode(clip, vocab)
         views = text.seg if text.glob is None else torch.cat([text.glob[None], text.seg])
         cos = (views.float() * targets[None]).sum(-1).mean()
+        oc = oc_loss(prompts.seg_ctx)
         opt.zero_grad(set_to_none=True)
-        (1.0 - cos).backward()
+        (1.0 - cos + oc_weight * oc).backward()
         opt.step()
-    return float(cos.detach())
+    return float(cos.detach()), float(oc.detach())
 
 
 def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
@@ -203,9 +206,10 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     prior = targets if cfg.lambda_prior > 0 else None
     if cfg.init_fit > 0 and resume_path is None:  # every process does the same deterministic steps
         t = time.perf_counter()
-        fit_cos = fit_to_templates(prompts, clip, encoder, vocab, targets, cfg.init_fit, cfg.init_fit_lr)
-        log.info("warm start: %d text-only steps, mean cosine to the %s embeddings %.3f (%.1f s)",
-                 cfg.init_fit, prior_name, fit_cos, time.perf_counter() - t)
+        fit_cos, fit_oc = fit_to_templates(prompts, clip, encoder, vocab, targets, cfg.init_fit, cfg.init_fit_lr,
+                                           cfg.lambda_oc if cfg.init_fit_oc else 0.0)
+        log.info("warm start: %d text-only steps, mean cosine to the %s embeddings %.3f, OCLoss %.3f (%.1f s)",
+                 cfg.init_fit, prior_name, fit_cos, fit_oc, time.perf_counter() - t)
     overrides = {"pad_value": tuple(clip.pixel_mean.flatten().tolist())}
     if cfg.crop_size:
         overrides["crop_size"] = cfg.crop_size
