@@ -56,6 +56,8 @@ ARMS: dict[str, list[str]] = {
     "lr-rel": ["--lr", "5e-4", "--max-iters", "1000", "--val-every", "100"],
     # fourth addendum: the warm start also minimises λ_OC · L_OC, so the views start apart
     "oc-warm": ["--init-fit-oc", "on"],
+    # fifth addendum: fit log τ1 / log τ2 alone (50 Adam steps, lr 0.05) before learning
+    "calib": ["--calib-steps", "50"],
     "old": ["--recipe", "paper", "--lr", "2e-3", "--warmup-iters", "40", "--max-iters", "400",
             "--global-batch", "8"],
 }

@@ -146,8 +146,10 @@ def test_early_stopping_and_no_selection(voc):
     scores = [h["score"] for h in sel["history"]]
     assert sel["stopped_early_at"] == sel["history"][-1]["iter"] < 40
     assert all(b > a for a, b in zip(scores[:-2], scores[1:-1])) and scores[-1] <= max(scores[:-1])
-    plain = read_meta(_run(root, clip_args, "nosel", "--max-iters", "3", "--select", "none"))
+    plain = read_meta(_run(root, clip_args, "nosel", "--max-iters", "3", "--select", "none", "--calib-steps", "2"))
     assert plain.extra["selection"] is None and plain.extra["iterations"] == 3
+    start = read_jsonl(root / "nosel" / "log.jsonl")[0]
+    assert start["calibrated_tau"][0] != pytest.approx(100 / 3, rel=1e-4)  # calibration ran before iteration 1
     assert len(plain.training_classes) == 15  # every seen class is trained on without selection
 
 
@@ -259,3 +261,43 @@ def test_prior_prompts_auto_leaves_the_85_templates_only_for_a_set_that_wins_con
     lucky = mats([10] + [5] * (n - 1))
     name, scores = train_prompts.choose_prior(cfg, {"maskclip-85": base, "a-photo-of": lucky, "parts": base}, h)
     assert name == "maskclip-85" and scores["a-photo-of"] > scores["maskclip-85"]
+
+
+def test_temperature_calibration_moves_only_the_temperatures_and_lowers_the_loss(voc):
+    """``calibrate_temperatures`` fits log τ1 / log τ2 alone: the context is bit-identical afterwards, the
+    training loss (L_seg + λ_cls L_cls) on the calibration batches falls, and the fused argmax — which does not
+    depend on τ1 — is unchanged without GPR."""
+    from mvpseg.losses import LossWeights
+    from mvpseg.model import MVPSeg
+    from mvpseg.prompts import LearnedPrompts
+    from training.distributed import DistContext
+    from training.train_prompts import calibrate_temperatures
+
+    _, clip_args = voc
+    clip = _clip(clip_args)
+    names = ("background", "cat", "dog", "sky")
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(2, 3, 64, 64, generator=g), torch.randint(0, 4, (2, 64, 64), generator=g))
+               for _ in range(4)]
+    ctx = DistContext()
+
+    def loss_and_argmax(model):
+        with torch.no_grad():
+            text = model.text_features(names)
+            outs = [model.head(model.image_features(x), text) for x, _ in batches]
+            loss = sum(float(model.losses(o, y, LossWeights(oc=0.0))["total"]) for o, (_, y) in zip(outs, batches))
+        return loss, [o.fused_logits.argmax(1) for o in outs]
+
+    for use_global in (True, False):
+        torch.manual_seed(0)
+        model = MVPSeg(clip, LearnedPrompts(clip.text_width, n_seg=3, n_ctx=4, use_global=use_global))
+        ctx_before = model.prompts.ctx.detach().clone()
+        loss0, arg0 = loss_and_argmax(model)
+        tau1, tau2 = calibrate_temperatures(model, None, names, batches * 5, lambda x, y: (x, y), LossWeights(),
+                                            "bce", "pixel", steps=20, lr=0.05, ctx=ctx)
+        loss1, arg1 = loss_and_argmax(model)
+        assert torch.equal(model.prompts.ctx.detach(), ctx_before)
+        assert tau1 == pytest.approx(float(model.prompts.tau1().detach())) and tau1 != pytest.approx(100 / 3, rel=1e-3)
+        assert loss1 < loss0 - 1e-3
+        assert all(torch.equal(a, b) for a, b in zip(arg0, arg1))
+        assert (tau2 == tau2) is use_global  # nan without a global prompt

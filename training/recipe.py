@@ -32,10 +32,12 @@ VARIANTS = {
 RECIPES = {
     "default": dict(optimizer="adamw", lr=2e-3, lr_policy="constant", warmup_iters=0, max_iters=500,
                     global_batch=4, weight_decay=5e-4, lambda_oc=1.0, select="holdout", fresh="auto",
-                    seg_reduction="pixel", init_fit=200, lambda_prior=8.0, init_fit_oc=False),
+                    seg_reduction="pixel", init_fit=200, lambda_prior=8.0, init_fit_oc=False,
+                    calib_steps=0),
     "paper": dict(optimizer="sgd", lr=2e-4, lr_policy="poly", warmup_iters=1000, max_iters=8000,
                   global_batch=8, weight_decay=5e-4, lambda_oc="paper", select="none", fresh="off",
-                  seg_reduction="pixel", init_fit=0, lambda_prior=0.0, init_fit_oc=False),
+                  seg_reduction="pixel", init_fit=0, lambda_prior=0.0, init_fit_oc=False,
+                  calib_steps=0),
 }
 OPTIMIZERS = ("sgd", "adamw")  # sgd: the paper's; adamw: an extension (build_optimizer)
 # Handcrafted sets the warm start and anchor can use (names of mvpseg.baseline_prompt_sets(); the first is the
@@ -110,6 +112,8 @@ class TrainConfig:
     init_fit: int = 200  # text-only steps fitting every view to the handcrafted embeddings before training
     init_fit_lr: float = 2e-3  # AdamW lr of those steps (its own: the warm start must not change with --lr)
     init_fit_oc: bool = False  # those steps also minimise λ_OC · L_OC, so the views start apart (docs/recipe.md)
+    calib_steps: int = 0  # Adam steps fitting log τ1/log τ2 alone before learning (context frozen)
+    calib_lr: float = 0.05
     prior_prompts: str = "auto"  # handcrafted set behind the warm start and the anchor (PRIOR_CHOICES)
     crop_size: int | None = None
     train_scale: tuple[int, int] | None = None
@@ -163,6 +167,11 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--init-fit-oc", default=None, choices=["on", "off"],
                    help="the warm start also minimises the training's λ_OC · L_OC, so the views start orthogonal "
                         "instead of identical (default: the recipe's)")
+    p.add_argument("--calib-steps", type=int, default=None,
+                   help="before learning, fit only the temperatures (log τ1, log τ2; context frozen) for this many "
+                        "Adam steps with the training loss, so the context does not do the temperature's job "
+                        "(default: the recipe's; 0 = off; docs/recipe.md)")
+    p.add_argument("--calib-lr", type=float, default=0.05, help="Adam lr of the --calib-steps (on log τ)")
     p.add_argument("--init-fit-lr", type=float, default=2e-3,
                    help="AdamW learning rate of the --init-fit steps (independent of --lr)")
     p.add_argument("--seg-reduction", default=None, choices=["pixel", "class"],
@@ -245,6 +254,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         patience=a.patience, select_confidence=a.select_confidence, fresh=pick("fresh"),
         lambda_prior=pick("lambda_prior"), tau1_init=a.tau1_init, seg_reduction=pick("seg_reduction"),
         init_fit=pick("init_fit"), init_fit_lr=a.init_fit_lr, init_fit_oc=pick("init_fit_oc") in (True, "on"),
+        calib_steps=pick("calib_steps"), calib_lr=a.calib_lr,
         prior_prompts=a.prior_prompts, dense=getattr(a, "dense", None),
         sliding=tuple(a.sliding) if getattr(a, "sliding", None) else None,
     )

@@ -149,6 +149,40 @@ def fit_to_templates(prompts: LearnedPrompts, clip, encoder, vocab: tuple[str, .
     return float(cos.detach()), float(oc.detach())
 
 
+def calibrate_temperatures(model: MVPSeg, encoder, vocab: tuple[str, ...], batches, prepare, weights,
+                           cls_mode: str, seg_reduction: str, steps: int, lr: float, ctx: DistContext,
+                           amp=contextlib.nullcontext) -> tuple[float, float]:
+    """Fits log τ1 and log τ2 alone (context frozen: the text embeddings are computed once) with the training
+    loss λ_seg L_seg + λ_cls L_cls for ``steps`` Adam steps on ``batches`` (images, labels).
+
+    Why: τ1 = 100/k and τ2 = 0.07 suit CLIP's logit scale, not every CLIP's dense features; a model that starts
+    confidently wrong (L_seg ≈ 12 nats per pixel in the crowded toy world) is fastest improved by flattening
+    its logits, and at the training lr the temperatures (≈ 0.2 % per step) lose that race to the context
+    vectors, which then trade class discrimination for calibration. The argmax of the fused masks does not
+    depend on τ1. Returns the calibrated (τ1, τ2 or nan)."""
+    prompts = model.prompts
+    temps = [p for p in (prompts.log_tau1, prompts.log_tau2) if p.requires_grad]
+    opt = torch.optim.Adam(temps, lr=lr)
+    with torch.no_grad(), amp():
+        text = encoder.encode(prompts, vocab) if encoder else model.text_features(vocab)
+    no_oc = replace(weights, oc=0.0)  # OCLoss (and the anchor) do not depend on τ
+    for step, (images, labels) in enumerate(batches):
+        if step >= steps:
+            break
+        images, labels = prepare(images, labels)
+        with amp():
+            with torch.no_grad():
+                feats = model.image_features(images)
+            out = model.head(feats, text)
+        loss = model.losses(out, labels, no_oc, cls_mode, seg_reduction=seg_reduction)["total"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(temps, ctx)
+        opt.step()
+    tau2 = prompts.tau2()
+    return float(prompts.tau1().detach()), float("nan") if tau2 is None else float(tau2.detach())
+
+
 def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     out = Path(cfg.out)
     ckpts = CheckpointManager(out / "checkpoints", keep=cfg.keep_ckpts)
@@ -174,8 +208,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                         clip.spec.describe())
     params = model.trainable_parameters()
     opt = build_optimizer(cfg, params)
-    dtype = amp_dtype(args.amp, ctx.device.type)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(args.amp, ctx.device.type) == torch.float16)
     tracker = BestTracker(patience=cfg.patience, confidence=cfg.select_confidence)
 
     start = 0 if resume_path is None else restore_state(
@@ -219,6 +252,26 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     stream = TrainStream(stream_data, transform, cfg.global_batch,
                          cfg.max_iters, cfg.seed, ctx.rank, ctx.world_size, start_iter=start, fresh=fresh)
     loader = train_loader(stream, num_workers=args.num_workers)
+    dtype = amp_dtype(args.amp, ctx.device.type)
+
+    def amp():
+        return torch.autocast(ctx.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def prepare(images, labels):
+        return (clip.normalize(images.to(ctx.device, non_blocking=True)),
+                holdout.to_training_labels(labels.to(ctx.device, non_blocking=True)))
+
+    taus = None
+    if cfg.calib_steps > 0 and resume_path is None:
+        # its own stream of training samples, so the learning stream is the same with or without calibration
+        calib = TrainStream(stream_data, transform, cfg.global_batch, cfg.calib_steps, cfg.seed + 104729,
+                            ctx.rank, ctx.world_size, fresh=fresh)
+        t = time.perf_counter()
+        taus = calibrate_temperatures(model, encoder, vocab, train_loader(calib, num_workers=args.num_workers),
+                                      prepare, cfg.loss_weights, cfg.cls_mode, cfg.seg_reduction,
+                                      cfg.calib_steps, cfg.calib_lr, ctx, amp)
+        log.info("calibrated temperatures: τ1 %.2f, τ2 %.4f (%d steps, %.1f s)", *taus, cfg.calib_steps,
+                 time.perf_counter() - t)
 
     logger = JsonlLogger(out / "log.jsonl", enabled=ctx.is_main,
                          resume_iter=start if resume_path is not None else None)
@@ -228,7 +281,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                 "dataset_size": None if fresh else len(stream_data), "fresh_samples": fresh,
                 "skipped_missing": getattr(data, "skipped", 0), "known_unreadable": known_unreadable,
                 "crop_size": transform.crop_size,
-                "vocabulary": list(vocab), "prior_prompts": prior_name,
+                "vocabulary": list(vocab), "prior_prompts": prior_name, "calibrated_tau": taus,
                 "held_out_classes": [seen_vocab[i] for i in holdout.held_out],
                 "validation_images": len(val_idx), "config": _config_record(cfg)})
     if ctx.is_main:
@@ -268,11 +321,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     for images, labels in ([] if stopped else loader):
         t0 = time.perf_counter()
         lr = sched.apply(opt, it)
-        images = clip.normalize(images.to(ctx.device, non_blocking=True))
-        labels = holdout.to_training_labels(labels.to(ctx.device, non_blocking=True))
-        amp = (torch.autocast(ctx.device.type, dtype=dtype) if dtype is not None
-               else contextlib.nullcontext())
-        with amp:
+        images, labels = prepare(images, labels)
+        with amp():
             with torch.no_grad():
                 feats = model.image_features(images)  # frozen image tower, once per batch
             # one text-tower pass for all (k+1)·C prompts (gradients flow into the prompt vectors)
