@@ -58,6 +58,8 @@ ARMS: dict[str, list[str]] = {
     "oc-warm": ["--init-fit-oc", "on"],
     # fifth addendum: fit log τ1 / log τ2 alone (50 Adam steps, lr 0.05) before learning
     "calib": ["--calib-steps", "50"],
+    # sixth addendum: both (the views start apart, then the temperatures are calibrated)
+    "oc-calib": ["--init-fit-oc", "on", "--calib-steps", "50"],
     "old": ["--recipe", "paper", "--lr", "2e-3", "--warmup-iters", "40", "--max-iters", "400",
             "--global-batch", "8"],
 }
