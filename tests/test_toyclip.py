@@ -116,19 +116,18 @@ def test_demo_examples_exist(name):
         assert im.mode == "RGB" and im.size == (256, 256)
 
 
-def test_ci_sized_default_recipe_keeps_the_templates_transfer_and_the_anchor_is_why(tmp_path):
+def test_ci_sized_default_recipe_beats_the_templates_and_the_anchor_helps(tmp_path):
     """A seeded CI-sized run of the default recipe (``train_prompts`` + ``evaluate``, toy world ``sparse``,
     100 iterations × 4 fresh scenes, seed 0) against the same run without the warm start and the anchor.
 
-    What docs/recipe.md measured with the full default (≤ 500 iterations, 150 evaluation images): with this
-    toy CLIP no learned prompt reliably beats the best handcrafted set on unseen classes; Δ mIoU(U) over
-    12 world × seed runs lies in [−2.7, +1.6] (sparse −0.5 / +1.6 / +0.9; crowded ±0.0 ×3, selection keeps
-    the warm start), and probe (c) in docs/toyworld.md says why (no class-agnostic correction learned on seen
-    classes transfers). So the margin this test can honestly assert is the anchor's, not a win over the
-    templates. Measured here (48 images of seed 1, mIoU(U) / hIoU): default 35.6 / 35.7, best handcrafted
-    35.7 / 36.1 (Δ −0.1 / −0.4), no anchor 25.6 / 27.6 (10.0 below the default). Asserted: default ≥ best
-    handcrafted − 1.0 (mIoU(U) and hIoU), the unanchored run ≥ 2 points below the default on mIoU(U), and
-    no unseen name in the training vocabulary.
+    Measured with this exact set-up (48 evaluation images of seed 1; training seeds 0 / 1 / 2, recorded in
+    docs/recipe.md): Δ against the best handcrafted set +0.3 / +1.7 / +1.2 mIoU(U) and +0.3 / +1.6 / +1.4
+    hIoU; the unanchored run 2.1 / 1.4 / 2.4 mIoU(U) below the default (temperature calibration before
+    learning, a default since the fifth addendum, closed most of the gap the random start had: 10.0 before).
+    The full default (≤ 500 iterations, 150 evaluation images, 7 worlds × 3 seeds, docs/recipe.md) is within
+    −0.6 … +3.2 of the best handcrafted set. Asserted on seed 0: default ≥ best handcrafted (mIoU(U) and
+    hIoU; measured +0.3), the unanchored run ≥ 1.0 below the default (measured 2.1), and no unseen name in the
+    training vocabulary.
     """
     from training.evaluate import main as eval_main
     from training.train_prompts import main as train_main
@@ -145,9 +144,9 @@ def test_ci_sized_default_recipe_keeps_the_templates_transfer_and_the_anchor_is_
     print({k: (round(v["miou_unseen"], 1), round(v["hiou"], 1)) for k, v in res.items()})  # shown by -s / failure
     assert report["datasets"]["toyworld"]["unseen_in_training_vocabulary"]["default"] == []
     best = {k: max(res[b][k] for b in ("maskclip-85", "a-photo-of", "parts")) for k in ("miou_unseen", "hiou")}
-    assert res["default"]["miou_unseen"] >= best["miou_unseen"] - 1.0
-    assert res["default"]["hiou"] >= best["hiou"] - 1.0
-    assert res["default"]["miou_unseen"] >= res["no-anchor"]["miou_unseen"] + 2.0
+    assert res["default"]["miou_unseen"] >= best["miou_unseen"]
+    assert res["default"]["hiou"] >= best["hiou"]
+    assert res["default"]["miou_unseen"] >= res["no-anchor"]["miou_unseen"] + 1.0
     assert 30.0 <= res["maskclip-85"]["miou_unseen"] <= 42.0  # measured 35.7 (48 images of seed 1)
 
 

@@ -1,9 +1,9 @@
 """The prompt-learning configuration: Table 1 variants, the learning recipes, the command line, the optimiser.
 
 ``--recipe default`` is the recipe docs/recipe.md measured (AdamW, constant lr, λ_OC on a mean over prompt
-pairs, a warm start fitted to the 85-template embeddings plus an anchor to them, fresh samples from
-procedural datasets, selection on held-out seen classes); ``--recipe paper`` is sec. 4.3 as printed. An
-option given on the command line overrides its recipe's value.
+pairs, a warm start fitted to the 85-template embeddings plus an anchor to them, temperatures calibrated
+before learning, fresh samples from procedural datasets, selection on held-out seen classes); ``--recipe
+paper`` is sec. 4.3 as printed. An option given on the command line overrides its recipe's value.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ RECIPES = {
     "default": dict(optimizer="adamw", lr=2e-3, lr_policy="constant", warmup_iters=0, max_iters=500,
                     global_batch=4, weight_decay=5e-4, lambda_oc=1.0, select="holdout", fresh="auto",
                     seg_reduction="pixel", init_fit=200, lambda_prior=8.0, init_fit_oc=False,
-                    calib_steps=0),
+                    calib_steps=50),
     "paper": dict(optimizer="sgd", lr=2e-4, lr_policy="poly", warmup_iters=1000, max_iters=8000,
                   global_batch=8, weight_decay=5e-4, lambda_oc="paper", select="none", fresh="off",
                   seg_reduction="pixel", init_fit=0, lambda_prior=0.0, init_fit_oc=False,
@@ -112,7 +112,7 @@ class TrainConfig:
     init_fit: int = 200  # text-only steps fitting every view to the handcrafted embeddings before training
     init_fit_lr: float = 2e-3  # AdamW lr of those steps (its own: the warm start must not change with --lr)
     init_fit_oc: bool = False  # those steps also minimise λ_OC · L_OC, so the views start apart (docs/recipe.md)
-    calib_steps: int = 0  # Adam steps fitting log τ1/log τ2 alone before learning (context frozen)
+    calib_steps: int = 50  # Adam steps fitting log τ1/log τ2 alone before learning (context frozen)
     calib_lr: float = 0.05
     prior_prompts: str = "auto"  # handcrafted set behind the warm start and the anchor (PRIOR_CHOICES)
     crop_size: int | None = None
