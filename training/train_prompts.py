@@ -38,7 +38,7 @@ import torch
 from mvpseg.checkpoint import save_prompts
 from mvpseg.clip_backbone import load_clip
 from mvpseg.dense import default_dense_mode
-from mvpseg.losses import anchor_loss, oc_loss
+from mvpseg.losses import anchor_loss
 from mvpseg.model import MVPSeg
 from mvpseg.prompts import LearnedPrompts
 
@@ -55,6 +55,7 @@ from .runlog import JsonlLogger, Progress
 from .selection import (BestTracker, IndexView, ValidationSet, choose_holdout, prob_better, summarise,
                         validation_indices)
 from .shared_prefix import SharedPrefixEncoder, supports_shared_prefix
+from .warm_start import calibrate_temperatures, fit_to_templates
 
 log = logging.getLogger("mvpseg.train")
 
@@ -127,60 +128,6 @@ def choose_prior(cfg: TrainConfig, handcrafted: dict, holdout) -> tuple[str, dic
                                                        "seen") >= confidence:
             best = name
     return best, scores
-
-
-def fit_to_templates(prompts: LearnedPrompts, clip, encoder, vocab: tuple[str, ...], targets: torch.Tensor,
-                     steps: int, lr: float, oc_weight: float = 0.0) -> tuple[float, float]:
-    """Text-only warm start: AdamW on mean_{views, classes} (1 − cos(e^i_c, t_c)) for every prompt (global one
-    included), t = the handcrafted embeddings, plus ``oc_weight`` · L_OC (Eq. 5, mean over pairs) of the
-    segmentation prompts. Without that term the views converge to nearly the same context (|cos| ≈ 0.9
-    between their mean tokens), which OCLoss then spends the first steps of learning undoing. Returns the
-    final (mean cosine, L_OC). Its own optimiser, so the training optimiser's state starts clean."""
-    opt = torch.optim.AdamW([prompts.ctx], lr=lr, weight_decay=0.0)
-    cos, oc = torch.zeros(()), oc_loss(prompts.seg_ctx.detach())
-    for _ in range(steps):
-        text = encoder.encode(prompts, vocab) if encoder else prompts.encode(clip, vocab)
-        views = text.seg if text.glob is None else torch.cat([text.glob[None], text.seg])
-        cos = (views.float() * targets[None]).sum(-1).mean()
-        oc = oc_loss(prompts.seg_ctx)
-        opt.zero_grad(set_to_none=True)
-        (1.0 - cos + oc_weight * oc).backward()
-        opt.step()
-    return float(cos.detach()), float(oc.detach())
-
-
-def calibrate_temperatures(model: MVPSeg, encoder, vocab: tuple[str, ...], batches, prepare, weights,
-                           cls_mode: str, seg_reduction: str, steps: int, lr: float, ctx: DistContext,
-                           amp=contextlib.nullcontext) -> tuple[float, float]:
-    """Fits log τ1 and log τ2 alone (context frozen: the text embeddings are computed once) with the training
-    loss λ_seg L_seg + λ_cls L_cls for ``steps`` Adam steps on ``batches`` (images, labels).
-
-    Why: τ1 = 100/k and τ2 = 0.07 suit CLIP's logit scale, not every CLIP's dense features; a model that starts
-    confidently wrong (L_seg ≈ 12 nats per pixel in the crowded toy world) is fastest improved by flattening
-    its logits, and at the training lr the temperatures (≈ 0.2 % per step) lose that race to the context
-    vectors, which then trade class discrimination for calibration. The argmax of the fused masks does not
-    depend on τ1. Returns the calibrated (τ1, τ2 or nan)."""
-    prompts = model.prompts
-    temps = [p for p in (prompts.log_tau1, prompts.log_tau2) if p.requires_grad]
-    opt = torch.optim.Adam(temps, lr=lr)
-    with torch.no_grad(), amp():
-        text = encoder.encode(prompts, vocab) if encoder else model.text_features(vocab)
-    no_oc = replace(weights, oc=0.0)  # OCLoss (and the anchor) do not depend on τ
-    for step, (images, labels) in enumerate(batches):
-        if step >= steps:
-            break
-        images, labels = prepare(images, labels)
-        with amp():
-            with torch.no_grad():
-                feats = model.image_features(images)
-            out = model.head(feats, text)
-        loss = model.losses(out, labels, no_oc, cls_mode, seg_reduction=seg_reduction)["total"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(temps, ctx)
-        opt.step()
-    tau2 = prompts.tau2()
-    return float(prompts.tau1().detach()), float("nan") if tau2 is None else float(tau2.detach())
 
 
 def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
@@ -270,8 +217,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         taus = calibrate_temperatures(model, encoder, vocab, train_loader(calib, num_workers=args.num_workers),
                                       prepare, cfg.loss_weights, cfg.cls_mode, cfg.seg_reduction,
                                       cfg.calib_steps, cfg.calib_lr, ctx, amp)
-        log.info("calibrated temperatures: τ1 %.2f, τ2 %.4f (%d steps, %.1f s)", *taus, cfg.calib_steps,
-                 time.perf_counter() - t)
+        log.info("calibrated temperatures: τ1 %.2f, τ2 %s (%d steps, %.1f s)", taus[0],
+                 "-" if taus[1] is None else f"{taus[1]:.4f}", cfg.calib_steps, time.perf_counter() - t)
 
     logger = JsonlLogger(out / "log.jsonl", enabled=ctx.is_main,
                          resume_iter=start if resume_path is not None else None)
