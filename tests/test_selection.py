@@ -293,8 +293,9 @@ def test_temperature_calibration_moves_only_the_temperatures_and_lowers_the_loss
         model = MVPSeg(clip, LearnedPrompts(clip.text_width, n_seg=3, n_ctx=4, use_global=use_global))
         ctx_before = model.prompts.ctx.detach().clone()
         loss0, arg0 = loss_and_argmax(model)
-        tau1, tau2 = calibrate_temperatures(model, None, names, batches * 5, lambda x, y: (x, y), LossWeights(),
-                                            "bce", "pixel", steps=20, lr=0.05, ctx=ctx)
+        tau1, tau2 = calibrate_temperatures(model, None, names, batches * 5, lambda x, y: (x, y),
+                                            lambda out, y: model.losses(out, y, LossWeights(oc=0.0))["total"],
+                                            steps=20, lr=0.05, ctx=ctx)
         loss1, arg1 = loss_and_argmax(model)
         assert torch.equal(model.prompts.ctx.detach(), ctx_before)
         assert tau1 == pytest.approx(float(model.prompts.tau1().detach())) and tau1 != pytest.approx(100 / 3, rel=1e-3)

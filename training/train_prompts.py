@@ -208,14 +208,24 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         return (clip.normalize(images.to(ctx.device, non_blocking=True)),
                 holdout.to_training_labels(labels.to(ctx.device, non_blocking=True)))
 
+    weights, sched = cfg.loss_weights, cfg.schedule
+
+    def training_loss(outputs, labels, weights=weights):
+        """Eq. 10 terms and their total, L_seg's pixel mean rescaled to the global batch's (class mean: each
+        process's, averaged over processes)."""
+        losses = model.losses(outputs, labels, weights, cfg.cls_mode, seg_reduction=cfg.seg_reduction)
+        w_seg = seg_loss_weight(labels, ctx) if cfg.seg_reduction == "pixel" else 1.0
+        return losses, losses["total"] + (w_seg - 1.0) * weights.seg * losses["seg"]
+
     taus = None
     if cfg.calib_steps > 0 and resume_path is None:
         # its own stream of training samples, so the learning stream is the same with or without calibration
         calib = TrainStream(stream_data, transform, cfg.global_batch, cfg.calib_steps, cfg.seed + 104729,
                             ctx.rank, ctx.world_size, fresh=fresh)
         t = time.perf_counter()
+        no_oc = replace(weights, oc=0.0)  # OCLoss (and the anchor) do not depend on τ
         taus = calibrate_temperatures(model, encoder, vocab, train_loader(calib, num_workers=args.num_workers),
-                                      prepare, cfg.loss_weights, cfg.cls_mode, cfg.seg_reduction,
+                                      prepare, lambda out, y: training_loss(out, y, no_oc)[1],
                                       cfg.calib_steps, cfg.calib_lr, ctx, amp)
         log.info("calibrated temperatures: τ1 %.2f, τ2 %s (%d steps, %.1f s)", taus[0],
                  "-" if taus[1] is None else f"{taus[1]:.4f}", cfg.calib_steps, time.perf_counter() - t)
@@ -243,7 +253,6 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         log.info("validation reference (85 templates): trained classes %.1f, held-out %.1f, score %.2f",
                  ref["miou_trained"], ref["miou_held_out"], ref["score"])
     bar = Progress(cfg.max_iters, start, enabled=ctx.is_main and not args.no_progress)
-    weights, sched = cfg.loss_weights, cfg.schedule
 
     def save_state(iteration: int) -> None:
         if ctx.is_main:
@@ -275,10 +284,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
             # one text-tower pass for all (k+1)·C prompts (gradients flow into the prompt vectors)
             text = encoder.encode(prompts, vocab) if encoder else model.text_features(vocab)
             outputs = model.head(feats, text)
-        losses = model.losses(outputs, labels, weights, cfg.cls_mode, seg_reduction=cfg.seg_reduction)
-        # pixel mean: rescaled to the global batch's; class mean: each process's, averaged over processes
-        w_seg = seg_loss_weight(labels, ctx) if cfg.seg_reduction == "pixel" else 1.0
-        total = losses["total"] + (w_seg - 1.0) * weights.seg * losses["seg"]
+        losses, total = training_loss(outputs, labels)
         if prior is not None:
             total = total + cfg.lambda_prior * anchor_loss(text.seg, prior)
         opt.zero_grad(set_to_none=True)

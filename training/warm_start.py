@@ -3,8 +3,6 @@ of the temperatures before the context is learned (docs/recipe.md, the third to 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
-
 import torch
 
 from mvpseg.losses import oc_loss
@@ -34,11 +32,13 @@ def fit_to_templates(prompts: LearnedPrompts, clip, encoder, vocab: tuple[str, .
     return float(cos.detach()), float(oc.detach())
 
 
-def calibrate_temperatures(model: MVPSeg, encoder, vocab: tuple[str, ...], batches, prepare, weights,
-                           cls_mode: str, seg_reduction: str, steps: int, lr: float, ctx: DistContext,
-                           amp=contextlib.nullcontext) -> tuple[float, float]:
-    """Fits log τ1 and log τ2 alone (context frozen: the text embeddings are computed once) with the training
-    loss λ_seg L_seg + λ_cls L_cls for ``steps`` Adam steps on ``batches`` (images, labels).
+def calibrate_temperatures(model: MVPSeg, encoder, vocab: tuple[str, ...], batches, prepare, loss,
+                           steps: int, lr: float, ctx: DistContext,
+                           amp=contextlib.nullcontext) -> tuple[float, float | None]:
+    """Fits log τ1 and log τ2 alone (context frozen: the text embeddings are computed once) for ``steps`` Adam
+    steps on ``batches`` (images, labels; ``prepare`` moves them to the device). ``loss(outputs, labels)`` is
+    the training loss without the terms that do not depend on τ (OCLoss, the anchor): λ_seg L_seg +
+    λ_cls L_cls, reduced as the training loop reduces it (so W processes match one).
 
     Why: τ1 = 100/k and τ2 = 0.07 suit CLIP's logit scale, not every CLIP's dense features; a model that starts
     confidently wrong (L_seg ≈ 12 nats per pixel in the crowded toy world) is fastest improved by flattening
@@ -50,7 +50,6 @@ def calibrate_temperatures(model: MVPSeg, encoder, vocab: tuple[str, ...], batch
     opt = torch.optim.Adam(temps, lr=lr)
     with torch.no_grad(), amp():
         text = encoder.encode(prompts, vocab) if encoder else model.text_features(vocab)
-    no_oc = replace(weights, oc=0.0)  # OCLoss (and the anchor) do not depend on τ
     for step, (images, labels) in enumerate(batches):
         if step >= steps:
             break
@@ -59,9 +58,9 @@ def calibrate_temperatures(model: MVPSeg, encoder, vocab: tuple[str, ...], batch
             with torch.no_grad():
                 feats = model.image_features(images)
             out = model.head(feats, text)
-        loss = model.losses(out, labels, no_oc, cls_mode, seg_reduction=seg_reduction)["total"]
+        total = loss(out, labels)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         average_gradients(temps, ctx)
         opt.step()
     tau2 = prompts.tau2()
