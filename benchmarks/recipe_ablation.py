@@ -51,6 +51,7 @@ ARMS: dict[str, list[str]] = {
     "no-select": ["--select", "none"],
     "sgd-poly": ["--optimizer", "sgd", "--warmup-iters", "40", "--lr-policy", "poly"],
     "tau1-100": ["--tau1-init", "100"],
+    "cls-paper": ["--cls-loss", "paper"],  # Eq. 7 as printed (present classes only) instead of the full BCE
     # third addendum: AdamW steps a quarter of the default's (0.025 × the token-embedding RMS, 5e-4 on the toy
     # CLIPs), with 2× the iterations and validations half as often (the same number of checks)
     "lr-rel": ["--lr", "5e-4", "--max-iters", "1000", "--val-every", "100"],
