@@ -52,8 +52,8 @@ ARMS: dict[str, list[str]] = {
     "sgd-poly": ["--optimizer", "sgd", "--warmup-iters", "40", "--lr-policy", "poly"],
     "tau1-100": ["--tau1-init", "100"],
     "cls-paper": ["--cls-loss", "paper"],  # Eq. 7 as printed (present classes only) instead of the full BCE
-    # third addendum: AdamW steps a quarter of the default's (0.025 × the token-embedding RMS, 5e-4 on the toy
-    # CLIPs), with 2× the iterations and validations half as often (the same number of checks)
+    # third addendum: AdamW steps a quarter of the default's (fixed at 5e-4 = 0.025 × the toy CLIPs'
+    # token-embedding RMS), with 2× the iterations and validations half as often (the same number of checks)
     "lr-rel": ["--lr", "5e-4", "--max-iters", "1000", "--val-every", "100"],
     # fourth addendum: the warm start also minimises λ_OC · L_OC, so the views start apart
     "oc-warm": ["--init-fit-oc", "on"],

@@ -55,7 +55,7 @@ from .runlog import JsonlLogger, Progress
 from .selection import (BestTracker, IndexView, ValidationSet, choose_holdout, prob_better, summarise,
                         validation_indices)
 from .shared_prefix import SharedPrefixEncoder, supports_shared_prefix
-from .warm_start import calibrate_temperatures, fit_to_templates
+from .warm_start import CALIBRATION_SEED_OFFSET, calibrate_temperatures, fit_to_templates
 
 log = logging.getLogger("mvpseg.train")
 
@@ -219,9 +219,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
 
     taus = None
     if cfg.calib_steps > 0 and resume_path is None:
-        # its own stream of training samples, so the learning stream is the same with or without calibration
-        calib = TrainStream(stream_data, transform, cfg.global_batch, cfg.calib_steps, cfg.seed + 104729,
-                            ctx.rank, ctx.world_size, fresh=fresh)
+        calib = TrainStream(stream_data, transform, cfg.global_batch, cfg.calib_steps,
+                            cfg.seed + CALIBRATION_SEED_OFFSET, ctx.rank, ctx.world_size, fresh=fresh)
         t = time.perf_counter()
         no_oc = replace(weights, oc=0.0)  # OCLoss (and the anchor) do not depend on τ
         taus = calibrate_temperatures(model, encoder, vocab, train_loader(calib, num_workers=args.num_workers),

@@ -3,6 +3,7 @@ of the temperatures before the context is learned (docs/recipe.md, the third to 
 from __future__ import annotations
 
 import contextlib
+
 import torch
 
 from mvpseg.losses import oc_loss
@@ -11,13 +12,17 @@ from mvpseg.prompts import LearnedPrompts
 
 from .distributed import DistContext, average_gradients
 
+# Seed offset of the calibration's sample stream (train_prompts): its own draw for a fixed pool, so the
+# learning stream is the same with or without calibration. Fixed: the measured runs used it.
+CALIBRATION_SEED_OFFSET = 104729
+
 
 def fit_to_templates(prompts: LearnedPrompts, clip, encoder, vocab: tuple[str, ...], targets: torch.Tensor,
                      steps: int, lr: float, oc_weight: float = 0.0) -> tuple[float, float]:
     """Text-only warm start: AdamW on mean_{views, classes} (1 − cos(e^i_c, t_c)) for every prompt (global one
     included), t = the handcrafted embeddings, plus ``oc_weight`` · L_OC (Eq. 5, mean over pairs) of the
     segmentation prompts. Without that term the views converge to nearly the same context (|cos| ≈ 0.9
-    between their mean tokens), which OCLoss then spends the first steps of learning undoing. Returns the
+    between their mean tokens) and OCLoss pulls them apart in the first steps of learning. Returns the
     final (mean cosine, L_OC). Its own optimiser, so the training optimiser's state starts clean."""
     opt = torch.optim.AdamW([prompts.ctx], lr=lr, weight_decay=0.0)
     cos, oc = torch.zeros(()), oc_loss(prompts.seg_ctx.detach())
