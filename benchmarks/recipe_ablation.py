@@ -35,11 +35,14 @@ WORLDS = {"sparse": "world=sparse", "crowded": "world=crowded", "medium-b": "wor
           "crowded-c": "world=crowded,unseen=c",
           # designed for the third addendum (confirmation only: nothing tuned or looked at on them before)
           "sparse-c": "world=sparse,unseen=c", "medium-a": "world=medium", "crowded-b": "world=crowded,unseen=b",
-          # needs the zoom-2 toy CLIP: --model-config assets/toyclip-zoom2/toyclip-zoom2.json --weights ...
-          "sparse-zoom2": "world=sparse,zoom=2"}
+          # designed for the tenth addendum (a last check of the final default; nothing run on them before)
+          "sparse-b": "world=sparse,unseen=b", "medium-c": "world=medium,unseen=c",
+          # need the zoom-2 toy CLIP: --model-config assets/toyclip-zoom2/toyclip-zoom2.json --weights ...
+          "sparse-zoom2": "world=sparse,zoom=2", "medium-zoom2": "world=medium,zoom=2"}
 # Arm → train_prompts arguments on top of the defaults ("old": the recipe documented before this study,
 # the issue's 20.6 row: SGD lr 2e-3, 40 warm-up, poly, 400 it × batch 8 on a fixed pool of 400 scenes,
-# λ3 = 100 on Eq. 5's sum, final iterate).
+# λ3 = 100 on Eq. 5's sum, final iterate). Arms ride on the *current* defaults: the runs docs/recipe.md reports
+# before its ninth addendum had the full-BCE L_cls as the default (add "--cls-loss bce" to rerun them as run).
 ARMS: dict[str, list[str]] = {
     "default": [],
     "no-prior": ["--lambda-prior", "0"],  # warm start kept, no pull while learning
@@ -51,14 +54,16 @@ ARMS: dict[str, list[str]] = {
     "no-select": ["--select", "none"],
     "sgd-poly": ["--optimizer", "sgd", "--warmup-iters", "40", "--lr-policy", "poly"],
     "tau1-100": ["--tau1-init", "100"],
-    "cls-paper": ["--cls-loss", "paper"],  # Eq. 7 as printed (present classes only) instead of the full BCE
+    "cls-paper": ["--cls-loss", "paper"],  # Eq. 7 as printed (present classes only): the default since addendum 9
+    "cls-bce": ["--cls-loss", "bce"],  # the full BCE over all classes: the default before the ninth addendum
     # third addendum: AdamW steps a quarter of the default's (fixed at 5e-4 = 0.025 × the toy CLIPs'
     # token-embedding RMS), with 2× the iterations and validations half as often (the same number of checks)
     "lr-rel": ["--lr", "5e-4", "--max-iters", "1000", "--val-every", "100"],
     # fourth addendum: the warm start also minimises λ_OC · L_OC, so the views start apart
     "oc-warm": ["--init-fit-oc", "on"],
-    # fifth addendum: fit log τ1 / log τ2 alone (50 Adam steps, lr 0.05) before learning
-    "calib": ["--calib-steps", "50"],
+    # fifth addendum: fit log τ1 / log τ2 alone (50 Adam steps, lr 0.05) before learning (the L_cls of that
+    # time: the full BCE, since these runs predate the ninth addendum)
+    "calib": ["--calib-steps", "50", "--cls-loss", "bce"],
     # sixth addendum: both (the views start apart, then the temperatures are calibrated)
     "oc-calib": ["--init-fit-oc", "on", "--calib-steps", "50"],
     "old": ["--recipe", "paper", "--lr", "2e-3", "--warmup-iters", "40", "--max-iters", "400",

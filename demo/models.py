@@ -184,6 +184,8 @@ def describe_prompts(prompts: mvpseg.PromptSet) -> str:
         text += f", learned for {meta.clip_model} ({weights})"
         if meta.training_classes:
             text += f" on {len(meta.training_classes)} classes"
+        if meta.dense_mode:
+            text += f", dense mode {meta.dense_mode}"
     return text
 
 
@@ -242,9 +244,10 @@ def discover_checkpoints(root: Path = ASSETS_DIR) -> list[tuple[str, str]]:
 
 
 def _load_learned(clip: mvpseg.FrozenCLIP, explicit: Sequence[tuple[str, str]], discovered: Sequence[tuple[str, str]],
-                  reserved: Sequence[str], dense_mode: str | None = None
-                  ) -> tuple[dict[str, str], dict[str, str], list[str]]:
-    """Checks every checkpoint against the CLIP; returns (name → path, name → description, notices)."""
+                  reserved: Sequence[str]) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """Checks every checkpoint against the CLIP; returns (name → path, name → description, notices). Sets of
+    any dense mode the tower offers are kept: the page's selector picks the mode per request, and a set that
+    does not fit the selected mode is skipped with a note (SegmentService)."""
     paths: dict[str, str] = {}
     descriptions: dict[str, str] = {}
     notices: list[str] = []
@@ -255,7 +258,7 @@ def _load_learned(clip: mvpseg.FrozenCLIP, explicit: Sequence[tuple[str, str]], 
             if any(p == path for p in paths.values()):
                 continue
             try:
-                prompts = mvpseg.load_prompts(path, clip, name=name, dense_mode=dense_mode)
+                prompts = mvpseg.load_prompts(path, clip, name=name, check_dense=False)
             except (mvpseg.CheckpointError, FileNotFoundError) as e:
                 if origin == "--checkpoint":  # asked for explicitly: say why it is not offered
                     notices.append(f"⚠️ Learned prompts `{path}` were not loaded: {e}")
@@ -305,12 +308,12 @@ def load_models(config: DemoConfig = DemoConfig(), toy_spec: mvpseg.ClipSpec = m
     dense = _dense_for(clip, config, notices)
     baselines = mvpseg.baseline_prompt_sets()
     discovered = discover_checkpoints(assets_dir) if config.discover else []
-    paths, descriptions, more = _load_learned(clip, config.checkpoints, discovered, reserved=tuple(baselines),
-                                              dense_mode=None if dense is None else dense.mode)
+    paths, descriptions, more = _load_learned(clip, config.checkpoints, discovered, reserved=tuple(baselines))
     notices += more
     short_side = config.short_side or (TOY_SHORT_SIDE if mode == "toy" else DEFAULT_SHORT_SIDE)
     predictor = mvpseg.build_predictor(clip, checkpoints=paths, baselines=True, short_side=short_side,
-                                       text_cache_dir=config.text_cache_dir, dense=dense)
+                                       text_cache_dir=config.text_cache_dir, dense=dense,
+                                       check_dense=False)
     description = f"{clip.spec.describe()}" if mode != "toy" else "bundled toy-world CLIP (toyclip)"
     if mode == "toy" and not paths:
         notices.append("ℹ️ No learned prompts for the toy model are shipped yet: the handcrafted prompt sets are "

@@ -105,8 +105,10 @@ class SegmentService:
         return [(self.label(n), n) for n in names]
 
     def default_selection(self) -> list[str]:
-        """The best learned set (if any) against the MaskCLIP baseline and the part-based views."""
-        return self.learned_names[:1] + ["maskclip-85", "parts"]
+        """The best learned set that fits the default dense mode (if any) against the MaskCLIP baseline and the
+        part-based views."""
+        fitting = [n for n in self.learned_names if not self.predictor.dense_conflict(n)]
+        return fitting[:1] + ["maskclip-85", "parts"]
 
     def ordered(self, names: Sequence[str] | str | None) -> list[str]:
         """Validates a selection and puts it in display order (the first one is the main result)."""
@@ -126,6 +128,23 @@ class SegmentService:
         if self._slots.get(slot) != source.key:  # re-registering drops that slot's cached text: only on change
             self.predictor.add_prompt_set(slot, source.prompts)
             self._slots[slot] = source.key
+
+    def _dense_conflict(self, name: str) -> str:
+        """Why a learned set cannot run under the request's dense mode, phrased for the page ("" when it can):
+        learned sets of every mode the tower offers are loaded, and the page's selector picks per request."""
+        if not self.predictor.dense_conflict(name):
+            return ""
+        learned = self.predictor.learned_dense_mode(name)
+        return (f"'{self.label(name)}' was learned with dense mode {learned!r}, not {self.predictor.dense.mode!r} "
+                f"(prompts fitted to one kind of dense features give far worse masks with another): choose "
+                f"{learned} under 'Dense features'")
+
+    def _neutral_gpr(self, name: str) -> bool:
+        """Whether prompt set ``name`` was learned with Eq. 7 as printed (recorded by train_prompts), under
+        which the GPR scores stay ≈ 1: the chart would otherwise look like a bug."""
+        meta = getattr(self.predictor.prompt_set(name), "meta", None)
+        config = (getattr(meta, "extra", None) or {}).get("train_config") or {}
+        return config.get("cls_mode") == "paper"
 
     # ----------------------------------------------------------------- request
     def dense_settings(self, dense_mode: str | None, sliding: bool | None):
@@ -164,11 +183,11 @@ class SegmentService:
                     self._register(slot, source)
             if settings != self.predictor.dense:
                 self.predictor.set_dense(settings.mode, settings.sliding)
-            conflicts = {n: self.predictor.dense_conflict(n) for n in names}
+            conflicts = {n: self._dense_conflict(n) for n in names}
             runnable = [n for n in names if not conflicts[n]]
             if not runnable:
                 raise DemoInputError(next(iter(conflicts.values())) + ", or tick a handcrafted prompt set.")
-            notes += [f"{self.label(n)} skipped: {c}" for n, c in conflicts.items() if c]
+            notes += [f"{self.label(n)} skipped: {c}." for n, c in conflicts.items() if c]
             names = runnable
             same_image = self._image_key == img.key and self.predictor.has_image
             image_cached = same_image and self.predictor.features_current
@@ -191,6 +210,10 @@ class SegmentService:
                                          pred.timings["head"], encoded == 0, encoded))
         run = SegmentRun(img, classes, visualize.palette(len(classes)), results, load_seconds, image_seconds,
                          image_cached, dense=settings.describe(), notes=([img.note] if img.note else []) + notes)
+        if run.gpr_result is not None and self._neutral_gpr(run.gpr_result.name):
+            run.notes.append(f"GPR chart: '{run.gpr_result.label}' was learned with L_cls as Eq. 7 prints it (present "
+                             "classes only), which keeps every g_c near 1, so GPR suppresses nothing; prompts learned "
+                             "with `--cls-loss bce` show it down-weighting absent classes.")
         t1 = time.perf_counter()
         for r in results:  # full-size label maps (lazy in Prediction): independent of the predictor's state
             _ = r.prediction.label_map

@@ -89,7 +89,9 @@ def _load_pair(safetensors: Path, sidecar: Path, clip: mvpseg.FrozenCLIP, name: 
         st, js = Path(tmp) / "prompts.safetensors", Path(tmp) / "prompts.json"
         shutil.copyfile(safetensors, st)
         shutil.copyfile(sidecar, js)
-        prompts = mvpseg.load_prompts(st, clip, name=name)  # CheckpointError when it does not fit this CLIP
+        # CheckpointError when it does not fit this CLIP; its dense mode is checked per request against the
+        # page's selection (SegmentService), not against the mode the app started with
+        prompts = mvpseg.load_prompts(st, clip, name=name, check_dense=False)
         return PromptSource(_digest([st, js]), prompts, origin)
 
 

@@ -49,17 +49,19 @@ def build_mvpseg(clip: ClipSpec | FrozenCLIP = ClipSpec(), n_seg: int = 3, n_ctx
 def build_predictor(clip: ClipSpec | FrozenCLIP = ClipSpec(), checkpoints: dict[str, str] | None = None,
                     baselines: bool = True, device: str | None = "cpu", short_side: int = 512,
                     max_long_side: int = 2048, text_cache_dir: str | Path | None = None,
-                    dense: DenseSettings | None = None, pamr: bool = False) -> Predictor:
+                    dense: DenseSettings | None = None, pamr: bool = False, check_dense: bool = True) -> Predictor:
     """A Predictor with the learned prompt sets in ``checkpoints`` (name → path) first, then the baselines;
     ``text_cache_dir`` keeps text embeddings on disk across restarts (see ``Predictor``). ``dense``: dense mode
     and sliding window (default: the CLIP's, i.e. its spec's ``--dense``/``--sliding``); learned prompts are
-    refused when they were learned with another mode. ``pamr``: refine label maps with PAMR."""
+    refused when they were learned with another mode (``check_dense=False``: kept when the tower offers their
+    mode; ``Predictor.dense_conflict`` then tells per request). ``pamr``: refine label maps with PAMR."""
     frozen = clip if isinstance(clip, FrozenCLIP) else load_clip(clip, resolve_device(device))
     dense = dense or frozen.dense
     sets: dict[str, PromptSet] = {}
     gamma = 10.0
     for name, path in (checkpoints or {}).items():
-        sets[name] = load_prompts(path, frozen, name=name, dense_mode=None if dense is None else dense.mode)
+        sets[name] = load_prompts(path, frozen, name=name, dense_mode=None if dense is None else dense.mode,
+                                  check_dense=check_dense)
         gamma = sets[name].meta.gamma
     if baselines:
         sets.update(baseline_prompt_sets())

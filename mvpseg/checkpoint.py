@@ -169,9 +169,11 @@ def dense_mode_mismatch(meta: PromptMeta, clip: FrozenCLIP, mode: str | None, wh
             f"{learned} (prompts fitted to one kind of dense features give far worse masks with another)")
 
 
-def check_compatible(meta: PromptMeta, clip: FrozenCLIP, dense_mode: str | None = None) -> None:
+def check_compatible(meta: PromptMeta, clip: FrozenCLIP, dense_mode: str | None = None,
+                     check_dense: bool = True) -> None:
     """Raises CheckpointError when the prompts were learned for a different CLIP, other input statistics or
-    another dense mode (``dense_mode``, default: the CLIP's)."""
+    another dense mode (``dense_mode``, default: the CLIP's). ``check_dense=False`` (a caller that picks the
+    dense mode per request, as the demo does) only requires a mode this CLIP's image tower offers."""
     problems = []
     if meta.text_width != clip.text_width:
         problems.append(f"text width {meta.text_width} vs {clip.text_width}")
@@ -190,19 +192,29 @@ def check_compatible(meta: PromptMeta, clip: FrozenCLIP, dense_mode: str | None 
     if problems:
         raise CheckpointError("these prompts were learned for another CLIP: " + "; ".join(problems) +
                               f". Load {meta.clip_model} ({meta.clip_pretrained}) to use them.")
+    if not check_dense:
+        learned = learned_dense_mode(meta, clip)
+        try:
+            if learned is not None and clip.dense is not None:
+                clip.dense_settings(learned)
+        except (ValueError, NotImplementedError) as e:
+            raise CheckpointError(f"these prompts were learned with dense mode {learned!r}, which this CLIP's image "
+                                  f"tower does not offer: {e}") from None
+        return
     mismatch = dense_mode_mismatch(meta, clip, dense_mode or clip.dense_mode)
     if mismatch:
         raise CheckpointError(mismatch)
 
 
 def load_prompts(path: str | os.PathLike, clip: FrozenCLIP | None = None, name: str | None = None,
-                 dense_mode: str | None = None) -> LearnedPrompts:
+                 dense_mode: str | None = None, check_dense: bool = True) -> LearnedPrompts:
     """Reads a prompt checkpoint; with ``clip`` given, refuses one that was learned for another CLIP or with
-    another dense mode than ``dense_mode`` (default: the CLIP's)."""
+    another dense mode than ``dense_mode`` (default: the CLIP's; ``check_dense=False``: any mode the tower
+    offers, for callers that check per request with ``Predictor.dense_conflict``)."""
     st, _ = sidecar_paths(path)
     meta = read_meta(path)
     if clip is not None:
-        check_compatible(meta, clip, dense_mode)
+        check_compatible(meta, clip, dense_mode, check_dense)
     tensors = load_safetensors(st, "prompt")
     prompts = LearnedPrompts(meta.text_width, meta.n_seg, meta.n_ctx, meta.use_global, name=name or st.stem)
     try:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, dense_mode_mismatch
+from .checkpoint import CheckpointError, dense_mode_mismatch, learned_dense_mode
 from .clip_backbone import FrozenCLIP
 from .dense import pamr as pamr_refine
 from .dense_settings import DenseSettings, SlidingLike
@@ -278,11 +278,21 @@ class Predictor:
         """Why prompt set ``name`` cannot run under the current dense mode ("" when it can): learned prompts
         only fit the mode they were learned with (checked at load against the CLIP's mode; ``set_dense`` may
         have changed it since). Handcrafted sets fit every mode."""
-        meta = getattr(self.prompt_set(name), "meta", None)
-        if meta is None or self.dense is None or not hasattr(meta, "dense_mode"):
+        meta = self._learned_meta(name)
+        if meta is None or self.dense is None:
             return ""
         return dense_mode_mismatch(meta, self.clip, self.dense.mode, what=f"prompt set '{name}'",
                                    now="the dense mode is now")
+
+    def learned_dense_mode(self, name: str) -> str | None:
+        """The dense mode prompt set ``name`` was learned with (None: handcrafted, fits every mode)."""
+        meta = self._learned_meta(name)
+        return None if meta is None else learned_dense_mode(meta, self.clip)
+
+    def _learned_meta(self, name: str):
+        """The checkpoint metadata of a learned prompt set (None for a handcrafted one)."""
+        meta = getattr(self.prompt_set(name), "meta", None)
+        return meta if hasattr(meta, "dense_mode") else None
 
     # ----------------------------------------------------------------- text
     def text_key(self, prompts: str) -> TextKey:

@@ -227,11 +227,11 @@ def read_student_meta(path: str | os.PathLike) -> StudentMeta:
         raise CheckpointError(f"student metadata {js} is incomplete: {e}") from e
 
 
-def _check_clip(meta: StudentMeta, clip: FrozenCLIP) -> None:
+def _check_clip(meta: StudentMeta, clip: FrozenCLIP, check_dense: bool = True) -> None:
     if meta.prompts.get("kind") == "learned":
         # learned prompts are tied to the exact text tower; their dense mode is the teacher's (checked below,
         # with the student's own message)
-        check_compatible(_prompt_meta(meta), clip, dense_mode=meta.teacher_dense_mode or clip.dense_mode)
+        check_compatible(_prompt_meta(meta), clip, dense_mode=meta.teacher_dense_mode or _default_mode(clip))
     problems = []
     if meta.embed_dim != clip.embed_dim:
         problems.append(f"embedding width {meta.embed_dim} vs {clip.embed_dim}")
@@ -243,7 +243,7 @@ def _check_clip(meta: StudentMeta, clip: FrozenCLIP) -> None:
         raise CheckpointError("this student was trained against another CLIP: " + "; ".join(problems) +
                               f". Load {meta.clip_model} ({meta.clip_pretrained}) to use it.")
     teacher = meta.teacher_dense_mode or _default_mode(clip)
-    if teacher is not None and clip.dense_mode is not None and teacher != clip.dense_mode:
+    if check_dense and teacher is not None and clip.dense_mode is not None and teacher != clip.dense_mode:
         raise CheckpointError(f"this student was distilled from pseudo labels of dense mode {teacher!r}, but the "
                               f"CLIP is set to {clip.dense_mode!r}: pass --dense {teacher}")
 
@@ -288,13 +288,16 @@ def _rebuild_prompts(meta: StudentMeta, tensors: dict[str, torch.Tensor], st: Pa
 
 
 def load_student(path: str | os.PathLike, clip: FrozenCLIP | None = None,
-                 device: str | torch.device | None = None) -> LoadedStudent:
+                 device: str | torch.device | None = None, check_dense: bool = True) -> LoadedStudent:
     """Reads a student checkpoint strictly (exact tensor names, shapes, finite values); with ``clip`` given,
-    refuses a student trained against another CLIP. Returns the network in eval mode and its prompts."""
+    refuses a student trained against another CLIP, and (``check_dense``) one whose pseudo labels came from
+    another dense mode than the CLIP's: what continued distillation needs. Inference uses only the CLIP's
+    text tower, so ``StudentPredictor`` passes ``check_dense=False``. Returns the network in eval mode and its
+    prompts."""
     st, _ = sidecar_paths(path)
     meta = read_student_meta(path)
     if clip is not None:
-        _check_clip(meta, clip)
+        _check_clip(meta, clip, check_dense)
     tensors = load_safetensors(st, "student")
     try:
         config = StudentConfig.from_dict(meta.config)

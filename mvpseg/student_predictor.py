@@ -68,7 +68,8 @@ class StudentPredictor:
             clip = ClipSpec(model_name=meta.clip_model, pretrained=meta.clip_pretrained,
                             model_config=meta.clip_model_config, dense_mode=meta.teacher_dense_mode)
         frozen = clip if isinstance(clip, FrozenCLIP) else load_clip(clip, device)
-        loaded: LoadedStudent = load_student(path, frozen)
+        # the student's own backbone makes the image features: only the CLIP's text tower must match
+        loaded: LoadedStudent = load_student(path, frozen, check_dense=False)
         return cls(loaded.net, frozen, loaded.prompts, **kwargs)
 
     @property

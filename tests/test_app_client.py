@@ -5,6 +5,7 @@ Models are tiny random-weight CLIPs (no downloads); ``HF_HUB_OFFLINE=1`` keeps t
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import subprocess
@@ -17,6 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -288,6 +290,29 @@ def test_gpr_frame_and_hub_refs():
     for bad in ("org", "hf-hub:org/repo/../x.safetensors", "org/repo/weights.bin"):
         with pytest.raises(DemoInputError):
             parse_hub_ref(bad)
+
+
+def test_gpr_chart_says_why_scores_stay_at_one(tmp_path):
+    # prompts learned with Eq. 7 as printed (the default recipe's L_cls) keep every g_c ≈ 1: the page says why
+    from demo.service import SegmentService
+    from demo.sources import prompts_from_upload
+
+    service = SegmentService(small_models(tmp_path / "m", short_side=64))
+    clip = service.predictor.clip
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for mode, noted in (("paper", True), ("bce", False)):
+        torch.manual_seed(0)
+        prompts = mvpseg.LearnedPrompts(clip.text_width, n_seg=3, n_ctx=8)
+        path = mvpseg.save_prompts(tmp_path / f"{mode}.safetensors", prompts, clip,
+                                   extra={"train_config": {"cls_mode": mode}})
+        upload = prompts_from_upload([str(path), str(path.with_suffix(".json"))], clip)
+        run = service.segment(image, "cat, dog", ["uploaded", "parts"], uploaded=upload)
+        assert run.gpr_result.name == "uploaded"
+        notes = [n for n in run.notes if n.startswith("GPR chart: 'Learned · your uploaded checkpoint' was learned "
+                                                      "with L_cls as Eq. 7 prints it")]
+        assert len(notes) == int(noted), (mode, run.notes)
+    shipped = json.loads((REPO / "assets" / "prompts" / "toyworld-mvpseg.json").read_text())
+    assert shipped["extra"]["train_config"]["cls_mode"] == "paper"  # the default recipe's, so the note shows
 
 
 def test_student_slot_states(tiny, tmp_path):

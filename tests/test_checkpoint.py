@@ -131,6 +131,23 @@ def test_prompts_record_the_dense_mode_and_refuse_another(vit_clips, tmp_path):
     assert torch.equal(load_prompts(path, default, dense_mode="clearclip").ctx, p.ctx)
 
 
+def test_check_dense_off_accepts_any_mode_the_tower_offers(vit_clips, tiny, tmp_path):
+    # a caller that picks the dense mode per request (the demo) loads sets of every mode the tower offers
+    clear, default = vit_clips["clearclip"], vit_clips["maskclip-vit"]
+    p = LearnedPrompts(clear.text_width, n_seg=2, n_ctx=4)
+    path = save_prompts(tmp_path / "p.safetensors", p, clear)
+    loaded = load_prompts(path, default, check_dense=False)
+    assert torch.equal(loaded.ctx, p.ctx) and loaded.meta.dense_mode == "clearclip"
+    js = path.with_suffix(".json")  # a mode this tower does not offer is still refused, naming it
+    meta = json.loads(js.read_text())
+    js.write_text(json.dumps({**meta, "dense_mode": "maskclip"}))
+    with pytest.raises(CheckpointError, match="dense mode 'maskclip', which this CLIP's image tower does not offer"):
+        load_prompts(path, default, check_dense=False)
+    js.write_text(json.dumps({**meta, "clip_fingerprint": "0" * 16}))  # the rest of the check is unchanged
+    with pytest.raises(CheckpointError, match="learned for another CLIP"):
+        load_prompts(path, default, check_dense=False)
+
+
 def test_prompts_without_a_recorded_mode_count_as_the_towers_default(vit_clips, tiny, tmp_path):
     default, sclip = vit_clips["maskclip-vit"], vit_clips["sclip"]
     path = save_prompts(tmp_path / "p.safetensors", LearnedPrompts(default.text_width, n_seg=1, n_ctx=4), default)

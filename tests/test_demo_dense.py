@@ -103,3 +103,37 @@ def test_app_flags_set_the_defaults(tmp_path):
     assert service.segment(np.zeros((64, 64, 3), np.uint8), "cat", ["parts"], sliding=False).dense == "sclip"
 
 
+
+
+def test_learned_sets_of_another_mode_are_offered_and_run_under_that_mode(tmp_path):
+    # an upload and a startup checkpoint learned with sclip, on a page that started with maskclip-vit: both are
+    # loaded (the page's selector picks the mode per request), skipped with a page hint under another mode
+    from demo import DemoConfig, load_models
+    from demo.sources import prompts_from_upload
+    from demo.testing import save_random_prompts
+    from mvpseg.testing import tiny_vit_clip, write_tiny_vit_clip
+
+    sclip_path = save_random_prompts(tmp_path / "s.safetensors", tiny_vit_clip(dense_mode="sclip"), seed=1)
+    service = SegmentService(small_models(tmp_path / "page", vit=True, short_side=64))  # starts with maskclip-vit
+    upload = prompts_from_upload([str(sclip_path), str(sclip_path.with_suffix(".json"))], service.predictor.clip)
+    assert upload.prompts.meta.dense_mode == "sclip" and upload.description.endswith("dense mode sclip")
+    image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    run = service.segment(image, "cat, dog", ["uploaded", "parts"], uploaded=upload)
+    assert [r.name for r in run.results] == ["parts"]
+    assert run.notes[-1].startswith("Learned · your uploaded checkpoint skipped: ")
+    assert "learned with dense mode 'sclip', not 'maskclip-vit'" in run.notes[-1]
+    assert run.notes[-1].endswith("choose sclip under 'Dense features'.")
+    run = service.segment(image, "cat, dog", ["uploaded", "learned", "parts"], uploaded=upload, dense_mode="sclip")
+    assert [r.name for r in run.results] == ["uploaded", "parts"] and run.dense == "sclip"
+    direct = service.predictor.predict(("cat", "dog"), prompts="uploaded")  # the set itself under sclip features
+    torch.testing.assert_close(run.results[0].prediction.fused, direct.fused, rtol=0, atol=0)
+
+    clip_args = write_tiny_vit_clip(tmp_path / "clip")
+    spec = dict(zip(clip_args[::2], clip_args[1::2]))
+    models = load_models(DemoConfig(clip=spec["--clip"], pretrained=spec["--pretrained"],
+                                    model_config=spec["--model-config"], device="cpu", discover=False,
+                                    short_side=64, text_cache_dir=None, checkpoints=(("mine", str(sclip_path)),)))
+    assert models.learned_sets["mine"].endswith("dense mode sclip") and not models.notices
+    started = SegmentService(models)
+    assert "mine" in started.learned_names and "mine" not in started.default_selection()  # default: maskclip-vit
+    assert [r.name for r in started.segment(image, "cat", ["mine"], dense_mode="sclip").results] == ["mine"]

@@ -266,6 +266,14 @@ def test_students_record_the_teachers_dense_mode_and_refuse_another(tmp_path):
         load_student(path, tiny_vit_clip())
     assert str(e.value) == ("this student was distilled from pseudo labels of dense mode 'clearclip', but the CLIP "
                             "is set to 'maskclip-vit': pass --dense clearclip")
+    # inference uses only the text tower: the predictor loads it under any dense mode and gives the same maps
+    img = np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    maps = []
+    for clip in (tiny_vit_clip(), tiny_vit_clip(dense_mode="clearclip")):
+        pred = StudentPredictor.from_checkpoint(path, clip, short_side=64)
+        pred.set_image(img)
+        maps.append(pred.predict("a, b, c").fused)
+    torch.testing.assert_close(maps[0], maps[1], rtol=0, atol=0)
     # handcrafted prompts: the same check; an explicit teacher setting wins over the CLIP's
     path2 = save_student(tmp_path / "h", net, TemplatePrompts.single(), teacher, dense=teacher.dense_settings("sclip"))
     with pytest.raises(CheckpointError, match="dense mode 'sclip'.*pass --dense sclip"):

@@ -33,11 +33,11 @@ RECIPES = {
     "default": dict(optimizer="adamw", lr=2e-3, lr_policy="constant", warmup_iters=0, max_iters=500,
                     global_batch=4, weight_decay=5e-4, lambda_oc=1.0, select="holdout", fresh="auto",
                     seg_reduction="pixel", init_fit=200, lambda_prior=8.0, init_fit_oc=False,
-                    calib_steps=50),
+                    calib_steps=50, cls_mode="paper"),
     "paper": dict(optimizer="sgd", lr=2e-4, lr_policy="poly", warmup_iters=1000, max_iters=8000,
                   global_batch=8, weight_decay=5e-4, lambda_oc="paper", select="none", fresh="off",
                   seg_reduction="pixel", init_fit=0, lambda_prior=0.0, init_fit_oc=False,
-                  calib_steps=0),
+                  calib_steps=0, cls_mode="bce"),
 }
 OPTIMIZERS = ("sgd", "adamw")  # sgd: the paper's; adamw: an extension (build_optimizer)
 # Handcrafted sets the warm start and anchor can use (names of mvpseg.baseline_prompt_sets(); the first is the
@@ -87,7 +87,7 @@ class TrainConfig:
     lambda_seg: float = 1.0
     lambda_cls: float = 3.0
     lambda_oc: float = 1.0
-    cls_mode: str = "bce"
+    cls_mode: str = "paper"
     optimizer: str = "adamw"
     lr: float = 2e-3
     momentum: float = 0.9
@@ -176,7 +176,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="AdamW learning rate of the --init-fit steps (independent of --lr)")
     p.add_argument("--seg-reduction", default=None, choices=["pixel", "class"],
                    help="L_seg mean over labelled pixels (paper) or over the classes present (mIoU's weighting)")
-    p.add_argument("--cls-loss", dest="cls_mode", default="bce", choices=["bce", "paper"])
+    p.add_argument("--cls-loss", dest="cls_mode", default=None, choices=["bce", "paper"],
+                   help="L_cls: paper = Eq. 7 as printed (present classes only, so g_c → 1 and GPR turns neutral); "
+                        "bce = binary cross-entropy over all classes (GPR can suppress absent ones). Default: the "
+                        "recipe's (default: paper, docs/recipe.md ninth addendum; paper: bce)")
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                    help="defaults of the learning recipe: default (docs/recipe.md) | paper (sec. 4.3)")
     p.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS),
@@ -243,7 +246,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         dataset=get_profile(a.dataset).name, data_root=str(a.data_root), out=str(a.out),
         split=a.split, variant=a.variant, n_seg=n_seg, n_ctx=a.n_ctx,
         use_global=v["use_global"] and not a.no_global, gamma=a.gamma, lambda_seg=a.lambda_seg,
-        lambda_cls=a.lambda_cls, lambda_oc=lambda_oc, cls_mode=a.cls_mode, optimizer=pick("optimizer"),
+        lambda_cls=a.lambda_cls, lambda_oc=lambda_oc, cls_mode=pick("cls_mode"), optimizer=pick("optimizer"),
         lr=pick("lr"), momentum=a.momentum, weight_decay=pick("weight_decay"),
         warmup_iters=pick("warmup_iters"), warmup_ratio=a.warmup_ratio, lr_policy=pick("lr_policy"),
         max_iters=pick("max_iters"), global_batch=pick("global_batch"), seed=a.seed, crop_size=a.crop_size,
