@@ -38,7 +38,9 @@ WORLDS = {"sparse": "world=sparse", "crowded": "world=crowded", "medium-b": "wor
           # designed for the tenth addendum (a last check of the final default; nothing run on them before)
           "sparse-b": "world=sparse,unseen=b", "medium-c": "world=medium,unseen=c",
           # need the zoom-2 toy CLIP: --model-config assets/toyclip-zoom2/toyclip-zoom2.json --weights ...
-          "sparse-zoom2": "world=sparse,zoom=2", "medium-zoom2": "world=medium,zoom=2"}
+          "sparse-zoom2": "world=sparse,zoom=2", "medium-zoom2": "world=medium,zoom=2",
+          # designed for the eleventh addendum (is the crowded-layout tie the layout's or the CLIP's?)
+          "crowded-zoom2": "world=crowded,zoom=2"}
 # Arm → train_prompts arguments on top of the defaults ("old": the recipe documented before this study,
 # the issue's 20.6 row: SGD lr 2e-3, 40 warm-up, poly, 400 it × batch 8 on a fixed pool of 400 scenes,
 # λ3 = 100 on Eq. 5's sum, final iterate). Arms ride on the *current* defaults: the runs docs/recipe.md reports
