@@ -142,9 +142,7 @@ class SegmentService:
     def _neutral_gpr(self, name: str) -> bool:
         """Whether prompt set ``name`` was learned with Eq. 7 as printed (recorded by train_prompts), under
         which the GPR scores stay ≈ 1: the chart would otherwise look like a bug."""
-        meta = getattr(self.predictor.prompt_set(name), "meta", None)
-        config = (getattr(meta, "extra", None) or {}).get("train_config") or {}
-        return config.get("cls_mode") == "paper"
+        return getattr(getattr(self.predictor.prompt_set(name), "meta", None), "cls_loss", None) == "paper"
 
     # ----------------------------------------------------------------- request
     def dense_settings(self, dense_mode: str | None, sliding: bool | None):

@@ -53,6 +53,13 @@ class PromptMeta:
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
+    @property
+    def cls_loss(self) -> str | None:
+        """The L_cls form the prompts were learned with ("paper": Eq. 7 as printed, under which the GPR scores
+        stay ≈ 1; "bce"), as train_prompts records it; None when not recorded."""
+        config = self.extra.get("train_config") if isinstance(self.extra, dict) else None
+        return config.get("cls_mode") if isinstance(config, dict) else None
+
 
 def sidecar_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """'x', 'x.safetensors' or 'x.json' → (x.safetensors, x.json)."""

@@ -32,6 +32,16 @@ def test_round_trip(tiny, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave nothing behind
 
 
+@pytest.mark.parametrize("extra, expected", [({"train_config": {"cls_mode": "paper"}}, "paper"),
+                                             ({"train_config": {"cls_mode": "bce"}}, "bce"),
+                                             (None, None), ({"train_config": "garbled"}, None)])
+def test_the_recorded_cls_loss_is_read_back(tiny, tmp_path, extra, expected):
+    # the demo explains a flat GPR chart from it; a sidecar without it (or a garbled one) reads as unknown
+    p = LearnedPrompts(tiny.text_width, n_seg=2, n_ctx=6)
+    path = save_prompts(tmp_path / "p.safetensors", p, tiny, extra=extra)
+    assert load_prompts(path, tiny).meta.cls_loss == expected
+
+
 def test_refuses_other_weights_and_other_width(tiny, tmp_path):
     _, path = _saved(tiny, tmp_path)
     with pytest.raises(CheckpointError, match="text-tower weights differ"):
