@@ -5,9 +5,7 @@ is shown to the user as is.
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ import cv2
 import numpy as np
 
 import mvpseg
+from mvpseg import hub
 
 from .models import describe_prompts, offline
 
@@ -26,9 +25,8 @@ MAX_PIXELS = 40_000_000
 # Larger images are downscaled first: nothing the page shows needs more, and the per-class full-size maps
 # (label map, overlays) stay cheap. The CLIP tower sees at most the predictor's work size anyway.
 DISPLAY_MAX_SIDE = 1024
-HUB_TIMEOUT_S = 5.0
-DEFAULT_HUB_FILE = "prompts.safetensors"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+HUB_TIMEOUT_S = hub.TIMEOUT_S
+DEFAULT_HUB_FILE = hub.PROMPTS_FILE  # what `mvpseg push` writes
 
 
 class DemoInputError(ValueError):
@@ -45,10 +43,13 @@ class DemoImage:
     note: str | None
 
 
+NO_IMAGE = "No image: upload one (or click an example) first."
+
+
 def load_demo_image(src: mvpseg.image_io.ImageLike | None) -> DemoImage:
     """Loads and validates an uploaded image; downscales it so that its long side is ≤ DISPLAY_MAX_SIDE."""
     if src is None:
-        raise DemoInputError("No image: upload one (or click an example) first.")
+        raise DemoInputError(NO_IMAGE)
     loaded = mvpseg.image_io.read_image(src, max_pixels=MAX_PIXELS)
     rgb = loaded.rgb
     h, w = rgb.shape[:2]
@@ -112,42 +113,20 @@ def prompts_from_upload(files: Sequence[str] | str | None, clip: mvpseg.FrozenCL
 
 def parse_hub_ref(ref: str) -> tuple[str, str]:
     """'hf-hub:org/repo[/dir/file.safetensors]' or 'org/repo' → (repo id, file name in the repo)."""
-    text = ref.strip()
-    if text.startswith("hf-hub:"):
-        text = text[len("hf-hub:"):]
-    parts = [p for p in text.strip("/").split("/") if p]
-    if len(parts) < 2:
-        raise DemoInputError(f"'{ref.strip()}' is not a Hub reference: use hf-hub:ORG/REPO or "
-                             "hf-hub:ORG/REPO/path/prompts.safetensors.")
-    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or DEFAULT_HUB_FILE
-    if not _REPO_ID.match(repo) or ".." in filename or not filename.endswith(".safetensors"):
-        raise DemoInputError(f"'{ref.strip()}' is not a valid Hub reference (expected hf-hub:ORG/REPO, optionally "
-                             "followed by the path of a .safetensors file in the repo).")
-    return repo, filename
-
-
-def _hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
     try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        return hub.parse_hub_ref(ref, DEFAULT_HUB_FILE)
+    except hub.HubError as e:
+        raise DemoInputError(str(e)) from None
 
 
 def prompts_from_hub(ref: str, clip: mvpseg.FrozenCLIP, timeout: float = HUB_TIMEOUT_S) -> PromptSource:
     """Downloads (or takes from the local Hub cache) ``file.safetensors`` and ``file.json`` of a Hub repo."""
     repo, filename = parse_hub_ref(ref)
-    sidecar = filename[: -len(".safetensors")] + ".json"
-    from huggingface_hub import hf_hub_download  # imported here: only this option needs it
-
     # Offline (or unreachable): only the local cache may answer, and it does so at once.
-    local_only = offline() or not _hub_reachable(timeout)
+    local_only = offline() or not hub.hub_reachable(timeout)
     try:
-        st = hf_hub_download(repo, filename, etag_timeout=timeout, local_files_only=local_only)
-        js = hf_hub_download(repo, sidecar, etag_timeout=timeout, local_files_only=local_only)
-    except Exception as e:  # hub errors come in many types (offline, 404, gated, timeouts): one message
-        why = ("the Hugging Face Hub is not reachable from this machine and the files are not in its local "
-               "cache" if local_only else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        raise DemoInputError(f"Could not get {filename} and {sidecar} from hf-hub:{repo}: {why}. Download the two "
-                             "files elsewhere and upload them under 'Your own learned prompts' instead.") from e
-    return _load_pair(Path(st), Path(js), clip, "hub", f"hf-hub:{repo}/{filename}")
+        st = hub.download_pair(repo, filename, local_files_only=local_only, timeout=timeout)
+    except hub.HubError as e:
+        raise DemoInputError(f"{e} Download the two files elsewhere and upload them under 'Your own learned "
+                             "prompts' instead.") from e
+    return _load_pair(st, st.with_suffix(".json"), clip, "hub", f"hf-hub:{repo}/{filename}")

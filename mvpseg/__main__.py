@@ -1,10 +1,16 @@
-"""Command line: ``python -m mvpseg segment INPUT… --classes "cat, dog, sky" [--prompts CKPT | --student CKPT]``.
+"""Command line: ``python -m mvpseg COMMAND`` or, once installed (``pip install .``), ``mvpseg COMMAND``.
 
-One image file: ``--out overlay.png`` writes ``overlay.png``, ``overlay_labels.png`` and ``overlay.json``.
-Folders, glob patterns or several files: ``--out DIR`` gets ``<stem>_overlay.png``, ``<stem>_labels.png`` and
-``<stem>.json`` per image (``mvpseg/batch.py``), unreadable files are reported and skipped, ``--summary``
-writes the pixel share of every class over all images.  Exit status: 0, 1 when some images were skipped,
-2 for an error that stops the run.
+``segment INPUT… --classes "cat, dog, sky" [--prompts CKPT | --student CKPT]`` (CKPT: a file or
+``hf-hub:ORG/REPO``). One image file: ``--out overlay.png`` writes ``overlay.png``, ``overlay_labels.png`` and
+``overlay.json``. Folders, glob patterns or several files: ``--out DIR`` gets ``<stem>_overlay.png``,
+``<stem>_labels.png`` and ``<stem>.json`` per image (``mvpseg/batch.py``), unreadable files are reported and
+skipped, ``--summary`` writes the pixel share of every class over all images.
+
+``push CKPT ORG/REPO [--eval results.json] [--dry-run DIR] [--private]``: publishes learned prompts or a student
+on the Hugging Face Hub with a model card (``mvpseg/hub.py``); ``pull hf-hub:ORG/REPO [--kind student]``
+downloads them (or takes them from the local cache) and prints the local path.
+
+Exit status: 0, 1 when some images were skipped, 2 for an error that stops the command.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from .batch import collect_inputs, segment_many, write_prediction, write_summary
 from .builder import build_predictor, resolve_device
 from .checkpoint import CheckpointError
 from .clip_backbone import ClipSpec, ClipWeightsUnavailable, add_clip_args
+from .hub import HubError, resolve_checkpoint
 from .image_io import ImageError, load_image
 from .predictor import VocabularyError, parse_vocabulary
 
@@ -29,11 +36,13 @@ def _predictor(args: argparse.Namespace):
     if args.student:
         from .student_predictor import StudentPredictor
 
-        pred = StudentPredictor.from_checkpoint(args.student, ClipSpec.from_args(args), resolve_device(args.device),
+        path = resolve_checkpoint(args.student, "student")
+        pred = StudentPredictor.from_checkpoint(path, ClipSpec.from_args(args), resolve_device(args.device),
                                                 short_side=args.short_side, pamr=args.pamr)
         return pred, pred.name
     baselines = args.baseline is not None or args.prompts is None
-    pred = build_predictor(ClipSpec.from_args(args), checkpoints={"learned": args.prompts} if args.prompts else None,
+    learned = {"learned": resolve_checkpoint(args.prompts, "prompts")} if args.prompts else None
+    pred = build_predictor(ClipSpec.from_args(args), checkpoints=learned,
                            baselines=baselines, device=args.device, short_side=args.short_side, pamr=args.pamr)
     return pred, "learned" if args.prompts else (args.baseline or "maskclip-85")
 
@@ -75,8 +84,44 @@ def _segment(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from .hub import push
+
+    result = push(args.checkpoint, args.repo_id, eval_json=args.eval, command=args.train_command,
+                  dry_run_dir=args.dry_run, private=args.private, eval_method=args.eval_method)
+    where = f"into {result.folder} (dry run, nothing uploaded)" if args.dry_run else f"to {result.url or args.repo_id}"
+    print(f"{result.kind}: wrote {', '.join(result.files)} {where}")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from .hub import download
+
+    print(download(args.ref, args.kind))
+    return 0
+
+
+def _hub_parsers(sub) -> None:
+    push = sub.add_parser("push", help="publish learned prompts or a student on the Hugging Face Hub with a model card")
+    push.add_argument("checkpoint", help="NAME.safetensors (its NAME.json beside it): prompts or a student")
+    push.add_argument("repo_id", metavar="ORG/REPO", help="the Hub model repo (created if needed)")
+    push.add_argument("--eval", default=None, metavar="JSON",
+                      help="training.evaluate's results.json (or distill's eval.json): metrics for the card")
+    push.add_argument("--eval-method", default=None, metavar="NAME",
+                      help="the row of --eval that is this checkpoint (needed when it holds several learned sets)")
+    push.add_argument("--command", dest="train_command", default=None,
+                      help="the training command for the card (default: the one the training script recorded)")
+    push.add_argument("--dry-run", default=None, metavar="DIR", help="write the repo's files into DIR, upload nothing")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    pull = sub.add_parser("pull", help="download pushed prompts or a student (or take them from the local cache)")
+    pull.add_argument("ref", metavar="hf-hub:ORG/REPO[/FILE.safetensors]")
+    pull.add_argument("--kind", default="prompts", choices=["prompts", "student"],
+                      help="which default file a reference without one names")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mvpseg", description=__doc__,
+    """Runs a subcommand; returns the exit status (the ``mvpseg`` console command exits with it)."""
+    parser = argparse.ArgumentParser(prog="mvpseg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     seg = sub.add_parser("segment", help="segment images into a vocabulary")
@@ -100,11 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     add_clip_args(seg)
     seg.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
     seg.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    _hub_parsers(sub)
     args = parser.parse_args(argv)
+    run = {"segment": _segment, "push": _push, "pull": _pull}[args.command]
     try:
-        return _segment(args)
-    except (ClipWeightsUnavailable, CheckpointError, ImageError, VocabularyError, FileNotFoundError, ValueError) as e:
-        if args.debug or os.environ.get("MVPSEG_DEBUG"):
+        return run(args)
+    except (ClipWeightsUnavailable, CheckpointError, HubError, ImageError, VocabularyError, FileNotFoundError,
+            ValueError) as e:
+        if getattr(args, "debug", False) or os.environ.get("MVPSEG_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from .checkpoint import load_prompts
 from .clip_backbone import ClipSpec, FrozenCLIP, load_clip
 from .dense_settings import DenseSettings
 from .handcrafted import PartPrompts, TemplatePrompts
+from .hub import resolve_checkpoint
 from .model import MVPSeg
 from .predictor import Predictor
 from .prompts import LearnedPrompts, PromptSet
@@ -36,10 +37,11 @@ def baseline_prompt_sets() -> dict[str, PromptSet]:
 
 def build_mvpseg(clip: ClipSpec | FrozenCLIP = ClipSpec(), n_seg: int = 3, n_ctx: int = 32, use_global: bool = True,
                  checkpoint: str | None = None, gamma: float = 10.0, device: str | None = "cpu") -> MVPSeg:
-    """A trainable MVPSeg: fresh learned prompts, or those of ``checkpoint`` (checked against the CLIP)."""
+    """A trainable MVPSeg: fresh learned prompts, or those of ``checkpoint`` (a file or ``hf-hub:ORG/REPO``,
+    checked against the CLIP)."""
     frozen = clip if isinstance(clip, FrozenCLIP) else load_clip(clip, resolve_device(device))
     if checkpoint is not None:
-        prompts: PromptSet = load_prompts(checkpoint, frozen)
+        prompts: PromptSet = load_prompts(resolve_checkpoint(checkpoint), frozen)
         gamma = prompts.meta.gamma
     else:
         prompts = LearnedPrompts(frozen.text_width, n_seg=n_seg, n_ctx=n_ctx, use_global=use_global)
@@ -50,7 +52,8 @@ def build_predictor(clip: ClipSpec | FrozenCLIP = ClipSpec(), checkpoints: dict[
                     baselines: bool = True, device: str | None = "cpu", short_side: int = 512,
                     max_long_side: int = 2048, text_cache_dir: str | Path | None = None,
                     dense: DenseSettings | None = None, pamr: bool = False, check_dense: bool = True) -> Predictor:
-    """A Predictor with the learned prompt sets in ``checkpoints`` (name → path) first, then the baselines;
+    """A Predictor with the learned prompt sets in ``checkpoints`` (name → path or ``hf-hub:ORG/REPO``, downloaded
+    by ``mvpseg.hub``) first, then the baselines;
     ``text_cache_dir`` keeps text embeddings on disk across restarts (see ``Predictor``). ``dense``: dense mode
     and sliding window (default: the CLIP's, i.e. its spec's ``--dense``/``--sliding``); learned prompts are
     refused when they were learned with another mode (``check_dense=False``: kept when the tower offers their
@@ -60,8 +63,8 @@ def build_predictor(clip: ClipSpec | FrozenCLIP = ClipSpec(), checkpoints: dict[
     sets: dict[str, PromptSet] = {}
     gamma = 10.0
     for name, path in (checkpoints or {}).items():
-        sets[name] = load_prompts(path, frozen, name=name, dense_mode=None if dense is None else dense.mode,
-                                  check_dense=check_dense)
+        sets[name] = load_prompts(resolve_checkpoint(path), frozen, name=name,
+                                  dense_mode=None if dense is None else dense.mode, check_dense=check_dense)
         gamma = sets[name].meta.gamma
     if baselines:
         sets.update(baseline_prompt_sets())

@@ -151,3 +151,20 @@ def parse_pairs(items, what: str) -> dict[str, str]:
             raise SystemExit(f"{what} {name!r} given twice")
         out[name] = value
     return out
+
+
+def command_line(module: str, argv=None) -> str:
+    """The command that started this run (``python -m MODULE ARGS``, or ``torchrun --nproc_per_node N -m MODULE
+    ARGS`` under torchrun), recorded in the log and the checkpoint so that a published model says how it was
+    trained."""
+    import os
+    import shlex
+    import sys
+
+    world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE")
+    launcher = ["python"]
+    if world != "1":
+        launcher = ["torchrun", "--nproc_per_node", local or world]
+        if local and local != world:
+            launcher += ["--nnodes", str(int(world) // max(int(local), 1))]
+    return shlex.join([*launcher, "-m", module, *(sys.argv[1:] if argv is None else [str(a) for a in argv])])

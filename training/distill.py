@@ -21,6 +21,9 @@ checkpointed atomically every ``--ckpt-every`` iterations and ``--resume`` repro
 """
 from __future__ import annotations
 
+if not __package__:  # run by path (python training/distill.py): import as the package would
+    import _as_script; __package__ = _as_script.PACKAGE  # noqa: E702
+
 import argparse
 import contextlib
 import logging
@@ -41,7 +44,8 @@ from mvpseg.prompts import PromptSet
 from mvpseg.student import StudentConfig, StudentNet, fuse_views, save_student
 
 from .checkpointing import CheckpointManager, atomic_write_text, restore_state
-from .cli import add_clip_args, add_data_args, add_runtime_args, amp_dtype, apply_runtime, clip_spec
+from .cli import (add_clip_args, add_data_args, add_runtime_args, amp_dtype, apply_runtime, clip_spec,
+                  command_line)
 from .data import EvalShard, TrainStream, eval_loader, train_loader
 from .datasets import UNREADABLE_RECORD, build_dataset, get_profile
 from .distributed import (DistContext, all_reduce_sum, barrier, distributed_session, rng_state,
@@ -52,6 +56,7 @@ from .pseudo_labels import (IGNORE_INDEX, TEACHER, UNLABELED, HideUnseen, assign
                             default_switch_iter, phase_at, teacher_scores)
 from .runlog import JsonlLogger, Progress
 from .schedule import LRSchedule
+from .tensorboard_log import MaskSnapshot, add_tensorboard_args, open_tensorboard, student_rows
 from .train_prompts import seg_loss_weight
 
 log = logging.getLogger("mvpseg.distill")
@@ -161,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # interruption, for tests
     add_clip_args(p)
     add_runtime_args(p)
+    add_tensorboard_args(p)
     return p
 
 
@@ -275,8 +281,16 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
     stream = TrainStream(HideUnseen(data, unseen, cache=args.cache_samples), profile.train_transform(data, **overrides),
                          cfg.global_batch, cfg.max_iters, cfg.seed, ctx.rank, ctx.world_size, start_iter=start)
     loader = train_loader(stream, num_workers=args.num_workers)
-    logger = JsonlLogger(out / "log.jsonl", enabled=ctx.is_main, resume_iter=start if resume_path else None)
+    tb = open_tensorboard(args, out, ctx.is_main, start, cfg.max_iters)  # None without --tensorboard
+    if tb:  # the first evaluation image: the teacher's per-view masks and the student's class probabilities
+        tb.watch(MaskSnapshot(build_dataset(cfg.dataset, cfg.data_root, cfg.eval_split, label_space="full"), 0,
+                              profile.eval_transform(), vocab, ctx.device,
+                              student_rows(student, class_emb, bg_index, teacher, vocab)),
+                 "teacher's segmentation views, student's class probabilities", start)
+    logger = JsonlLogger(out / "log.jsonl", enabled=ctx.is_main, resume_iter=start if resume_path else None,
+                         sinks=[tb] if tb else ())
     logger.log({"event": "resume" if resume_path else "start", "from_iter": start, "world_size": ctx.world_size,
+                "command": getattr(args, "command", None),
                 "checkpoint": str(resume_path) if resume_path else None, "device": str(ctx.device),
                 "dataset_size": len(data), "vocabulary": list(vocab), "unseen": [vocab[i] for i in unseen],
                 "backbone_init": student.backbone_init, "config": _config_record(cfg)})
@@ -327,6 +341,8 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
         logger.log({"iter": it, "phase": phase, "lr": lr, "loss": float(stats[0]) / ctx.world_size,
                     "pseudo_px": int(stats[1]), "labelled_px": int(stats[2]), "img_per_s": ips,
                     "step_s": time.perf_counter() - t0})
+        if tb:
+            tb.grid_step(it)
         if it % cfg.ckpt_every == 0 or it == cfg.max_iters:
             save_state(it)
         if args.stop_after is not None and it >= args.stop_after:
@@ -353,7 +369,8 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
                   "teacher dense features": clip.dense.describe() if clip.dense else None}
         results = {k: v.as_dict() for k, v in evals.items()}
         save_student(final, student, prompts, clip, class_names=vocab, background_index=bg_index, unseen=unseen,
-                     extra={"train_config": _config_record(cfg), "iterations": it, "eval": results})
+                     extra={"train_config": _config_record(cfg), "iterations": it, "eval": results,
+                            "command": getattr(args, "command", None)})
         if evals:
             md = render_markdown({cfg.dataset: evals}, header)
             atomic_write_text(out / "eval.md", md)
@@ -362,6 +379,8 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
         logger.log({"event": "done", "iter": it, "student": str(final),
                     **{f"{k} {m}": results[k][m] for k in results for m in ("miou_seen", "miou_unseen", "hiou")}})
         log.info("wrote %s", final)
+    if tb:
+        tb.close()
     barrier(ctx)
     return final
 
@@ -369,6 +388,7 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
 def main(argv=None) -> Path | None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    args.command = command_line("training.distill", argv)
     cfg = config_from_args(args)
     apply_runtime(args)
     with distributed_session(args.device) as ctx:

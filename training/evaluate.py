@@ -20,6 +20,9 @@ Writes ``<out>/results.md`` (summary, per-class IoU and cross-dataset tables) an
 """
 from __future__ import annotations
 
+if not __package__:  # run by path (python training/evaluate.py): import as the package would
+    import _as_script; __package__ = _as_script.PACKAGE  # noqa: E702
+
 import argparse
 import contextlib
 import logging

@@ -29,6 +29,9 @@ targets), because a small world repeats class sets inside a batch far more often
 
 from __future__ import annotations
 
+if not __package__:  # run by path (python training/pretrain_toyclip.py): import as the package would
+    import _as_script; __package__ = _as_script.PACKAGE  # noqa: E702
+
 import argparse
 import json
 import math

@@ -18,6 +18,7 @@ from .cli import add_clip_args, add_data_args, add_runtime_args
 from .datasets import get_profile
 from .schedule import LRSchedule
 from .selection import SELECT_MODES
+from .tensorboard_log import add_tensorboard_args
 
 # Table 1 rows: (k segmentation prompts, global prompt / GPR, OCLoss on).  λ_cls only acts with GPR;
 # λ_OC's value comes from the recipe.
@@ -227,6 +228,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--simulate-kill-at", type=int, default=None, help=argparse.SUPPRESS)
     add_clip_args(p)
     add_runtime_args(p)
+    add_tensorboard_args(p)
     return p
 
 

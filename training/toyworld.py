@@ -24,6 +24,9 @@ Every sample is a pure function of ``(seed, split, index)``.
 
 from __future__ import annotations
 
+if not __package__:  # run by path (python training/toyworld.py): import as the package would
+    import _as_script; __package__ = _as_script.PACKAGE  # noqa: E702
+
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 

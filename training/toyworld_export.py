@@ -15,6 +15,9 @@ with every class visible (the folder dataset hides unseen pixels itself while pr
 """
 from __future__ import annotations
 
+if not __package__:  # run by path (python training/toyworld_export.py): import as the package would
+    import _as_script; __package__ = _as_script.PACKAGE  # noqa: E702
+
 import argparse
 import json
 from pathlib import Path
@@ -76,3 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     counts = export_folder(a.out, a.n, a.seed, a.world, a.unseen, a.zoom)
     print(f"wrote {counts['train']} training and {counts['val']} validation scenes to {a.out}")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -22,6 +22,9 @@ uninterrupted run exactly (data order and augmentation are functions of (seed, p
 """
 from __future__ import annotations
 
+if not __package__:  # run by path (python training/train_prompts.py): import as the package would
+    import _as_script; __package__ = _as_script.PACKAGE  # noqa: E702
+
 import argparse
 import contextlib
 import logging
@@ -43,7 +46,7 @@ from mvpseg.model import MVPSeg
 from mvpseg.prompts import LearnedPrompts
 
 from .checkpointing import CheckpointManager, restore_state
-from .cli import amp_dtype, apply_runtime, clip_spec
+from .cli import amp_dtype, apply_runtime, clip_spec, command_line
 from .data import TrainStream, train_loader
 from .datasets import UNREADABLE_RECORD, build_dataset, get_profile, unreadable_names
 from .distributed import (DistContext, all_reduce_sum, average_gradients, barrier,
@@ -55,6 +58,7 @@ from .runlog import JsonlLogger, Progress
 from .selection import (BestTracker, IndexView, ValidationSet, choose_holdout, prob_better, summarise,
                         validation_indices)
 from .shared_prefix import SharedPrefixEncoder, supports_shared_prefix
+from .tensorboard_log import MaskSnapshot, open_tensorboard, prompt_view_rows
 from .warm_start import CALIBRATION_SEED_OFFSET, calibrate_temperatures, fit_to_templates
 
 log = logging.getLogger("mvpseg.train")
@@ -229,9 +233,15 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         log.info("calibrated temperatures: τ1 %.2f, τ2 %s (%d steps, %.1f s)", taus[0],
                  "-" if taus[1] is None else f"{taus[1]:.4f}", cfg.calib_steps, time.perf_counter() - t)
 
+    tb = open_tensorboard(args, out, ctx.is_main, start, cfg.max_iters)  # None without --tensorboard
+    if tb:  # one fixed image's per-view masks (a validation image when there are some)
+        tb.watch(MaskSnapshot(data, val_idx[0] if val_idx else 0, profile.eval_transform(), seen_vocab, ctx.device,
+                              prompt_view_rows(model, seen_vocab)), "segmentation views, global view, final masks",
+                 start)
     logger = JsonlLogger(out / "log.jsonl", enabled=ctx.is_main,
-                         resume_iter=start if resume_path is not None else None)
+                         resume_iter=start if resume_path is not None else None, sinks=[tb] if tb else ())
     logger.log({"event": "resume" if resume_path else "start", "from_iter": start,
+                "command": getattr(args, "command", None),
                 "checkpoint": str(resume_path) if resume_path else None,
                 "world_size": ctx.world_size, "device": str(ctx.device),
                 "dataset_size": None if fresh else len(stream_data), "fresh_samples": fresh,
@@ -302,6 +312,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                     "tau1": float(prompts.tau1().detach()),
                     "tau2": None if tau2 is None else float(tau2.detach()),
                     "img_per_s": ips, "step_s": time.perf_counter() - t0})
+        if tb:
+            tb.grid_step(it)
         if validation is not None and (it % cfg.val_every == 0 or it == cfg.max_iters):
             stopped = validate(it)
         if it % cfg.ckpt_every == 0 or it == cfg.max_iters or stopped:
@@ -327,13 +339,15 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
             "history": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in h.items()}
                         for h in tracker.history]}
         save_prompts(final, prompts, clip, gamma=cfg.gamma, training_classes=vocab,
-                     extra={"train_config": _config_record(cfg), "iterations": it,
-                            "world_size": ctx.world_size, "selection": selection})
+                     extra={"train_config": _config_record(cfg), "iterations": it, "world_size": ctx.world_size,
+                            "selection": selection, "command": getattr(args, "command", None)})
         logger.log({"event": "done", "iter": it, "prompts": str(final),
                     "skipped_unreadable": unreadable_names(unreadable) if cfg.skip_missing else [],
                     "best_iter": tracker.best_iter if validation is not None else None})
         log.info("wrote %s%s", final, "" if validation is None else
                  f" (prompts of iteration {tracker.best_iter}, validation score {tracker.best_score:.2f})")
+    if tb:
+        tb.close()
     barrier(ctx)
     return final
 
@@ -341,6 +355,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
 def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    args.command = command_line("training.train_prompts", argv)
     cfg = config_from_args(args)
     if cfg.n_seg < 1:
         raise SystemExit("--n-seg must be >= 1")
