@@ -25,8 +25,9 @@ import mvpseg
 from . import plots, render
 from .limits import MAX_BODY_BYTES, BodyLimit
 from .models import DemoModels
+from .outputs import OutputFiles, encode_png
 from .service import HUB, UPLOADED, SegmentRun, SegmentService
-from .sources import MAX_PIXELS, DemoInputError, PromptSource, prompts_from_hub, prompts_from_upload
+from .sources import MAX_PIXELS, NO_IMAGE, DemoInputError, PromptSource, prompts_from_hub, prompts_from_upload
 
 log = logging.getLogger("mvpseg.demo")
 
@@ -43,9 +44,16 @@ CSS = """
 """
 
 
+class UnreadableImage(str):
+    """What ``ValidatedImage`` hands on instead of a path when the upload cannot be used: the message itself.
+    Raising in ``preprocess`` would fail the request before any handler runs — as a bare HTTP 400 at
+    ``/queue/join`` once the event has a validator — so the validator shows it at the input and the handler
+    raises it."""
+
+
 class ValidatedImage(gr.Image):
-    """``gr.Image`` whose preprocessing failures (not an image, decompression bomb) become clear messages
-    instead of a bare "Error". Rendered by the stock Image component in the browser."""
+    """``gr.Image`` whose preprocessing failures (not an image, decompression bomb, inline data: URL) become
+    clear messages instead of a bare "Error". Rendered by the stock Image component in the browser."""
 
     is_template = True  # the frontend uses the parent's ("image") component
 
@@ -53,15 +61,15 @@ class ValidatedImage(gr.Image):
         if isinstance(getattr(payload, "url", None), str) and payload.url.startswith("data:"):
             # Gradio would decode an inline base64 image here; uploads go through /upload (max_file_size) and
             # the page never sends data: URLs, so only a hand-made API call does: refuse it.
-            raise gr.Error("Inline data: URLs are not accepted: upload the image as a file.")
+            return UnreadableImage("Inline data: URLs are not accepted: upload the image as a file.")
         try:
             return super().preprocess(payload)
-        except Image.DecompressionBombError as e:
-            raise gr.Error(f"The image is far too large to process (the limit is {MAX_PIXELS / 1e6:.0f} "
-                           "megapixels). Downscale it and upload it again.") from e
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise gr.Error("The uploaded file is not an image that can be read (use PNG, JPEG, WebP, BMP, GIF "
-                           "or TIFF).") from e
+        except Image.DecompressionBombError:
+            return UnreadableImage(f"The image is far too large to process (the limit is {MAX_PIXELS / 1e6:.0f} "
+                                   "megapixels). Downscale it and upload it again.")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            return UnreadableImage("The uploaded file is not an image that can be read (use PNG, JPEG, WebP, BMP, "
+                                   "GIF or TIFF).")
 
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\"`()<>,;]+/)+([^\s'\"`()<>,;]*)")
@@ -174,6 +182,8 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
                 hub_repo: str | None, dense_mode: str | None = None, sliding: bool | None = None,
                 progress: gr.Progress = gr.Progress()) -> tuple:
         t0 = time.perf_counter()
+        if isinstance(image, UnreadableImage):
+            raise gr.Error(str(image))
         names = service.ordered(prompt_sets)
         uploaded = upload_source(prompt_files) if UPLOADED in names else None
         hub = hub_source(hub_repo) if HUB in names else None
@@ -212,16 +222,42 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
         t = time.perf_counter()
         key = (tuple((r.name, service.slot_key(r.name)) for r in run.results), run.classes)
         groups = plots.embedding_groups([(r.name, r.text) for r in run.results])
-        tsne_rgb, hit = service.cached(key, lambda: plots.figure_to_rgb(plots.tsne_figure(groups, run.classes,
-                                                                                      run.colors)))
+        # cached as PNG bytes: an unchanged plot is neither drawn nor encoded again
+        tsne_png, hit = service.cached(key, lambda: encode_png(plots.figure_to_rgb(
+            plots.tsne_figure(groups, run.classes, run.colors))))
         stages["t-SNE of prompt embeddings"] = (time.perf_counter() - t, "cached" if hit else f"{len(groups)} prompts")
 
-        total = time.perf_counter() - t0
         student = f"**MVP-SEG+ student:** {models.student.status}"
         if views is None:
             student += ("\n\n_Per-prompt view masks: tick a multi-view prompt set (learned or part-based) to see "
                         "what each prompt attends to._")
-        return main, _summary(run, total), compare, student, views, gpr, tsne_rgb, _timings(run, stages, total)
+        t = time.perf_counter()
+        # paths, not arrays: Gradio would rewrite a shared content-addressed file per request (demo/outputs.py)
+        main_f, compare_f = files.png(main, "segmentation.png"), files.png(compare, "prompt_sets.png")
+        views_f, tsne_f = files.png(views, "view_masks.png"), files.put(tsne_png, "tsne.png")
+        stages["encode pictures"] = (time.perf_counter() - t, "PNG")
+        total = time.perf_counter() - t0
+        return main_f, _summary(run, total), compare_f, student, views_f, gpr, tsne_f, _timings(run, stages, total)
+
+    def check_inputs(image: str | None, vocabulary: str, prompt_sets: list[str], prompt_files: list[str] | None,
+                     hub_repo: str | None, dense_mode: str | None = None, sliding: bool | None = None) -> list[dict]:
+        """The page's quick checks before a request is queued (Gradio validator): a missing image, an unusable
+        vocabulary or no prompt set is shown once, at its input, and the output panels stay as they were
+        (a failed request would paint an "Error" badge on all of them). The API's /segment has no validator:
+        the handler raises the same messages."""
+        try:
+            mvpseg.parse_vocabulary(vocabulary or "", max_classes=models.max_classes)
+            vocab_error = ""
+        except mvpseg.VocabularyError as e:
+            vocab_error = str(e)
+        try:
+            service.ordered(prompt_sets)
+            sets_error = ""
+        except DemoInputError as e:
+            sets_error = str(e)
+        image_error = str(image) if isinstance(image, UnreadableImage) else NO_IMAGE if image is None else ""
+        return [gr.validate(not image_error, image_error), gr.validate(not vocab_error, vocab_error),
+                gr.validate(not sets_error, sets_error), *(gr.validate(True, "") for _ in range(4))]
 
     @user_errors
     def check_upload(prompt_files: list[str] | None, prompt_sets: list[str]) -> tuple[str, list[str]]:
@@ -315,9 +351,17 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
             timings = gr.Dataframe(headers=["stage", "seconds", "note"], interactive=False, elem_id="timings")
 
         # new inputs go at the END (with defaults): gradio_client calls written for the first five keep working
-        button.click(run_segment, inputs=[image, vocabulary, prompt_sets, prompt_files, hub_repo, dense_mode, sliding],
-                     outputs=[overlay, summary, compare, student_status, views, gpr, tsne, timings],
-                     api_name="segment", concurrency_limit=1, concurrency_id="model")
+        segment_inputs = [image, vocabulary, prompt_sets, prompt_files, hub_repo, dense_mode, sliding]
+        segment_outputs = [overlay, summary, compare, student_status, views, gpr, tsne, timings]
+        # The page's click runs the quick checks first (a validator: the message shows at its input and the
+        # panels keep what they showed, instead of an "Error" badge on each). API callers get /segment, the same
+        # handler without a validator, so a bad value still comes back as the handler's message (AppError):
+        # Gradio answers a validator's failure, or any preprocessing error in its pass, at /queue/join.
+        api_trigger = gr.Button(visible=False, elem_id="segment-api")
+        api_trigger.click(run_segment, inputs=segment_inputs, outputs=segment_outputs, api_name="segment",
+                          concurrency_limit=1, concurrency_id="model")
+        button.click(run_segment, inputs=segment_inputs, outputs=segment_outputs, api_name="segment_page",
+                     api_visibility="private", concurrency_limit=1, concurrency_id="model", validator=check_inputs)
         prompt_files.upload(check_upload, inputs=[prompt_files, prompt_sets], outputs=[prompt_status, prompt_sets],
                             api_name="check_upload")
         prompt_files.clear(check_upload, inputs=[prompt_files, prompt_sets], outputs=[prompt_status, prompt_sets],
@@ -330,6 +374,7 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
             return service.info()
 
         gr.api(info, api_name="info")
+        files = OutputFiles(overlay.GRADIO_CACHE)  # the folder Gradio serves from without copying
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
     demo.service = service  # for tests and benchmarks: the same object the endpoints use
     return demo

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -117,3 +119,106 @@ def raw_queue_call(url: str, api_name: str, data: list, session_hash: str, timeo
         return conn.getresponse().read().decode()
     finally:
         conn.close()
+
+
+# ---------------------------------------------------------------------------------------------- load tests
+@dataclass
+class LoadResult:
+    """What a bounded concurrent load test saw: per request its latency, per returned file whether it arrived
+    whole (the declared length, the bytes received and the server's file agree, and the image decodes)."""
+
+    latencies: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # one line per failed request (or its incomplete files)
+    files: int = 0
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies) + len(self.failures)
+
+    def percentile(self, q: float) -> float:
+        import numpy as np
+
+        return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
+
+
+def fetch_whole(url: str, path: str | None, timeout: float = 60.0) -> tuple[int, str]:
+    """Downloads one served file; returns (bytes, "" or why it is not whole). Whole means: the body has the
+    declared ``Content-Length``, the server-side file (same machine) has that size, and a picture decodes."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            declared = int(r.headers.get("Content-Length", -1))
+            body = r.read()
+    except Exception as e:  # a truncated body surfaces here (IncompleteRead) or as a reset connection
+        return 0, f"download failed: {type(e).__name__}: {e}"
+    if declared != len(body):
+        return len(body), f"received {len(body)} of {declared} declared bytes"
+    if path and Path(path).is_file() and Path(path).stat().st_size != len(body):
+        return len(body), f"received {len(body)} bytes, the server's file has {Path(path).stat().st_size}"
+    if Path(path or url).suffix.lower() in (".png", ".webp", ".jpg", ".jpeg"):
+        try:
+            Image.open(io.BytesIO(body)).load()
+        except Exception as e:
+            return len(body), f"does not decode: {e}"
+    return len(body), ""
+
+
+def _file_refs(value) -> Iterator[tuple[str, str | None]]:
+    """(url, server path) of every file in an endpoint's output (``download_files=False``)."""
+    if isinstance(value, dict):
+        if isinstance(value.get("url"), str) and "/file=" in value["url"]:
+            yield value["url"], value.get("path")
+        for v in value.values():
+            yield from _file_refs(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _file_refs(v)
+
+
+def load_test(url: str, calls: "list[list[tuple]]", api_name: str = "/segment", timeout: float = 120.0) -> LoadResult:
+    """One ``gradio_client`` client per entry of ``calls`` (a list of argument tuples each), all started
+    together on threads; each makes its calls in turn and downloads every file it gets back. Loopback only:
+    ``url`` must be a local server."""
+    import threading
+
+    from gradio_client import Client
+
+    host = urllib.parse.urlparse(url).hostname
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError(f"load tests run against loopback only, not {host}")
+    result, lock = LoadResult(), threading.Lock()
+    start = threading.Barrier(len(calls))
+
+    def client_loop(args_list: list[tuple]) -> None:
+        client = Client(url, verbose=False, download_files=False)
+        start.wait()
+        for args in args_list:
+            t0 = time.perf_counter()
+            try:
+                out = client.predict(*args, api_name=api_name)
+            except Exception as e:
+                with lock:
+                    result.failures.append(f"request failed: {type(e).__name__}: {e}")
+                continue
+            problems = []
+            for file_url, path in _file_refs(out):
+                _, why = fetch_whole(file_url, path, timeout)
+                with lock:
+                    result.files += 1
+                if why:
+                    problems.append(f"{Path(path or file_url).name}: {why}")
+            with lock:
+                if problems:
+                    result.failures.append("; ".join(problems))
+                else:
+                    result.latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=client_loop, args=(c,), daemon=True) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout * max(len(c) for c in calls))
+    return result

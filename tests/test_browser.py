@@ -34,18 +34,56 @@ TIMEOUT_MS = 90_000
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    """A browser page on the demo (the bundled toy model when it exists: the screenshot then shows real
-    segmentations), with a random learned prompt set and a random student."""
+def open_page(tmp_path_factory):
+    """Opens a new browser page on the demo (the bundled toy model when it exists: the screenshot then shows
+    real segmentations), with a random learned prompt set and a random student."""
     models = small_models(tmp_path_factory.mktemp("browser_models"), toy=True, student=True, short_side=256)
     with serve(build_demo(models)) as url, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.set_default_timeout(TIMEOUT_MS)
-        pg.goto(url)
-        pg.wait_for_selector("#segment")
-        yield pg
+
+        def new_page():
+            pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+            pg.set_default_timeout(TIMEOUT_MS)
+            pg.goto(url)
+            pg.wait_for_selector("#segment")
+            return pg
+
+        yield new_page
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(open_page):
+    """One page shared by the tests of a visitor's path (they build on each other's state)."""
+    return open_page()
+
+
+OUTPUTS = ["#overlay", "#compare", "#student-status", "#views", "#gpr", "#tsne", "#timings"]
+
+
+def error_badges(page) -> list[str]:
+    """Output panels that show Gradio's red "Error" status (what a failed request paints on every output)."""
+    return page.evaluate("""(ids) => ids.filter(id => { const el = document.querySelector(id);
+        return el && (el.querySelector('.error') !== null || /(^|\\n)Error(\\n|$)/.test(el.innerText)); })""",
+                         OUTPUTS)
+
+
+def test_a_first_click_without_image_shows_one_message_and_leaves_the_panels_alone(open_page):
+    """Issue #26: Segment before choosing an image (or with an empty vocabulary) says so once, at the input,
+    and paints no "Error" badge on the seven output panels."""
+    pg = open_page()
+    pg.locator("#vocabulary textarea").fill("cat, dog")
+    pg.locator("#segment").click()
+    pg.locator("#image").get_by_text("No image: upload one (or click an example) first.").wait_for()
+    pg.wait_for_timeout(500)  # a failed request would have marked the outputs by now
+    assert error_badges(pg) == []
+    assert pg.get_by_text("No image: upload one").count() == 1  # one message, not one per panel
+    pg.locator("#vocabulary textarea").fill(" , ")
+    pg.locator("#segment").click()
+    pg.locator("#vocabulary").get_by_text("the vocabulary is empty").wait_for()
+    pg.wait_for_timeout(500)
+    assert error_badges(pg) == []
+    pg.close()
 
 
 def rendered(page, selector: str, count: int = 1, min_width: int = 1) -> None:
@@ -83,9 +121,13 @@ def test_example_upload_segment_and_every_panel_renders(page):
 
 
 def test_bad_input_shows_its_message_and_page_keeps_working(page):
+    shown = page.evaluate("() => document.querySelector('#overlay img').src")
     page.locator("#vocabulary textarea").fill(" , ")
     page.locator("#segment").click()
     page.get_by_text("the vocabulary is empty").first.wait_for()
+    page.wait_for_timeout(500)
+    assert error_badges(page) == []  # the last result stays on the page, unmarked
+    assert page.evaluate("() => document.querySelector('#overlay img').src") == shown
     page.locator("#vocabulary textarea").fill("water, brick")  # a new vocabulary (its names may be cached)
     page.locator("#segment").click()
     # the page answers the new request: the summary now lists only this vocabulary's classes
