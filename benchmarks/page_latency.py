@@ -70,7 +70,7 @@ def one_request(client, image, vocabulary: str) -> dict[str, float]:
     t_call = time.perf_counter() - t0
     sizes = [fetch_whole(url, path)[0] for url, path in _file_refs(out)]
     t_all = time.perf_counter() - t0
-    timings = out[-1]
+    timings = out[7]  # overlay, summary, compare, student, views, gpr, tsne, timings, label map, JSON
     handler = stage(timings, "total")
     return {"client": t_all, "handler": handler, "encode": stage(timings, "encode pictures"),
             "call": t_call - handler, "transfer": t_all - t_call, "kb": sum(sizes) / 1024}

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.middleware import Middleware
 
 import mvpseg
+import mvpseg.batch
 
 from . import plots, render
 from .limits import MAX_BODY_BYTES, BodyLimit
@@ -235,9 +236,12 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
         # paths, not arrays: Gradio would rewrite a shared content-addressed file per request (demo/outputs.py)
         main_f, compare_f = files.png(main, "segmentation.png"), files.png(compare, "prompt_sets.png")
         views_f, tsne_f = files.png(views, "view_masks.png"), files.put(tsne_png, "tsne.png")
-        stages["encode pictures"] = (time.perf_counter() - t, "PNG")
+        labels_f = files.png(mvpseg.batch.label_map_array(run.primary.prediction), "labels.png")
+        record_f = files.json(run.record("labels.png"), "segmentation.json")
+        stages["encode pictures"] = (time.perf_counter() - t, "PNG, label map, JSON")
         total = time.perf_counter() - t0
-        return main_f, _summary(run, total), compare_f, student, views_f, gpr, tsne_f, _timings(run, stages, total)
+        return (main_f, _summary(run, total), compare_f, student, views_f, gpr, tsne_f, _timings(run, stages, total),
+                labels_f, record_f)
 
     def check_inputs(image: str | None, vocabulary: str, prompt_sets: list[str], prompt_files: list[str] | None,
                      hub_repo: str | None, dense_mode: str | None = None, sliding: bool | None = None) -> list[dict]:
@@ -347,12 +351,18 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
                              label="GPR class scores (Eq. 6): near 0 = suppressed, near 1 = kept", elem_id="gpr")
             tsne = gr.Image(label="Prompt text embeddings (t-SNE): colour = class, marker = prompt", format="png",
                             show_label=False, interactive=False, elem_id="tsne")  # the title is in the figure
+        with gr.Row():  # the data behind the main result, for a visitor who wants to reuse it
+            labels_file = gr.DownloadButton("Label map (PNG of class ids)", value=None,
+                                            elem_id="download-labels", size="sm")
+            record_file = gr.DownloadButton("Classes, pixel shares, GPR scores (JSON)", value=None,
+                                            elem_id="download-json", size="sm")
         with gr.Accordion("Time per stage", open=True):
             timings = gr.Dataframe(headers=["stage", "seconds", "note"], interactive=False, elem_id="timings")
 
         # new inputs go at the END (with defaults): gradio_client calls written for the first five keep working
         segment_inputs = [image, vocabulary, prompt_sets, prompt_files, hub_repo, dense_mode, sliding]
-        segment_outputs = [overlay, summary, compare, student_status, views, gpr, tsne, timings]
+        segment_outputs = [overlay, summary, compare, student_status, views, gpr, tsne, timings, labels_file,
+                           record_file]
         # The page's click runs the quick checks first (a validator: the message shows at its input and the
         # panels keep what they showed, instead of an "Error" badge on each). API callers get /segment, the same
         # handler without a validator, so a bad value still comes back as the handler's message (AppError):

@@ -37,10 +37,10 @@ PREFIX = "mvpseg-"  # our folders in Gradio's cache, beside Gradio's own
 
 
 def encode_png(rgb: np.ndarray, level: int = PNG_LEVEL) -> bytes:
-    """H×W×3 (or H×W for a label map) uint8 → PNG bytes, lossless."""
+    """H×W×3 uint8, or H×W uint8/uint16 (a label map of class ids) → PNG bytes, lossless."""
     arr = np.ascontiguousarray(rgb)
-    if arr.dtype != np.uint8:
-        raise TypeError(f"expected uint8 pixels, got {arr.dtype}")
+    if arr.dtype != np.uint8 and not (arr.dtype == np.uint16 and arr.ndim == 2):
+        raise TypeError(f"expected uint8 pixels (or a uint16 label map), got {arr.dtype} {arr.shape}")
     if arr.ndim == 3:
         arr = arr[..., ::-1]  # OpenCV writes BGR
     ok, buf = cv2.imencode(".png", arr, [cv2.IMWRITE_PNG_COMPRESSION, int(level)])
@@ -88,7 +88,7 @@ class OutputFiles:
         return str(path.resolve())
 
     def png(self, rgb: np.ndarray | None, name: str = "image.png") -> str | None:
-        """A picture (H×W×3 or H×W uint8) as a PNG file path; None stays None (an empty panel)."""
+        """A picture (H×W×3 uint8, or an H×W label map) as a PNG file path; None stays None (an empty panel)."""
         return None if rgb is None else self.put(encode_png(rgb), name)
 
     def json(self, obj: Any, name: str = "result.json") -> str:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import mvpseg
+import mvpseg.batch
 from mvpseg import visualize
 
 from .models import DemoModels
@@ -68,6 +69,22 @@ class SegmentRun:
     @property
     def primary(self) -> SetResult:
         return self.results[0]
+
+    def record(self, label_map_name: str = "labels.png") -> dict:
+        """The downloadable JSON of this request: the main result as the CLI writes it (classes, colours, GPR
+        scores, pixel shares, label map file), every selected prompt set's scores and shares, and the settings."""
+        out = mvpseg.batch.prediction_record(self.primary.prediction, self.primary.name, label_map_name)
+        (w, h), (wh, ww) = self.image.original_size, self.primary.prediction.work_size
+        out["settings"] = {"prompt_sets": [r.name for r in self.results], "dense": self.dense,
+                           "image_size": [h, w], "work_size": [wh, ww], "notes": list(self.notes)}
+        out["prompt_sets"] = {r.name: {k: v for k, v in mvpseg.batch.prediction_record(r.prediction, r.name).items()
+                                       if k in ("gpr_scores", "pixel_share")} | {"label": r.label}
+                              for r in self.results}
+        if self.student_map is not None:
+            counts = np.bincount(self.student_map.ravel(), minlength=len(self.classes))
+            out["student_pixel_share"] = {c: round(float(counts[i]) / self.student_map.size, 4)
+                                          for i, c in enumerate(self.classes)}
+        return out
 
     @property
     def gpr_result(self) -> SetResult | None:

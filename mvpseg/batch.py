@@ -72,26 +72,36 @@ def collect_inputs(sources: Sequence[str]) -> tuple[list[Path], list[str]]:
     return paths, problems
 
 
+def label_map_array(result: Prediction) -> np.ndarray:
+    """The label map as stored in a PNG: H×W class indices, uint8 below 256 classes, else uint16."""
+    return result.label_map.astype(np.uint8 if len(result.classes) < 256 else np.uint16)
+
+
+def prediction_record(result: Prediction, prompt_set: str, label_map_name: str | None = None) -> dict:
+    """What a result says in JSON: classes and their colours, GPR scores, pixel shares, size and settings (the
+    legend the CLI writes beside each label map, and the demo's download)."""
+    label_map = result.label_map
+    colors = palette(len(result.classes))
+    counts = np.bincount(label_map.ravel(), minlength=len(result.classes))
+    return {"classes": list(result.classes), "colors": dict(legend_entries(result.classes, colors)),
+            "prompt_set": prompt_set, "label_map": label_map_name,
+            "dense": None if result.dense is None else result.dense.describe(),
+            "pamr": result.pamr_image is not None,
+            "size": [int(label_map.shape[0]), int(label_map.shape[1])],
+            "gpr_scores": None if result.gpr_scores is None else
+            {c: round(float(s), 4) for c, s in zip(result.classes, result.gpr_scores)},
+            "pixel_share": {c: round(float(counts[i]) / label_map.size, 4) for i, c in enumerate(result.classes)}}
+
+
 def write_prediction(image: np.ndarray, result: Prediction, overlay_path: Path, labels_path: Path,
                      legend_path: Path, prompt_set: str) -> dict:
     """Writes the overlay (RGB H×W×3), the label map (H×W class indices, uint8 or uint16) and the legend JSON;
     returns the legend."""
-    colors = palette(len(result.classes))
-    label_map = result.label_map
     for p in (overlay_path, labels_path, legend_path):
         p.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay(image, label_map, colors)).save(overlay_path)
-    dtype = np.uint8 if len(result.classes) < 256 else np.uint16
-    Image.fromarray(label_map.astype(dtype)).save(labels_path)
-    counts = np.bincount(label_map.ravel(), minlength=len(result.classes))
-    legend = {"classes": list(result.classes), "colors": dict(legend_entries(result.classes, colors)),
-              "prompt_set": prompt_set, "label_map": labels_path.name,
-              "dense": None if result.dense is None else result.dense.describe(),
-              "pamr": result.pamr_image is not None,
-              "size": [int(label_map.shape[0]), int(label_map.shape[1])],
-              "gpr_scores": None if result.gpr_scores is None else
-              {c: round(float(s), 4) for c, s in zip(result.classes, result.gpr_scores)},
-              "pixel_share": {c: round(float(counts[i]) / label_map.size, 4) for i, c in enumerate(result.classes)}}
+    Image.fromarray(overlay(image, result.label_map, palette(len(result.classes)))).save(overlay_path)
+    Image.fromarray(label_map_array(result)).save(labels_path)
+    legend = prediction_record(result, prompt_set, labels_path.name)
     legend_path.write_text(json.dumps(legend, indent=2))
     return legend
 

@@ -77,7 +77,7 @@ def test_info_reports_models_prompt_sets_and_student(app):
 
 def test_segment_renders_every_panel_from_the_prediction(app):
     client, demo = app
-    overlay, summary, compare, student_md, views, gpr, tsne, timings = segment(client)
+    overlay, summary, compare, student_md, views, gpr, tsne, timings, labels_png, record = segment(client)
     pred = demo.service.predictor  # the request left its image cached: recompute the expected outputs
     image = np.asarray(Image.open(EXAMPLE).convert("RGB"))
     classes = mvpseg.parse_vocabulary(VOCAB)
@@ -115,6 +115,17 @@ def test_segment_renders_every_panel_from_the_prediction(app):
     assert plot.shape[0] > 300 and plot.shape[1] > 500
     for c in range(len(classes)):
         assert (np.abs(plot.astype(int) - colors[c]).max(axis=-1) <= 2).sum() > 50, classes[c]
+    # 8. the downloads behind the main result: its label map (class ids) and a JSON of classes, shares, GPR
+    np.testing.assert_array_equal(np.asarray(Image.open(labels_png)), expected["learned"].label_map)
+    data_json = json.loads(Path(record).read_text())
+    assert data_json["classes"] == list(classes) and data_json["label_map"] == "labels.png"
+    shares = render.class_shares(expected["learned"].label_map, len(classes))
+    assert data_json["pixel_share"] == {c: round(float(v), 4) for c, v in zip(classes, shares)}
+    np.testing.assert_allclose([data_json["gpr_scores"][c] for c in classes], expected["learned"].gpr_scores,
+                               atol=1e-4)
+    assert list(data_json["prompt_sets"]) == SETS and data_json["settings"]["prompt_sets"] == SETS
+    assert data_json["prompt_sets"]["parts"]["gpr_scores"] is None  # the part-based views have no global prompt
+    assert abs(sum(data_json["student_pixel_share"].values()) - 1) < 1e-3
     # 7. time per stage, ending with the total
     stages = [row[0] for row in timings["data"]]
     assert stages[0] == "check + decode image" and stages[-1] == "total"
@@ -138,7 +149,7 @@ def test_caches_avoid_recomputation(app, tmp_path):
     assert counts() == (img0, txt0 + 1, stu0)
     segment(client, other, "sky, tree, road", ["learned", "parts"])  # prompt sets only: parts text, no image
     assert counts() == (img0, txt0 + 2, stu0)
-    *_, timings = segment(client, other, "sky, tree", ["learned"])  # seen before: nothing recomputed
+    timings = segment(client, other, "sky, tree", ["learned"])[7]  # seen before: nothing recomputed
     assert counts() == (img0, txt0 + 2, stu0)
     notes = {row[0]: row[2] for row in timings["data"]}
     assert notes["image features (CLIP image tower)"].startswith("cached")

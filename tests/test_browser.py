@@ -115,6 +115,12 @@ def test_example_upload_segment_and_every_panel_renders(page):
     for name in ("background", "red cat", "water"):
         assert page.locator("#gpr").get_by_text(name).count() >= 1
     assert page.locator("#timings").get_by_text("total").count() >= 1
+    with page.expect_download() as download:  # the label map behind the main result, as class ids
+        page.locator("#download-labels").click()
+    assert download.value.suggested_filename == "labels.png"
+    with page.expect_download() as download:
+        page.locator("#download-json").click()
+    assert '"gpr_scores"' in Path(download.value.path()).read_text()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "demo_browser.png"), full_page=True)
     assert (ARTIFACTS / "demo_browser.png").stat().st_size > 50_000

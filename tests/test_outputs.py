@@ -143,7 +143,8 @@ def test_sixteen_concurrent_clients_get_every_file_whole(toy_app, same):
         calls.append([(handle_file(str(EXAMPLE)), vocab, ["learned", "a-photo-of"], [], "")] * 5)
     result = load_test(url, calls, timeout=300)
     assert result.failures == [] and len(result.latencies) == 80
-    assert result.files == 80 * 4  # overlay, side by side, view masks (learned is multi-view), t-SNE
+    # overlay, side by side, view masks (learned is multi-view), t-SNE, label map, JSON
+    assert result.files == 80 * 6
     assert _rss_mb() - before < 600
     # still serving afterwards
     assert len(load_test(url, [calls[0][:1]]).latencies) == 1
