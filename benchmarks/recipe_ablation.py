@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 # World name → toyworld spec (without length/seed). "medium-b" was designed for this study: another layout
 # *and* another zero-shot split (training/toyworld.py, UNSEEN_SPLITS["b"]).
 WORLDS = {"sparse": "world=sparse", "crowded": "world=crowded", "medium-b": "world=medium,unseen=b",
-          # designed for the second addendum (docs/recipe.md): crowded layout, a third zero-shot split
+          # designed for the second addendum (docs/history/recipe-addenda.md): crowded layout, a third zero-shot split
           "crowded-c": "world=crowded,unseen=c",
           # designed for the third addendum (confirmation only: nothing tuned or looked at on them before)
           "sparse-c": "world=sparse,unseen=c", "medium-a": "world=medium", "crowded-b": "world=crowded,unseen=b",

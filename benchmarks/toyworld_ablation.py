@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/toyworld_ablation")
     p.add_argument("--world", default="sparse", help="scene layout, a name in training.toyworld.WORLDS "
                    "(crowded: objects ≈ 30 %% of pixels; sparse: ≈ 4 %%, the first Table 1)")
-    from training.datasets._toyworld_adapter import BACKGROUND_MODES
+    from training.toyworld.dataset import BACKGROUND_MODES
 
     p.add_argument("--background", default="class", choices=BACKGROUND_MODES,
                    help="class: background scored as class 0 (PASCAL Context's protocol); ignore: "

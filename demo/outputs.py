@@ -24,13 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+
+from mvpseg.util import atomic_write_bytes
 
 PNG_LEVEL = 1  # zlib level: lossless either way; 1 encodes ≈ 3× faster than 6 for ≈ 10 % larger files
 PREFIX = "mvpseg-"  # our folders in Gradio's cache, beside Gradio's own
@@ -50,16 +51,9 @@ def encode_png(rgb: np.ndarray, level: int = PNG_LEVEL) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that no reader ever sees a partial file: a unique temporary file in the
-    same folder, flushed, then renamed over ``path`` (atomic on POSIX and Windows)."""
-    fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    """Writes ``data`` to ``path`` so that no reader ever sees a partial file (``mvpseg.util.atomic_write``: a
+    unique temporary file in the same folder, renamed over ``path``); no fsync: these files are throw-away."""
+    atomic_write_bytes(path, data, fsync=False)
 
 
 class OutputFiles:

@@ -9,8 +9,8 @@ from .losses import LossWeights
 from .model import MVPSeg
 from .predictor import Prediction, Predictor, VocabularyError, parse_vocabulary
 from .prompts import LearnedPrompts, PromptSet, TextViews
-from .student import LoadedStudent, StudentConfig, StudentNet, fuse_views, load_student, save_student
-from .student_predictor import StudentPredictor
+from .student import (LoadedStudent, StudentConfig, StudentNet, StudentPredictor, fuse_views, load_student,
+                      save_student)
 
 __version__ = "0.1.0"
 __all__ = [

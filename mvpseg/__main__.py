@@ -34,7 +34,7 @@ BATCH_OUT = "segmented"
 def _predictor(args: argparse.Namespace):
     """(predictor, prompt set name): the student, learned prompts, or a handcrafted set."""
     if args.student:
-        from .student_predictor import StudentPredictor
+        from .student import StudentPredictor
 
         path = resolve_checkpoint(args.student, "student")
         pred = StudentPredictor.from_checkpoint(path, ClipSpec.from_args(args), resolve_device(args.device),

@@ -21,6 +21,7 @@ from .clip_backbone import FrozenCLIP
 from .dense import default_dense_mode
 from .dense_settings import DenseSettings
 from .prompts import LearnedPrompts
+from .util import atomic_write, current_umask, publish_mode  # noqa: F401 (current_umask, publish_mode: old paths)
 
 FORMAT = "mvpseg-prompts"
 FORMAT_VERSION = 1
@@ -66,33 +67,6 @@ def sidecar_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     p = Path(path)
     stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where Linux allows (``os.umask`` can only be read by
-    setting it, which races with other threads creating files)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
-def publish_mode(path: str | os.PathLike) -> None:
-    """Gives a file made by ``tempfile.mkstemp`` (always 0600) the mode a plain ``open`` would have given it
-    (0666 minus the umask), so saved prompts, states and caches are readable like any other output."""
-    os.chmod(path, 0o666 & ~current_umask())
-
-
-def atomic_write(path: Path, write) -> None:
-    """Calls ``write(tmp_path)`` then renames: readers never see a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def read_sidecar(js: Path, fmt: str, what: str, max_version: int = FORMAT_VERSION) -> dict[str, Any]:

@@ -258,7 +258,7 @@ class FrozenCLIP(nn.Module):
         """Digest of every text-tower tensor (all bytes, names, dtypes, shapes), computed once on first use
         (≈ 0.1 s for RN50): text-embedding caches key on it. ``fingerprint`` (prompt checkpoints) samples
         only the embeddings and stays as it is so that existing checkpoints keep loading."""
-        from .text_cache import digest
+        from .util import digest
 
         tensors = {n: t for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
                    if not n.startswith("visual.") and n not in ("logit_scale", "logit_bias")}

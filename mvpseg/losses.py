@@ -12,7 +12,7 @@ L_cls comes in two forms. ``"paper"`` is Eq. 7 as printed, −Σ_c y_c log g_c: 
 so it is minimised by pushing every g_c to 1 (τ2 → 0⁺), which turns GPR into a no-op. ``"bce"`` (this
 module's default) adds the absent-class term −(1−y_c) log(1−g_c), the reading under which GPR can suppress
 false positives as the paper describes. ``train_prompts``' default recipe uses ``"paper"``: on the toy worlds
-the suppressing GPR did not help unseen classes (docs/recipe.md, ninth addendum).
+the suppressing GPR did not help unseen classes (docs/history/recipe-addenda.md, ninth addendum).
 """
 from __future__ import annotations
 

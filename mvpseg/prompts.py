@@ -89,7 +89,7 @@ class LearnedPrompts(PromptSet):
         # Both temperatures are learned in log space, as CLIP learns its logit scale: a raw scalar of ~33-100
         # barely moves under SGD at prompt-learning rates (measured: 100 -> 99.8 in 400 iterations at lr 2e-3),
         # and the context vectors then do the temperature's job instead, by pulling every class embedding
-        # together (mean cosine 0.99), which erases the class names (docs/toyworld.md, "Five more attempts").
+        # together (mean cosine 0.99), which erases the class names (docs/history/toyworld-attempts.md, "Six more attempts", item 2).
         self.log_tau1 = nn.Parameter(torch.tensor(tau1_init).log())
         self.log_tau2 = nn.Parameter(torch.tensor(float(tau2_init)).log(), requires_grad=use_global)
         self.view_names = tuple(f"prompt {i + 1}" for i in range(n_seg))

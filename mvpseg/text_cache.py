@@ -20,18 +20,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import publish_mode
 from .prompts import PromptSet, TextViews
+from .util import atomic_write, digest  # noqa: F401 (digest: its old path)
 
 log = logging.getLogger("mvpseg.text_cache")
 
@@ -86,18 +84,6 @@ class LRUCache:
 
 
 # ----------------------------------------------------------------------------- fingerprints
-def digest(values: Iterable[object] = (), tensors: dict[str, torch.Tensor] | None = None, size: int = 16) -> str:
-    """SHA-1 (hex, ``size`` characters) of plain values (their repr) and tensors (name, dtype, shape, bytes)."""
-    h = hashlib.sha1()
-    for v in values:
-        h.update(repr(v).encode() + b"\0")
-    for name, t in sorted((tensors or {}).items()):
-        t = t.detach()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()[:size]
-
-
 _PROMPT_FPS: "weakref.WeakKeyDictionary[PromptSet, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
 
 
@@ -214,15 +200,7 @@ class DiskTextCache:
             return
         tensors, meta = self._payload(key, stored)
         meta["sha256"] = self._sha256(tensors, meta)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=self.directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            publish_mode(tmp)  # mkstemp made it 0600
-            os.replace(tmp, self.path(key))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(self.path(key), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def _read(self, key: TextKey) -> dict[str, ClassText]:
         path = self.path(key)

@@ -225,7 +225,7 @@ def test_student_improves_over_its_pseudo_labels_on_the_toy_world(tmp_path):
     yet the student segments it at least as well as its teacher; background and stuff, which also have ground
     truth, improve far more. Measured on a 2-core CPU (student vs teacher IoU): with the current toy CLIP
     sand 67.1 vs 65.6, background 80.9 vs 35.5, non-object mean 69.3 vs 53.7; with the previous toy CLIP
-    sand 77.0 vs 68.6. Small creatures need far longer schedules (docs/distill.md)."""
+    sand 77.0 vs 68.6. Small creatures need far longer schedules (docs/history/distill-runs.md)."""
     out = tmp_path / "toy"
     distill.main(["--dataset", "toyworld", "--data-root", "length=64,image_size=128", "--out", str(out),
                   "--prompts", TOY_PROMPTS or "maskclip-85", "--clip", "toyclip",

@@ -176,7 +176,7 @@ def test_profile_from_image_sizes_profile_json_and_no_upscaling(tmp_path):
 
 
 def test_toyworld_export_reads_back_as_the_toyworld(tmp_path):
-    from training.toyworld_export import main as export
+    from training.toyworld.export import main as export
 
     assert export([str(tmp_path / "tw"), "--n", "5", "--world", "crowded"]) == 0
     for split, n in (("train", 4), ("val", 1)):

@@ -19,7 +19,7 @@ from fixtures_data import make_voc, write_tiny_clip
 from mvpseg import hub
 from mvpseg.__main__ import main as cli
 from mvpseg.clip_backbone import ClipSpec, load_clip
-from mvpseg.hub_card import CardError, CardInfo, base_model_of, render_card
+from mvpseg.hub.card import CardError, CardInfo, base_model_of, render_card
 from mvpseg.student import FORMAT as STUDENT_FORMAT, StudentConfig, StudentNet, load_student, save_student
 
 REPO = "someone/tiny-prompts"

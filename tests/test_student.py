@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from mvpseg import (CheckpointError, LearnedPrompts, StudentConfig, StudentNet, StudentPredictor, TemplatePrompts,
                     fuse_views, load_student, save_student)
 from mvpseg.heads import segment
-from mvpseg.student_heads import (BackboneWeightsUnavailable, ResNetBackbone, load_backbone_weights,
+from mvpseg.student.heads import (BackboneWeightsUnavailable, ResNetBackbone, load_backbone_weights,
                                   make_resnet)
 from mvpseg.testing import tiny_clip
 

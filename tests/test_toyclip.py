@@ -67,7 +67,7 @@ def test_zero_shot_classification_is_far_above_chance():
     """
     import open_clip
 
-    from training.pretrain_toyclip import zero_shot_accuracy
+    from training.toyworld.pretrain import zero_shot_accuracy
 
     open_clip.add_model_config(CONFIG)
     model = open_clip.create_model("toyclip", pretrained=str(WEIGHTS))
@@ -79,7 +79,7 @@ def test_pretraining_script_is_seeded_and_writes_loadable_files(tmp_path):
     """Two 2-step runs with the same seed give identical weights; the outputs load through open_clip."""
     import open_clip
 
-    from training.pretrain_toyclip import main
+    from training.toyworld.pretrain import main
 
     common = ["--steps", "2", "--batch-size", "8", "--workers", "0", "--threads", "1",
               "--zero-shot-images", "8", "--warmup", "1"]
@@ -121,7 +121,7 @@ def test_ci_sized_default_recipe_beats_the_templates_and_the_anchor_helps(tmp_pa
     100 iterations × 4 fresh scenes, seed 0) against the same run without the warm start and the anchor.
 
     Measured with this exact set-up (48 evaluation images of seed 1; training seeds 0 / 1 / 2, with the
-    default's L_cls as Eq. 7 prints it since the ninth addendum of docs/recipe.md): Δ against the best
+    default's L_cls as Eq. 7 prints it since the ninth addendum, docs/history/recipe-addenda.md): Δ against the best
     handcrafted set +0.4 / +1.5 / +1.2 mIoU(U) and +0.3 / +1.5 / +1.4 hIoU; the unanchored run 1.9 / 0.9 / 2.3
     mIoU(U) below the default (temperature calibration before learning, a default since the fifth addendum,
     closed most of the gap the random start had: 10.0 before). The full default (≤ 500 iterations, 150

@@ -23,7 +23,7 @@ def test_pretraining_script_vit_is_seeded_and_writes_loadable_files(tmp_path):
     """Two 2-step ``--vision vit`` runs with the same seed give identical weights; the outputs are a plain
     open_clip ViT config and fp16 weights that load through ``mvpseg.clip_backbone.load_clip``."""
     from mvpseg.clip_backbone import ClipSpec, load_clip
-    from training.pretrain_toyclip import main
+    from training.toyworld.pretrain import main
 
     common = ["--vision", "vit", "--steps", "2", "--batch-size", "8", "--workers", "0", "--threads", "1",
               "--zero-shot-images", "8", "--warmup", "1"]
@@ -96,7 +96,7 @@ def test_vit_zero_shot_classification_is_far_above_chance():
     """
     import open_clip
 
-    from training.pretrain_toyclip import zero_shot_accuracy
+    from training.toyworld.pretrain import zero_shot_accuracy
 
     open_clip.add_model_config(CONFIG)
     model = open_clip.create_model("toyclip-vit", pretrained=str(WEIGHTS))  # strict load

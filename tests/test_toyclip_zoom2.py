@@ -1,5 +1,5 @@
 """The second bundled toy CLIP, pretrained on the toy world magnified 2× (``zoom=2``), and the MVP-SEG
-prompts learned with it: the setting of docs/toyworld.md (attempt 5) in which learned prompts beat the
+prompts learned with it: the setting of docs/history/toyworld-attempts.md (attempt 5) in which learned prompts beat the
 handcrafted templates on unseen classes."""
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_zero_shot_classification_of_magnified_crops():
     standard errors below, 13× chance: it fails only if the weights or the zoomed crops are broken."""
     import open_clip
 
-    from training.pretrain_toyclip import zero_shot_accuracy
+    from training.toyworld.pretrain import zero_shot_accuracy
 
     open_clip.add_model_config(CONFIG)
     model = open_clip.create_model(NAME, pretrained=str(WEIGHTS))
@@ -75,7 +75,7 @@ def test_shipped_prompts_were_learned_on_seen_classes_only():
 
 def test_shipped_learned_prompts_beat_the_templates_on_held_out_unseen_classes():
     """The shipped MVP-SEG prompts (3 views + GPR, 1000 iterations on 400 *train* scenes, seen classes
-    only; docs/toyworld.md attempt 5) against MaskCLIP's 85 templates on 48 *test*-split scenes at zoom 2,
+    only; docs/history/toyworld-attempts.md, attempt 5) against MaskCLIP's 85 templates on 48 *test*-split scenes at zoom 2,
     which no step of training or model selection ever used.
 
     Measured on four disjoint 48-scene test sets (spec seeds 0–3), unseen mIoU learned − templates:
@@ -109,12 +109,12 @@ def _margins_on_test_scenes(prompts: Path, device: str = "cpu") -> tuple[float, 
 def test_seeded_1000_iteration_learning_run_beats_the_templates(tmp_path):
     """The learning run behind the shipped prompts, from scratch: MVP-SEG (3 views + OCLoss + GPR) on
     400 train scenes at zoom 2, seed 0, 1000 iterations × batch 8, SGD lr 2e-3 (warmup 100), crop 256 —
-    the recipe of docs/toyworld.md attempt 5 — then the held-out comparison above.
+    the recipe of docs/history/toyworld-attempts.md, attempt 5 — then the held-out comparison above.
 
     Opt-in because it is not CI-sized on a CPU (11.7 min on 2 threads, measured; on a GPU, where it runs
     with ``--device auto``, about a minute, extrapolated from the H200's 400-iteration runs). CI-sized
     runs do not beat the templates (150 iterations on 64 scenes:
-    SGD −2.9 / −1.5 / −1.1 unseen, AdamW −0.3 / +0.6 / +0.3 over seeds 0–2; docs/toyworld.md attempts 5
+    SGD −2.9 / −1.5 / −1.1 unseen, AdamW −0.3 / +0.6 / +0.3 over seeds 0–2; docs/history/toyworld-attempts.md, attempts 5
     and 6), which is why this margin test is the full-size run. Measured for this seed: +2.7 unseen,
     +1.4 seen on these test scenes (+2.5 / +2.2 on the validation scenes). The margin depends on the
     seed — training seeds 1 / 2 gave +2.4 / +0.3 on validation — so this pins seed 0's run (the shipped

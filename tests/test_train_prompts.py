@@ -175,7 +175,7 @@ def test_table1_variants_and_recipes(variant, shape0, glob, oc):
     assert (default.optimizer, default.lr, default.lr_policy, default.warmup_iters, default.max_iters,
             default.global_batch, default.select, default.fresh, default.init_fit, default.lambda_prior) == (
         "adamw", 2e-3, "constant", 0, 500, 4, "holdout", "auto", 200, 8.0)
-    # L_cls: Eq. 7 as printed in the default recipe (docs/recipe.md, ninth addendum), the full BCE in the paper's
+    # L_cls: Eq. 7 as printed in the default recipe (docs/history/recipe-addenda.md, ninth addendum), the full BCE in the paper's
     assert (default.cls_mode, default.calib_steps, paper.cls_mode, paper.calib_steps) == ("paper", 50, "bce", 0)
     # an explicit option wins over its recipe; k = 5 rescales the paper's OCLoss weight (10 pairs)
     assert cfg_of("--recipe", "paper", "--lr", "0.01", "--select", "seen").lr == 0.01

@@ -8,13 +8,11 @@ renamed over the target, so a crash never leaves a half-written checkpoint.  It 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-from mvpseg.checkpoint import publish_mode
+from mvpseg.util import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported for the scripts)
 
 from .distributed import set_rng_state
 
@@ -25,30 +23,8 @@ class ResumeError(RuntimeError):
     """A training state cannot be read or does not match the run being resumed (a user error)."""
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temp file next to ``path`` then atomically replace ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        publish_mode(tmp)  # mkstemp made it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_torch_save(obj, path: Path) -> None:
     atomic_write_bytes(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def load_state(path: Path) -> dict:

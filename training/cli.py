@@ -50,7 +50,7 @@ def add_data_args(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--dataset", required=True, help="voc | context | cocostuff | toyworld | folder (your own data)")
     p.add_argument("--data-root", required=True, action=_FolderRootAction,
                    help="dataset folder (toyworld: a spec; folder: DIR with images/, masks/, classes.txt; "
-                        "docs/training.md)")
+                        "docs/datasets.md)")
     add_label_offset_args(p, _FolderRootAction)
     p.add_argument("--split", default=None, help="training split (default: the dataset's)")
     p.add_argument("--out", required=True, help=out_help)

@@ -112,7 +112,7 @@ class TrainConfig:
     seg_reduction: str = "pixel"  # L_seg: mean over pixels (paper) | over classes (mvpseg.losses.seg_loss)
     init_fit: int = 200  # text-only steps fitting every view to the handcrafted embeddings before training
     init_fit_lr: float = 2e-3  # AdamW lr of those steps (its own: the warm start must not change with --lr)
-    init_fit_oc: bool = False  # those steps also minimise λ_OC · L_OC, so the views start apart (docs/recipe.md)
+    init_fit_oc: bool = False  # those steps also minimise λ_OC · L_OC, so the views start apart (docs/history/recipe-addenda.md, 4th/6th addenda)
     calib_steps: int = 50  # Adam steps fitting log τ1/log τ2 alone before learning (context frozen)
     calib_lr: float = 0.05
     prior_prompts: str = "auto"  # handcrafted set behind the warm start and the anchor (PRIOR_CHOICES)
@@ -180,7 +180,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--cls-loss", dest="cls_mode", default=None, choices=["bce", "paper"],
                    help="L_cls: paper = Eq. 7 as printed (present classes only, so g_c → 1 and GPR turns neutral); "
                         "bce = binary cross-entropy over all classes (GPR can suppress absent ones). Default: the "
-                        "recipe's (default: paper, docs/recipe.md ninth addendum; paper: bce)")
+                        "recipe's (default: paper, docs/history/recipe-addenda.md, ninth addendum; paper: bce)")
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                    help="defaults of the learning recipe: default (docs/recipe.md) | paper (sec. 4.3)")
     p.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS),
@@ -276,7 +276,7 @@ def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     """The paper's momentum SGD, or AdamW (decoupled weight decay, default betas; an extension).
     AdamW's steps are ≈ lr per coordinate whatever the gradient's scale, while SGD's first steps follow
     the largest term, λ_OC · L_OC (≈ 50 of a total ≈ 60 at random initialisation in the toy world).
-    In the toy world's 150-iteration runs SGD moved τ1 from 33 to ≈ 7, AdamW to 27–31 (docs/toyworld.md,
+    In the toy world's 150-iteration runs SGD moved τ1 from 33 to ≈ 7, AdamW to 27–31 (docs/history/toyworld-attempts.md,
     attempt 6)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -6,7 +6,7 @@ signal for "does this prompt still transfer to classes it was not trained on" is
 the seen classes*: their pixels are ignored and their names never reach the text tower while learning,
 and validation scores them next to the trained classes on images the run does not train on. The
 selection score is the held-out classes' mIoU (a combined score such as hIoU(trained, held-out) lets gains
-on the trained classes hide a loss of transfer: measured, docs/recipe.md), and a validation replaces the
+on the trained classes hide a loss of transfer: measured, docs/history/recipe-addenda.md, first addendum), and a validation replaces the
 best only when a paired bootstrap over the validation images says it is better with the given confidence
 (a small validation set otherwise turns noise into "improvements" over the warm start).  Unseen classes
 are never used: validation images come from the training split in the seen label space (unseen pixels are

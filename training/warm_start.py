@@ -1,5 +1,5 @@
 """Where prompt learning starts: a text-only fit of the prompts to handcrafted embeddings, and a calibration
-of the temperatures before the context is learned (docs/recipe.md, the third to sixth addenda)."""
+of the temperatures before the context is learned (docs/history/recipe-addenda.md, the third to sixth addenda)."""
 from __future__ import annotations
 
 import contextlib

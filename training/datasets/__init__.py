@@ -72,7 +72,7 @@ def _folder(root, split, label_space="full", on_missing="error"):
 
 
 def _toyworld(root, split, label_space="full", on_missing="error"):
-    from ._toyworld_adapter import toyworld_dataset
+    from ..toyworld.dataset import toyworld_dataset
 
     return toyworld_dataset(root, split, label_space)
 

@@ -1,4 +1,4 @@
-"""``toyworld`` behind the dataset interface (``training/toyworld.py`` renders the samples).
+"""The toy world behind the dataset interface (``world.py`` renders the samples).
 
 The toy world has no files: ``--data-root`` is a spec such as ``"length=400,seed=0,world=crowded"``
 (keys ``length``, ``seed``, ``image_size``, ``zoom`` (pixel magnification, ``WorldConfig.zoom``),
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import IGNORE_INDEX, DatasetSpecError, LabelSpace
-from .classes import ClassSplit
+from ..datasets.base import IGNORE_INDEX, DatasetSpecError, LabelSpace
+from ..datasets.classes import ClassSplit
 
 BACKGROUND_MODES = ("class", "ignore")
 MAX_SIDE = 2048  # rendered pixels per image side (image_size × zoom)
@@ -29,7 +29,7 @@ def parse_spec(spec) -> dict:
     text = str(spec or "").strip()
     if text in ("", "-", "."):
         return {}
-    from training.toyworld import UNSEEN_SPLITS, WORLDS
+    from .world import UNSEEN_SPLITS, WORLDS
 
     out: dict = {}
     for part in text.split(","):
@@ -62,7 +62,7 @@ class ToyWorldDataset(LabelSpace):
     """The procedural toy world (no files) in the full or seen label space."""
 
     def __init__(self, spec, split: str, label_space: str = "full") -> None:
-        from training import toyworld as tw
+        from . import world as tw
 
         if label_space not in ("full", "seen"):
             raise ValueError(f"label_space must be 'full' or 'seen', got {label_space!r}")

@@ -1,11 +1,11 @@
 """Writes the demo's example images into ``assets/examples/`` (run once; the outputs are committed).
 
-* Toy-world scenes (``training.toyworld``, test split, seed 0) for the bundled toy model, each with a
+* Toy-world scenes (``training.toyworld.world``, test split, seed 0) for the bundled toy model, each with a
   vocabulary of its visible classes plus one class that is absent (to show what GPR suppresses).
 * A real photograph for real CLIP weights: Grace Hopper (US Navy photo, public domain) as shipped in
   matplotlib's sample data.
 
-    python -m demo.make_examples
+    python -m training.toyworld.examples
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-OUT = Path(__file__).resolve().parent.parent / "assets" / "examples"
+OUT = Path(__file__).resolve().parents[2] / "assets" / "examples"
 # (test-split index, vocabulary): scenes with several creatures, chosen by eye for variety.
 TOY_SCENES = (
     (294, "background, red cat, red bird, yellow owl, yellow fox, brick, water"),
@@ -27,7 +27,7 @@ PHOTO_VOCABULARY = "face, hat, glasses, uniform, flag, sky, dog"
 
 
 def main() -> None:
-    from training.toyworld import ToyWorld
+    from .world import ToyWorld
 
     OUT.mkdir(parents=True, exist_ok=True)
     world = ToyWorld("test", length=300, seed=0)

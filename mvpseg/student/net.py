@@ -27,13 +27,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import (CheckpointError, PromptMeta, atomic_write, check_compatible, load_safetensors, read_sidecar,
-                         save_safetensors, sidecar_paths)
-from .clip_backbone import NORMALIZATIONS, FrozenCLIP
-from .dense import default_dense_mode
-from .dense_settings import DenseSettings
-from .prompts import LearnedPrompts, PromptSet, TextViews
-from .student_heads import HEADS, ResNetBackbone, load_backbone_weights, make_head, make_resnet
+from ..checkpoint import (CheckpointError, PromptMeta, check_compatible, load_safetensors, read_sidecar,
+                          save_safetensors, sidecar_paths)
+from ..clip_backbone import NORMALIZATIONS, FrozenCLIP
+from ..dense import default_dense_mode
+from ..dense_settings import DenseSettings
+from ..prompts import LearnedPrompts, PromptSet, TextViews
+from ..util import atomic_write
+from .heads import HEADS, ResNetBackbone, load_backbone_weights, make_head, make_resnet
 
 FORMAT = "mvpseg-student"
 FORMAT_VERSION = 1
@@ -278,7 +279,7 @@ def _rebuild_prompts(meta: StudentMeta, tensors: dict[str, torch.Tensor], st: Pa
         prompts.meta = pm
         return prompts
     if kind == "handcrafted":
-        from .builder import baseline_prompt_sets  # lazy: the builder imports the predictor
+        from ..builder import baseline_prompt_sets  # lazy: the builder imports the predictor
 
         sets = baseline_prompt_sets()
         if meta.prompts.get("name") not in sets:

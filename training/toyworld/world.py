@@ -24,16 +24,13 @@ Every sample is a pure function of ``(seed, split, index)``.
 
 from __future__ import annotations
 
-if not __package__:  # run by path (python training/toyworld.py): import as the package would
-    import _as_script; __package__ = _as_script.PACKAGE  # noqa: E702
-
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from training import toyworld_draw as draw
+from . import draw
 
 IGNORE_INDEX = 255
 BACKGROUND = "background"
@@ -61,7 +58,7 @@ UNSEEN: list[int] = [CLASS_NAMES.index(n) for n in UNSEEN_NAMES]
 UNSEEN_SPLITS: dict[str, tuple[str, ...]] = {
     "a": UNSEEN_NAMES,
     "b": ("red cat", "yellow bird", "blue owl", "green fox", "water"),
-    # Added for docs/recipe.md's second addendum, before any prompt was learned with it.
+    # Added for the second addendum (docs/history/recipe-addenda.md), before any prompt was learned with it.
     "c": ("yellow cat", "blue bird", "green owl", "red fox", "brick"),
 }
 SEEN: list[int] = [i for i in range(len(CLASS_NAMES)) if i not in UNSEEN]
@@ -398,17 +395,3 @@ def export_examples(out_dir: str, count: int = 3, seed: int = 0) -> list[str]:
     return paths
 
 
-if __name__ == "__main__":
-    import argparse
-    import sys
-
-    if sys.argv[1:2] == ["export"]:  # a folder dataset (training/toyworld_export.py)
-        from training.toyworld_export import main
-
-        sys.exit(main(sys.argv[2:]))
-    parser = argparse.ArgumentParser(description="Export toy-world example images for the demo.")
-    parser.add_argument("--examples", default="assets/examples")
-    parser.add_argument("--count", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    cli = parser.parse_args()
-    print("\n".join(export_examples(cli.examples, cli.count, cli.seed)))
