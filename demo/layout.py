@@ -6,17 +6,13 @@ Every user mistake surfaces as a ``gr.Error`` with a sentence saying what to do;
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import gradio as gr
-import pandas as pd
-from PIL import Image, UnidentifiedImageError
 
 from starlette.middleware import Middleware
 
@@ -27,8 +23,12 @@ from . import plots, render
 from .limits import MAX_BODY_BYTES, BodyLimit
 from .models import DemoModels
 from .outputs import OutputFiles, encode_png
-from .service import HUB, UPLOADED, SegmentRun, SegmentService
-from .sources import MAX_PIXELS, NO_IMAGE, DemoInputError, PromptSource, prompts_from_hub, prompts_from_upload
+from .learn_tab import build_learn_tab
+from .service import HUB, SESSION, UPLOADED, SegmentService
+from . import messages
+from .messages import plain  # noqa: F401 (tests import it from here)
+from .sources import NO_IMAGE, DemoInputError, PromptSource, prompts_from_hub, prompts_from_upload
+from .widgets import UnreadableImage, ValidatedImage, redact_paths, user_errors  # noqa: F401 (redact_paths: tests)
 
 log = logging.getLogger("mvpseg.demo")
 
@@ -36,68 +36,12 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 MAX_FILE_SIZE = "25mb"
 QUEUE_MAX_SIZE = 16
 HUB_CACHE_SIZE = 8
-USER_ERRORS = (mvpseg.ImageError, mvpseg.VocabularyError, mvpseg.CheckpointError, DemoInputError)
 CSS = """
 #notices { border-left: 4px solid #e8a33d; padding: 2px 12px; background: #fff8ec; }
 #summary p { margin: 4px 0; }
 /* composed pictures: natural size (never enlarged), shrunk only to fit the width */
 #compare img, #views img { width: auto !important; height: auto !important; max-width: 100%; }
 """
-
-
-class UnreadableImage(str):
-    """What ``ValidatedImage`` hands on instead of a path when the upload cannot be used: the message itself.
-    Raising in ``preprocess`` would fail the request before any handler runs — as a bare HTTP 400 at
-    ``/queue/join`` once the event has a validator — so the validator shows it at the input and the handler
-    raises it."""
-
-
-class ValidatedImage(gr.Image):
-    """``gr.Image`` whose preprocessing failures (not an image, decompression bomb, inline data: URL) become
-    clear messages instead of a bare "Error". Rendered by the stock Image component in the browser."""
-
-    is_template = True  # the frontend uses the parent's ("image") component
-
-    def preprocess(self, payload: Any) -> Any:
-        if isinstance(getattr(payload, "url", None), str) and payload.url.startswith("data:"):
-            # Gradio would decode an inline base64 image here; uploads go through /upload (max_file_size) and
-            # the page never sends data: URLs, so only a hand-made API call does: refuse it.
-            return UnreadableImage("Inline data: URLs are not accepted: upload the image as a file.")
-        try:
-            return super().preprocess(payload)
-        except Image.DecompressionBombError:
-            return UnreadableImage(f"The image is far too large to process (the limit is {MAX_PIXELS / 1e6:.0f} "
-                                   "megapixels). Downscale it and upload it again.")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-            return UnreadableImage("The uploaded file is not an image that can be read (use PNG, JPEG, WebP, BMP, "
-                                   "GIF or TIFF).")
-
-
-_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\"`()<>,;]+/)+([^\s'\"`()<>,;]*)")
-
-
-def redact_paths(message: str) -> str:
-    """``message`` with every absolute path cut to its file name: where the server keeps uploads, temporary
-    files and checkpoints is nobody's business (and says which user and folders it runs under)."""
-    return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "…", message)
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Turns the library's input errors into ``gr.Error`` (shown to the user); logs anything unexpected."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except USER_ERRORS as e:
-            raise gr.Error(redact_paths(str(e))) from e
-        except Exception as e:
-            log.exception("request failed")
-            raise gr.Error(f"Something went wrong on the server ({type(e).__name__}); it has been logged.") from e
-
-    return wrapper
 
 
 def load_examples(mode: str) -> list[list[str]]:
@@ -111,49 +55,9 @@ def load_examples(mode: str) -> list[list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ outputs
-_MARKDOWN_SPECIALS = "\\`*_{}[]()<>#+-.!|~"
 # Uploaded files and rendered outputs live in Gradio's cache folder: delete what is older than an hour, every
 # 15 minutes (and on shutdown), so a long-running Space does not fill its disk (≈ 1 MB per request).
 DELETE_CACHE = (900, 3600)
-
-
-def plain(text: str) -> str:
-    """``text`` as literal characters inside Markdown: user-typed class names must not become links, images
-    or HTML (a name such as ``![x](http://host/y.png)`` made the browser fetch that URL)."""
-    return "".join(f"&#{ord(ch)};" if ch in _MARKDOWN_SPECIALS else ch for ch in text)
-
-
-def _summary(run: SegmentRun, total: float) -> str:
-    p = run.primary.prediction
-    shares = render.class_shares(p.label_map, len(run.classes))
-    found = sorted(((s, c) for c, s in zip(run.classes, shares) if s >= 0.005), reverse=True)
-    (w, h), (wh, ww) = run.image.original_size, p.work_size
-    lines = [f"**{plain(run.primary.label)}** — " + (", ".join(f"{plain(c)} {s:.0%}" for s, c in found)
-                                                       or "nothing found"),
-             f"Image {w}×{h} · CLIP input {ww}×{wh} · dense features: {run.dense} · {total:.2f} s"
-             + (" (image features reused)" if run.image_cached else "")]
-    return "\n\n".join(lines + [f"_{n}_" for n in run.notes])
-
-
-def _timings(run: SegmentRun, stages: dict[str, tuple[float, str]], total: float) -> pd.DataFrame:
-    """The 'Time per stage' table: the service's stages, then the rendering stages, then the total."""
-    rows = [("check + decode image", run.load_seconds, f"{run.image.rgb.shape[1]}×{run.image.rgb.shape[0]}")]
-    rows.append(("image features (CLIP image tower)", run.image_seconds,
-                 f"cached: same image and dense settings as before ({run.dense})" if run.image_cached else
-                 "work size {1}×{0} · {2}".format(*run.primary.prediction.work_size, run.dense)))
-    for r in run.results:
-        rows.append((f"text embeddings · {r.label}", r.text_seconds,
-                     "cached: every class seen before with these prompts" if r.text_cached else
-                     f"{r.classes_encoded} of {len(run.classes)} classes encoded, the rest cached"
-                     if r.classes_encoded < len(run.classes) else f"{len(run.classes)} classes"))
-        rows.append((f"head + GPR · {r.label}", r.head_seconds, ""))
-    rows.append(("label maps (full size)", run.label_seconds, ""))
-    if run.student_map is not None:
-        rows.append(("MVP-SEG+ student", run.student_seconds, ""))
-    for name, (seconds, note) in stages.items():
-        rows.append((name, seconds, note))
-    rows.append(("total", total, ""))
-    return pd.DataFrame([(a, round(b, 4), c) for a, b, c in rows], columns=["stage", "seconds", "note"])
 
 
 def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable] | None = None,
@@ -181,15 +85,15 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
     @user_errors
     def segment(image: str | None, vocabulary: str, prompt_sets: list[str], prompt_files: list[str] | None,
                 hub_repo: str | None, dense_mode: str | None = None, sliding: bool | None = None,
-                progress: gr.Progress = gr.Progress()) -> tuple:
+                session: PromptSource | None = None, progress: gr.Progress = gr.Progress()) -> tuple:
         t0 = time.perf_counter()
         if isinstance(image, UnreadableImage):
             raise gr.Error(str(image))
         names = service.ordered(prompt_sets)
         uploaded = upload_source(prompt_files) if UPLOADED in names else None
         hub = hub_source(hub_repo) if HUB in names else None
-        run = service.segment(image, vocabulary, names, uploaded, hub, progress=lambda f, d: progress(f, desc=d),
-                              dense_mode=dense_mode, sliding=sliding)
+        run = service.segment(image, vocabulary, names, uploaded, hub, session if SESSION in names else None,
+                              progress=lambda f, d: progress(f, desc=d), dense_mode=dense_mode, sliding=sliding)
         stages: dict[str, tuple[float, str]] = {}
 
         t = time.perf_counter()
@@ -240,11 +144,12 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
         record_f = files.json(run.record("labels.png"), "segmentation.json")
         stages["encode pictures"] = (time.perf_counter() - t, "PNG, label map, JSON")
         total = time.perf_counter() - t0
-        return (main_f, _summary(run, total), compare_f, student, views_f, gpr, tsne_f, _timings(run, stages, total),
-                labels_f, record_f)
+        return (main_f, messages.summary(run, total), compare_f, student, views_f, gpr, tsne_f,
+                messages.timings(run, stages, total), labels_f, record_f)
 
     def check_inputs(image: str | None, vocabulary: str, prompt_sets: list[str], prompt_files: list[str] | None,
-                     hub_repo: str | None, dense_mode: str | None = None, sliding: bool | None = None) -> list[dict]:
+                     hub_repo: str | None, dense_mode: str | None = None, sliding: bool | None = None,
+                     session: PromptSource | None = None) -> list[dict]:
         """The page's quick checks before a request is queued (Gradio validator): a missing image, an unusable
         vocabulary or no prompt set is shown once, at its input, and the output panels stay as they were
         (a failed request would paint an "Error" badge on all of them). The API's /segment has no validator:
@@ -261,7 +166,7 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
             sets_error = str(e)
         image_error = str(image) if isinstance(image, UnreadableImage) else NO_IMAGE if image is None else ""
         return [gr.validate(not image_error, image_error), gr.validate(not vocab_error, vocab_error),
-                gr.validate(not sets_error, sets_error), *(gr.validate(True, "") for _ in range(4))]
+                gr.validate(not sets_error, sets_error), *(gr.validate(True, "") for _ in range(5))]
 
     @user_errors
     def check_upload(prompt_files: list[str] | None, prompt_sets: list[str]) -> tuple[str, list[str]]:
@@ -299,68 +204,81 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
             if details:
                 with gr.Accordion("Why, and how to provide the weights", open=False, elem_id="notice-details"):
                     gr.Markdown(details)
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=4, min_width=320):
-                image = ValidatedImage(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                                       height=340, elem_id="image")
-                vocabulary = gr.Textbox(label=f"Vocabulary (comma-separated, up to {models.max_classes} classes)",
-                                        placeholder=("background, red cat, blue bird, grass, water"
-                                                     if models.mode == "toy" else "cat, dog, grass, sky"),
-                                        lines=2, max_length=4000,
-                                        elem_id="vocabulary")
-                prompt_sets = gr.CheckboxGroup(choices=service.choices(), value=service.default_selection(),
-                                               label="Prompt sets (the topmost ticked one is the main result)",
-                                               elem_id="prompt-sets")
-                # Only the modes this tower supports; a ResNet has just maskclip, so the selector is hidden there
-                # (it stays an input of /segment, with its default, so that API calls keep one signature).
-                modes = list(models.dense_choices)
-                default_mode = service.dense_settings(None, None).mode if modes else None
-                window = "{}/{}".format(*models.window) if models.window else ""
-                with gr.Row():
-                    dense_mode = gr.Dropdown(choices=modes, value=default_mode, label="Dense features",
-                                             info="how CLIP's last block yields per-patch features",
-                                             interactive=len(modes) > 1, visible=len(modes) > 1,
-                                             elem_id="dense-mode")
-                    sliding = gr.Checkbox(value=models.sliding_default, label=f"Sliding window {window}",
-                                          info="average overlapping windows at CLIP's own resolution (slower)",
-                                          interactive=bool(modes), elem_id="sliding")
-                with gr.Accordion("Your own learned prompts", open=False):
-                    prompt_files = gr.File(label="Checkpoint: NAME.safetensors + NAME.json", file_count="multiple",
-                                           file_types=[".safetensors", ".json"], elem_id="prompt-files")
-                    hub_repo = gr.Textbox(label="…or a Hub repo (press Enter)", placeholder="hf-hub:ORG/REPO",
-                                          max_lines=1, max_length=300, elem_id="hub-repo")
-                    prompt_status = gr.Markdown(elem_id="prompt-status")
-                button = gr.Button("Segment", variant="primary", elem_id="segment")
-                example_rows = load_examples(models.mode) if examples is None else [list(e) for e in examples]
-                if example_rows:
-                    gr.Examples(example_rows, inputs=[image, vocabulary], label="Examples (click, then Segment)")
-            with gr.Column(scale=6, min_width=420):
-                overlay = gr.Image(label="Segmentation (fused masks refined by GPR)", format="png",
-                                   interactive=False, elem_id="overlay")
-                summary = gr.Markdown(elem_id="summary")
-        gr.Markdown("### Handcrafted vs learned prompts — same image, same vocabulary, same colours")
-        # height="auto": the whole grid shows (no inner scrolling); each item is a square, contained.
-        compare = gr.Image(label="Prompt sets side by side", format="png", interactive=False, show_label=False,
-                           elem_id="compare")
-        student_status = gr.Markdown(f"**MVP-SEG+ student:** {models.student.status}", elem_id="student-status")
-        gr.Markdown("### What each prompt attends to, per class (heat: blue = low, red = high)")
-        views = gr.Image(label="Per-prompt view masks", format="png", interactive=False, show_label=False,
-                         elem_id="views")
-        with gr.Row(equal_height=False):
-            gpr = gr.BarPlot(x="class", y="GPR score", color="class", y_lim=[0, 1], sort=None,
-                             label="GPR class scores (Eq. 6): near 0 = suppressed, near 1 = kept", elem_id="gpr")
-            tsne = gr.Image(label="Prompt text embeddings (t-SNE): colour = class, marker = prompt", format="png",
-                            show_label=False, interactive=False, elem_id="tsne")  # the title is in the figure
-        with gr.Row():  # the data behind the main result, for a visitor who wants to reuse it
-            labels_file = gr.DownloadButton("Label map (PNG of class ids)", value=None,
-                                            elem_id="download-labels", size="sm")
-            record_file = gr.DownloadButton("Classes, pixel shares, GPR scores (JSON)", value=None,
-                                            elem_id="download-json", size="sm")
-        with gr.Accordion("Time per stage", open=True):
-            timings = gr.Dataframe(headers=["stage", "seconds", "note"], interactive=False, elem_id="timings")
+        session_state = gr.State(None)  # prompts learned in the Learn tab, for this browser session only
+        with gr.Tabs():
+            with gr.Tab("Segment", id="segment-tab", elem_id="segment-tab"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=4, min_width=320):
+                        image = ValidatedImage(label="Image", type="filepath", image_mode=None,
+                                               sources=["upload", "clipboard"],
+                                               height=340, elem_id="image")
+                        vocabulary = gr.Textbox(label=f"Vocabulary (comma-separated, up to {models.max_classes} "
+                                                      "classes)",
+                                                placeholder=("background, red cat, blue bird, grass, water"
+                                                             if models.mode == "toy" else "cat, dog, grass, sky"),
+                                                lines=2, max_length=4000,
+                                                elem_id="vocabulary")
+                        prompt_sets = gr.CheckboxGroup(choices=service.choices(), value=service.default_selection(),
+                                                       label="Prompt sets (the topmost ticked one is the main result)",
+                                                       elem_id="prompt-sets")
+                        # Only the modes this tower supports; a ResNet has just maskclip: the selector is hidden
+                        # (it stays an input of /segment, with its default, so that API calls keep one signature).
+                        modes = list(models.dense_choices)
+                        default_mode = service.dense_settings(None, None).mode if modes else None
+                        window = "{}/{}".format(*models.window) if models.window else ""
+                        with gr.Row():
+                            dense_mode = gr.Dropdown(choices=modes, value=default_mode, label="Dense features",
+                                                     info="how CLIP's last block yields per-patch features",
+                                                     interactive=len(modes) > 1, visible=len(modes) > 1,
+                                                     elem_id="dense-mode")
+                            sliding = gr.Checkbox(value=models.sliding_default, label=f"Sliding window {window}",
+                                                  info="average overlapping windows at CLIP's own resolution (slower)",
+                                                  interactive=bool(modes), elem_id="sliding")
+                        with gr.Accordion("Your own learned prompts", open=False):
+                            prompt_files = gr.File(label="Checkpoint: NAME.safetensors + NAME.json",
+                                                   file_count="multiple",
+                                                   file_types=[".safetensors", ".json"], elem_id="prompt-files")
+                            hub_repo = gr.Textbox(label="…or a Hub repo (press Enter)", placeholder="hf-hub:ORG/REPO",
+                                                  max_lines=1, max_length=300, elem_id="hub-repo")
+                            prompt_status = gr.Markdown(elem_id="prompt-status")
+                        button = gr.Button("Segment", variant="primary", elem_id="segment")
+                        example_rows = load_examples(models.mode) if examples is None else [list(e) for e in examples]
+                        if example_rows:
+                            gr.Examples(example_rows, inputs=[image, vocabulary],
+                                    label="Examples (click, then Segment)")
+                    with gr.Column(scale=6, min_width=420):
+                        overlay = gr.Image(label="Segmentation (fused masks refined by GPR)", format="png",
+                                           interactive=False, elem_id="overlay")
+                        summary = gr.Markdown(elem_id="summary")
+                gr.Markdown("### Handcrafted vs learned prompts — same image, same vocabulary, same colours")
+                # height="auto": the whole grid shows (no inner scrolling); each item is a square, contained.
+                compare = gr.Image(label="Prompt sets side by side", format="png", interactive=False, show_label=False,
+                                   elem_id="compare")
+                student_status = gr.Markdown(f"**MVP-SEG+ student:** {models.student.status}", elem_id="student-status")
+                gr.Markdown("### What each prompt attends to, per class (heat: blue = low, red = high)")
+                views = gr.Image(label="Per-prompt view masks", format="png", interactive=False, show_label=False,
+                                 elem_id="views")
+                with gr.Row(equal_height=False):
+                    gpr = gr.BarPlot(x="class", y="GPR score", color="class", y_lim=[0, 1], sort=None,
+                                     label="GPR class scores (Eq. 6): near 0 = suppressed, near 1 = kept",
+                                     elem_id="gpr")
+                    tsne = gr.Image(label="Prompt text embeddings (t-SNE): colour = class, marker = prompt",
+                                    format="png",
+                                    show_label=False, interactive=False, elem_id="tsne")  # the title is in the figure
+                with gr.Row():  # the data behind the main result, for a visitor who wants to reuse it
+                    labels_file = gr.DownloadButton("Label map (PNG of class ids)", value=None,
+                                                    elem_id="download-labels", size="sm")
+                    record_file = gr.DownloadButton("Classes, pixel shares, GPR scores (JSON)", value=None,
+                                                    elem_id="download-json", size="sm")
+                with gr.Accordion("Time per stage", open=True):
+                    timings = gr.Dataframe(headers=["stage", "seconds", "note"], interactive=False, elem_id="timings")
 
-        # new inputs go at the END (with defaults): gradio_client calls written for the first five keep working
-        segment_inputs = [image, vocabulary, prompt_sets, prompt_files, hub_repo, dense_mode, sliding]
+                # new inputs go at the END (with defaults): gradio_client calls written for the first five keep working
+            with gr.Tab("Learn", id="learn-tab", elem_id="learn-tab"):
+                build_learn_tab(models, service, session_state, prompt_sets, lambda: files)
+
+
+        segment_inputs = [image, vocabulary, prompt_sets, prompt_files, hub_repo, dense_mode, sliding, session_state]
         segment_outputs = [overlay, summary, compare, student_status, views, gpr, tsne, timings, labels_file,
                            record_file]
         # The page's click runs the quick checks first (a validator: the message shows at its input and the

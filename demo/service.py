@@ -22,13 +22,14 @@ from mvpseg import visualize
 from .models import DemoModels
 from .sources import DemoImage, DemoInputError, PromptSource, load_demo_image
 
-UPLOADED, HUB = "uploaded", "hub"
+UPLOADED, HUB, SESSION = "uploaded", "hub", "session"
 BASELINE_LABELS = {
     "maskclip-85": "Handcrafted · 85 templates (MaskCLIP baseline)",
     "parts": "Handcrafted · part-based views (head / leg / tail)",
     "a-photo-of": "Handcrafted · single template “a photo of a {}.”",
 }
-SLOT_LABELS = {UPLOADED: "Learned · your uploaded checkpoint", HUB: "Learned · Hugging Face Hub repo"}
+SLOT_LABELS = {UPLOADED: "Learned · your uploaded checkpoint", HUB: "Learned · Hugging Face Hub repo",
+               SESSION: "Learned · in this browser session (Learn tab)"}
 
 
 @dataclass
@@ -116,8 +117,9 @@ class SegmentService:
         return BASELINE_LABELS.get(name) or SLOT_LABELS.get(name) or name
 
     def choices(self) -> list[tuple[str, str]]:
-        """(label, value) pairs in display order: learned first (they are the method), then baselines."""
-        names = self.learned_names + [UPLOADED, HUB]
+        """(label, value) pairs in display order: learned first (they are the method; the visitor's own from the
+        Learn tab at the top), then baselines."""
+        names = [SESSION] + self.learned_names + [UPLOADED, HUB]
         names += [n for n in BASELINE_LABELS if n in self.predictor.prompt_set_names]
         return [(self.label(n), n) for n in names]
 
@@ -140,7 +142,8 @@ class SegmentService:
 
     def _register(self, slot: str, source: PromptSource | None) -> None:
         if source is None:
-            what = "upload a checkpoint (.safetensors + .json)" if slot == UPLOADED else "enter an hf-hub:ORG/REPO"
+            what = {UPLOADED: "upload a checkpoint (.safetensors + .json)", HUB: "enter an hf-hub:ORG/REPO",
+                    SESSION: "learn prompts in the Learn tab"}[slot]
             raise DemoInputError(f"'{SLOT_LABELS[slot]}' is selected but not given: {what} first, or untick it.")
         if self._slots.get(slot) != source.key:  # re-registering drops that slot's cached text: only on change
             self.predictor.add_prompt_set(slot, source.prompts)
@@ -176,8 +179,8 @@ class SegmentService:
 
     def segment(self, image: Any, vocabulary: str | Sequence[str], prompt_sets: Sequence[str] | str | None,
                 uploaded: PromptSource | None = None, hub: PromptSource | None = None,
-                progress: Callable[[float, str], None] | None = None, dense_mode: str | None = None,
-                sliding: bool | None = None) -> SegmentRun:
+                session: PromptSource | None = None, progress: Callable[[float, str], None] | None = None,
+                dense_mode: str | None = None, sliding: bool | None = None) -> SegmentRun:
         """Runs every selected prompt set on ``image`` with the dense mode ``dense_mode`` (None: the default)
         and the sliding window on or off (None: the default). The image features are cached per image *and*
         dense settings; text embeddings do not depend on them. A learned set that does not fit the dense mode
@@ -193,7 +196,7 @@ class SegmentService:
         results: list[SetResult] = []
         notes: list[str] = []
         with self._lock:
-            for slot, source in ((UPLOADED, uploaded), (HUB, hub)):
+            for slot, source in ((UPLOADED, uploaded), (HUB, hub), (SESSION, session)):
                 if slot in names:
                     self._register(slot, source)
             if settings != self.predictor.dense:

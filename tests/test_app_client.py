@@ -63,13 +63,13 @@ def rgb(path: str) -> np.ndarray:
 def test_every_public_endpoint_is_listed(app):
     client, _ = app
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
-        "/segment", "/check_upload", "/check_hub", "/info"}
+        "/segment", "/learn", "/check_upload", "/check_hub", "/info"}
 
 
 def test_info_reports_models_prompt_sets_and_student(app):
     info = app[0].predict(api_name="/info")
     names = [s["name"] for s in info["prompt_sets"]]
-    assert names == ["learned", "uploaded", "hub", "maskclip-85", "parts", "a-photo-of"]
+    assert names == ["session", "learned", "uploaded", "hub", "maskclip-85", "parts", "a-photo-of"]
     assert info["mode"] == "random" and "tiny" in info["clip"]
     assert info["student"]["configured"] is True
     assert info["limits"]["max_classes"] == 30

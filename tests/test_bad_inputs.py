@@ -229,8 +229,9 @@ def test_inline_data_url_images_are_refused(served):
     client, _, _ = served
     data = "data:image/png;base64," + base64.b64encode(png(32, 32)).decode()
     payload = {"path": None, "url": data, "meta": {"_type": "gradio.FileData"}, "orig_name": "x.png"}
-    stream = raw_queue_call(client.src.rstrip("/"), "/segment", [payload, "cat", ["maskclip-85"], [], "", None, False],
-                            "datauri1")
+    # a raw call sends every input, the session's learned-prompts state (last) included
+    stream = raw_queue_call(client.src.rstrip("/"), "/segment",
+                            [payload, "cat", ["maskclip-85"], [], "", None, False, None], "datauri1")
     assert "Inline data: URLs are not accepted" in stream and "process_completed" in stream
     assert '"success": true' not in stream.replace("'", '"')
 

@@ -139,3 +139,75 @@ def test_bad_input_shows_its_message_and_page_keeps_working(page):
     # the page answers the new request: the summary now lists only this vocabulary's classes
     page.wait_for_function("() => { const t = document.querySelector('#summary').innerText;"
                            " return /water|brick/.test(t) && !/background/.test(t); }", timeout=90_000)
+
+
+def test_learn_tab_from_masks_and_painted_strokes_then_segment_with_the_result(open_page, tmp_path):
+    """Issue #25 end to end: in the Learn tab, type the class names, upload an image with its class-id mask,
+    paint strokes in two class colours on another image (the canvas driven with the mouse) and add it, click
+    Learn; the curves and the two files appear, and the Segment tab ticks the session's prompts and segments
+    with them."""
+    import numpy as np
+    from PIL import Image
+
+    from training.toyworld import CLASS_NAMES, ToyWorld
+
+    names = ["background", "red cat", "brick", "water", "yellow owl"]
+    world = ToyWorld("val", length=3, seed=0)
+    images, masks = [], []
+    for i in range(3):
+        rgb, labels = (np.asarray(a) for a in world[i])
+        lut = np.full(256, 255, np.uint8)
+        for new, name in enumerate(names):
+            lut[CLASS_NAMES.index(name)] = new
+        images.append(tmp_path / f"scene{i}.png")
+        masks.append(tmp_path / f"scene{i}_mask.png")
+        Image.fromarray(rgb).save(images[-1])
+        Image.fromarray(lut[labels]).save(masks[-1])
+
+    pg = open_page()
+    pg.get_by_role("tab", name="Learn").click()
+    pg.locator("#learn-names textarea").fill(", ".join(names))
+    pg.locator("#learn-images input[type=file]").set_input_files([str(p) for p in images])
+    pg.locator("#learn-masks input[type=file]").set_input_files([str(p) for p in masks])
+    # paint: background in the first brush colour, then brick in the third, on another scene
+    pg.get_by_role("tab", name="Paint").click()
+    pg.locator("#learn-legend").get_by_text("brick (id 2)").wait_for()  # the brushes follow the names
+    pg.locator("#learn-canvas input[type=file]").first.set_input_files(str(EXAMPLES / "toy_test_294.png"))
+    canvas = pg.locator("#learn-canvas canvas").first
+    canvas.wait_for()
+    pg.wait_for_timeout(1000)
+    box = canvas.bounding_box()
+    pg.locator("#learn-canvas button[aria-label='Brush']").click()
+
+    def stroke(x0, y0, x1, y1):
+        pg.mouse.move(box["x"] + x0, box["y"] + y0)
+        pg.mouse.down()
+        for t in range(1, 11):
+            pg.mouse.move(box["x"] + x0 + (x1 - x0) * t / 10, box["y"] + y0 + (y1 - y0) * t / 10)
+        pg.mouse.up()
+
+    cx, cy = box["width"] / 2, box["height"] / 2
+    stroke(cx + 30, cy - 60, cx + 30, cy + 20)  # the plain background right of centre
+    pg.locator("#learn-canvas button[aria-label='Color']").click()
+    pg.locator("#learn-canvas menu button").nth(2).click()  # the third swatch: brick
+    stroke(cx - 120, cy - 100, cx - 120, cy - 40)  # the brick wall on the left
+    pg.locator("#learn-add").click()
+    pg.locator("#learn-painted").get_by_text("1 painted image(s)").wait_for()
+    pg.locator("#learn-start").click()
+    pg.locator("#learn-status").get_by_text("Learning finished").wait_for(timeout=180_000)
+    status = pg.locator("#learn-status").inner_text()  # 3 masks + 1 painted image: one of them held out
+    assert "3 training image(s)" in status and "1 held-out image(s)" in status, status
+    pg.wait_for_function("() => /learned-prompts[\\s\\S]*safetensors/.test("
+                         "document.querySelector('#learn-files').innerText)")  # name and extension: two spans
+    assert pg.locator("#learn-curve canvas, #learn-curve svg").count() >= 1
+    # the Segment tab now offers (and ticks) the session's prompts
+    pg.get_by_role("tab", name="Segment").click()
+    box = pg.locator("#prompt-sets label", has_text="in this browser session")
+    assert box.locator("input").is_checked()
+    pg.locator("#image input[type=file]").set_input_files(str(images[0]))
+    pg.locator("#vocabulary textarea").fill(", ".join(names))
+    pg.locator("#segment").click()
+    pg.locator("#summary").get_by_text("Learned · in this browser session").wait_for(timeout=120_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    pg.screenshot(path=str(ARTIFACTS / "demo_learn.png"), full_page=True)
+    pg.close()

@@ -15,7 +15,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from demo import build_demo  # noqa: E402
-from demo.layout import _timings  # noqa: E402
+from demo.messages import timings as _timings  # noqa: E402
 from demo.service import SegmentService  # noqa: E402
 from demo.sources import DemoInputError  # noqa: E402
 from demo.testing import serve, small_models  # noqa: E402

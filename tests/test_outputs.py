@@ -178,3 +178,23 @@ def test_fetch_whole_detects_a_short_body(tmp_path):
         assert "server's file" in why
     finally:
         server.shutdown()
+
+
+def test_concurrent_learn_jobs_download_whole_files(tmp_path):
+    """The Learn tab's downloads under the same race: three clients (the admission limit: one running, two
+    waiting) learn from identical inputs with the same seed, so their checkpoints are byte-identical files at
+    one content-addressed path; every job succeeds and every downloaded file is whole."""
+    from demo.testing import small_models
+
+    rng = np.random.default_rng(0)
+    img, mask = tmp_path / "a.png", tmp_path / "a_mask.png"
+    Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(img)
+    labels = np.zeros((48, 48), np.uint8)
+    labels[:24] = 1
+    Image.fromarray(labels).save(mask)
+    demo = build_demo(small_models(tmp_path / "models", short_side=64))
+    with serve(demo) as url:
+        call = ("background, sky", [handle_file(str(img))], [handle_file(str(mask))], 1, 10, 60, [])
+        result = load_test(url, [[call]] * 3, api_name="/learn", timeout=300)
+        assert result.failures == [] and len(result.latencies) == 3
+        assert result.files == 3 * 2  # .safetensors + .json per job

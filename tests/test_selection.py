@@ -156,7 +156,7 @@ def test_early_stopping_and_no_selection(voc):
 def test_warm_start_fits_the_template_embeddings(voc):
     from mvpseg.handcrafted import TemplatePrompts
     from mvpseg.prompts import LearnedPrompts
-    from training.warm_start import fit_to_templates
+    from mvpseg.learning import fit_to_templates
 
     _, clip_args = voc
     clip = _clip(clip_args)
@@ -180,7 +180,7 @@ def test_warm_start_under_ocloss_keeps_the_fit_and_pulls_the_views_apart(voc):
     from mvpseg.handcrafted import TemplatePrompts
     from mvpseg.losses import oc_loss
     from mvpseg.prompts import LearnedPrompts
-    from training.warm_start import fit_to_templates
+    from mvpseg.learning import fit_to_templates
 
     _, clip_args = voc
     clip = _clip(clip_args)
@@ -270,8 +270,7 @@ def test_temperature_calibration_moves_only_the_temperatures_and_lowers_the_loss
     from mvpseg.losses import LossWeights
     from mvpseg.model import MVPSeg
     from mvpseg.prompts import LearnedPrompts
-    from training.distributed import DistContext
-    from training.warm_start import calibrate_temperatures
+    from mvpseg.learning import calibrate_temperatures
 
     _, clip_args = voc
     clip = _clip(clip_args)
@@ -279,7 +278,6 @@ def test_temperature_calibration_moves_only_the_temperatures_and_lowers_the_loss
     g = torch.Generator().manual_seed(0)
     batches = [(torch.rand(2, 3, 64, 64, generator=g), torch.randint(0, 4, (2, 64, 64), generator=g))
                for _ in range(4)]
-    ctx = DistContext()
 
     def loss_and_argmax(model):
         with torch.no_grad():
@@ -293,9 +291,11 @@ def test_temperature_calibration_moves_only_the_temperatures_and_lowers_the_loss
         model = MVPSeg(clip, LearnedPrompts(clip.text_width, n_seg=3, n_ctx=4, use_global=use_global))
         ctx_before = model.prompts.ctx.detach().clone()
         loss0, arg0 = loss_and_argmax(model)
-        tau1, tau2 = calibrate_temperatures(model, None, names, batches * 5, lambda x, y: (x, y),
+        with torch.no_grad():  # the calibration works on dense features (cached or computed per batch)
+            feats = [(model.image_features(x), y) for x, y in batches]
+        tau1, tau2 = calibrate_temperatures(model, None, names, feats * 5,
                                             lambda out, y: model.losses(out, y, LossWeights(oc=0.0))["total"],
-                                            steps=20, lr=0.05, ctx=ctx)
+                                            steps=20, lr=0.05)
         loss1, arg1 = loss_and_argmax(model)
         assert torch.equal(model.prompts.ctx.detach(), ctx_before)
         assert tau1 == pytest.approx(float(model.prompts.tau1().detach())) and tau1 != pytest.approx(100 / 3, rel=1e-3)

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from mvpseg.learning import OPTIMIZERS, LearnRecipe
+from mvpseg.learning import build_optimizer as _build_optimizer
 from mvpseg.losses import LossWeights
 
 from .cli import add_clip_args, add_data_args, add_runtime_args
@@ -40,7 +42,6 @@ RECIPES = {
                   seg_reduction="pixel", init_fit=0, lambda_prior=0.0, init_fit_oc=False,
                   calib_steps=0, cls_mode="bce"),
 }
-OPTIMIZERS = ("sgd", "adamw")  # sgd: the paper's; adamw: an extension (build_optimizer)
 # Handcrafted sets the warm start and anchor can use (names of mvpseg.baseline_prompt_sets(); the first is the
 # fallback), or "auto": the best of them on the validation images (train_prompts.choose_prior).
 HANDCRAFTED = ("maskclip-85", "a-photo-of", "parts")
@@ -134,6 +135,15 @@ class TrainConfig:
     def loss_weights(self) -> LossWeights:
         return LossWeights(seg=self.lambda_seg, cls=self.lambda_cls if self.use_global else 0.0,
                            oc=self.lambda_oc)
+
+    @property
+    def learn_recipe(self) -> LearnRecipe:
+        """What each learning step does (``mvpseg.learning``, shared with the demo's Learn tab)."""
+        return LearnRecipe(optimizer=self.optimizer, lr=self.lr, momentum=self.momentum,
+                           weight_decay=self.weight_decay, lambda_seg=self.lambda_seg, lambda_cls=self.lambda_cls,
+                           lambda_oc=self.lambda_oc, cls_mode=self.cls_mode, seg_reduction=self.seg_reduction,
+                           lambda_prior=self.lambda_prior, init_fit=self.init_fit, init_fit_lr=self.init_fit_lr,
+                           init_fit_oc=self.init_fit_oc, calib_steps=self.calib_steps, calib_lr=self.calib_lr)
 
     @property
     def schedule(self) -> LRSchedule:
@@ -273,13 +283,5 @@ def _config_record(cfg: TrainConfig) -> dict:
 
 
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    """The paper's momentum SGD, or AdamW (decoupled weight decay, default betas; an extension).
-    AdamW's steps are ≈ lr per coordinate whatever the gradient's scale, while SGD's first steps follow
-    the largest term, λ_OC · L_OC (≈ 50 of a total ≈ 60 at random initialisation in the toy world).
-    In the toy world's 150-iteration runs SGD moved τ1 from 33 to ≈ 7, AdamW to 27–31 (docs/history/toyworld-attempts.md,
-    attempt 6)."""
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {OPTIMIZERS}")
+    """The optimiser of ``cfg``'s recipe (``mvpseg.learning.build_optimizer``)."""
+    return _build_optimizer(cfg.learn_recipe, params)

@@ -41,7 +41,7 @@ import torch
 from mvpseg.checkpoint import save_prompts
 from mvpseg.clip_backbone import load_clip
 from mvpseg.dense import default_dense_mode
-from mvpseg.losses import anchor_loss
+from mvpseg.learning import PromptLearner
 from mvpseg.model import MVPSeg
 from mvpseg.prompts import LearnedPrompts
 
@@ -52,14 +52,14 @@ from .datasets import UNREADABLE_RECORD, build_dataset, get_profile, unreadable_
 from .distributed import (DistContext, all_reduce_sum, average_gradients, barrier,
                           distributed_session, rng_state, seed_everything)
 from .recipe import (HANDCRAFTED, LEGACY_DEFAULTS, OPTIMIZERS, RECIPES, RESUME_KEYS,  # noqa: F401 (re-exported)
-                     VARIANTS, TrainConfig, _config_record, build_optimizer, config_from_args, resume_keys)
+                     VARIANTS, TrainConfig, _config_record, config_from_args, resume_keys)
 from .recipe import build_parser as _build_parser
 from .runlog import JsonlLogger, Progress
 from .selection import (BestTracker, IndexView, ValidationSet, choose_holdout, prob_better, summarise,
                         validation_indices)
 from .shared_prefix import SharedPrefixEncoder, supports_shared_prefix
 from .tensorboard_log import MaskSnapshot, open_tensorboard, prompt_view_rows
-from .warm_start import CALIBRATION_SEED_OFFSET, calibrate_temperatures, fit_to_templates
+from .warm_start import CALIBRATION_SEED_OFFSET
 
 log = logging.getLogger("mvpseg.train")
 
@@ -157,9 +157,18 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         else:
             log.warning("%s: no shared-prefix encoding for this text tower; using the plain encoder",
                         clip.spec.describe())
-    params = model.trainable_parameters()
-    opt = build_optimizer(cfg, params)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(args.amp, ctx.device.type) == torch.float16)
+    dtype = amp_dtype(args.amp, ctx.device.type)
+
+    def amp():
+        return torch.autocast(ctx.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    # one learning step, the warm start and the calibration: mvpseg.learning (the demo's Learn tab runs it too);
+    # DDP enters as the gradient average and L_seg's share of the global batch
+    learner = PromptLearner(model, cfg.learn_recipe, encoder=encoder, scaler=scaler, amp=amp,
+                            reduce_grads=lambda ps: average_gradients(ps, ctx),
+                            seg_weight=lambda y: seg_loss_weight(y, ctx))
+    opt = learner.opt
     tracker = BestTracker(patience=cfg.patience, confidence=cfg.select_confidence)
 
     start = 0 if resume_path is None else restore_state(
@@ -190,8 +199,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     prior = targets if cfg.lambda_prior > 0 else None
     if cfg.init_fit > 0 and resume_path is None:  # every process does the same deterministic steps
         t = time.perf_counter()
-        fit_cos, fit_oc = fit_to_templates(prompts, clip, encoder, vocab, targets, cfg.init_fit, cfg.init_fit_lr,
-                                           cfg.lambda_oc if cfg.init_fit_oc else 0.0)
+        fit_cos, fit_oc = learner.warm_start(vocab, targets)
         log.info("warm start: %d text-only steps, mean cosine to the %s embeddings %.3f, OCLoss %.3f (%.1f s)",
                  cfg.init_fit, prior_name, fit_cos, fit_oc, time.perf_counter() - t)
     overrides = {"pad_value": tuple(clip.pixel_mean.flatten().tolist())}
@@ -203,33 +211,22 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     stream = TrainStream(stream_data, transform, cfg.global_batch,
                          cfg.max_iters, cfg.seed, ctx.rank, ctx.world_size, start_iter=start, fresh=fresh)
     loader = train_loader(stream, num_workers=args.num_workers)
-    dtype = amp_dtype(args.amp, ctx.device.type)
+    sched = cfg.schedule
 
-    def amp():
-        return torch.autocast(ctx.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-    def prepare(images, labels):
-        return (clip.normalize(images.to(ctx.device, non_blocking=True)),
-                holdout.to_training_labels(labels.to(ctx.device, non_blocking=True)))
-
-    weights, sched = cfg.loss_weights, cfg.schedule
-
-    def training_loss(outputs, labels, weights=weights):
-        """Eq. 10 terms and their total, L_seg's pixel mean rescaled to the global batch's (class mean: each
-        process's, averaged over processes)."""
-        losses = model.losses(outputs, labels, weights, cfg.cls_mode, seg_reduction=cfg.seg_reduction)
-        w_seg = seg_loss_weight(labels, ctx) if cfg.seg_reduction == "pixel" else 1.0
-        return losses, losses["total"] + (w_seg - 1.0) * weights.seg * losses["seg"]
+    def features(batches):
+        """(dense features, training labels) per batch: the frozen image tower, once per batch."""
+        for images, labels in batches:
+            images = clip.normalize(images.to(ctx.device, non_blocking=True))
+            with amp(), torch.no_grad():
+                feats = model.image_features(images)
+            yield feats, holdout.to_training_labels(labels.to(ctx.device, non_blocking=True))
 
     taus = None
     if cfg.calib_steps > 0 and resume_path is None:
         calib = TrainStream(stream_data, transform, cfg.global_batch, cfg.calib_steps,
                             cfg.seed + CALIBRATION_SEED_OFFSET, ctx.rank, ctx.world_size, fresh=fresh)
         t = time.perf_counter()
-        no_oc = replace(weights, oc=0.0)  # OCLoss (and the anchor) do not depend on τ
-        taus = calibrate_temperatures(model, encoder, vocab, train_loader(calib, num_workers=args.num_workers),
-                                      prepare, lambda out, y: training_loss(out, y, no_oc)[1],
-                                      cfg.calib_steps, cfg.calib_lr, ctx, amp)
+        taus = learner.calibrate(vocab, features(train_loader(calib, num_workers=args.num_workers)))
         log.info("calibrated temperatures: τ1 %.2f, τ2 %s (%d steps, %.1f s)", taus[0],
                  "-" if taus[1] is None else f"{taus[1]:.4f}", cfg.calib_steps, time.perf_counter() - t)
 
@@ -283,35 +280,23 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     if validation is not None and start == 0 and cfg.init_fit > 0:
         validate(0)  # the warm start itself is a candidate: learning must beat it on held-out classes
     stopped = tracker.should_stop
-    for images, labels in ([] if stopped else loader):
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    for feats, labels in ([] if stopped else features(loader)):
         lr = sched.apply(opt, it)
-        images, labels = prepare(images, labels)
-        with amp():
-            with torch.no_grad():
-                feats = model.image_features(images)  # frozen image tower, once per batch
-            # one text-tower pass for all (k+1)·C prompts (gradients flow into the prompt vectors)
-            text = encoder.encode(prompts, vocab) if encoder else model.text_features(vocab)
-            outputs = model.head(feats, text)
-        losses, total = training_loss(outputs, labels)
-        if prior is not None:
-            total = total + cfg.lambda_prior * anchor_loss(text.seg, prior)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        average_gradients(params, ctx)
-        scaler.step(opt)
-        scaler.update()
+        # one text-tower pass for all (k+1)·C prompts (gradients flow into the prompt vectors), Eq. 10 + anchor
+        losses = learner.step(feats, labels, vocab, prior=prior)
         it += 1
 
         terms = torch.stack([losses[k].detach().float() for k in ("total", "seg", "cls", "oc")])
         terms = all_reduce_sum(terms, ctx) / ctx.world_size
-        ips = bar.update(images.shape[0] * ctx.world_size,
+        ips = bar.update(feats.shape[0] * ctx.world_size,
                          **dict(zip(("loss", "seg", "cls", "oc"), terms.tolist())), lr=lr)
         tau2 = prompts.tau2()
         logger.log({"iter": it, "lr": lr, **dict(zip(("loss", "seg", "cls", "oc"), terms.tolist())),
                     "tau1": float(prompts.tau1().detach()),
                     "tau2": None if tau2 is None else float(tau2.detach()),
-                    "img_per_s": ips, "step_s": time.perf_counter() - t0})
+                    "img_per_s": ips, "step_s": time.perf_counter() - t0})  # data, image tower and step
+        t0 = time.perf_counter()
         if tb:
             tb.grid_step(it)
         if validation is not None and (it % cfg.val_every == 0 or it == cfg.max_iters):
