@@ -41,8 +41,6 @@ VOCAB = {"toy": "background, red cat, blue bird, green owl, brick, water, grass,
          "vit": "person, uniform, tie, flag, wall, curtain, medal, sky"}
 EXTRA = {"toy": "sand", "rn50": "chair", "vit": "chair"}
 SETS = ["maskclip-85", "parts", "a-photo-of"]
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def load(model: str):
@@ -86,18 +84,11 @@ def report(model: str, kind: str, rows: list[dict[str, float]]) -> None:
 
 
 def browser_paint(url: str, image: Path, vocabulary: str, repeats: int) -> None:
-    """Full page paint after clicking Segment (a vocabulary not seen yet, then the same again), against the page's own handler total."""
-    import shutil
+    """Full page paint after clicking Segment (a vocabulary not seen yet, then the same again), against the
+    page's own handler total."""
+    from demo.testing import browser_page
 
-    from playwright.sync_api import sync_playwright
-
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(180_000)
-        page.goto(url)
-        page.wait_for_selector("#segment")
+    with browser_page(url, timeout_ms=180_000) as page:
         page.locator("#image input[type=file]").set_input_files(str(image))
         page.wait_for_function("() => document.querySelector('#image img') !== null")
         page.locator("#vocabulary textarea").fill(vocabulary)
@@ -129,7 +120,6 @@ def browser_paint(url: str, image: Path, vocabulary: str, repeats: int) -> None:
             handler = float(text[len(text) - 1 - text[::-1].index("total") + 1])  # the cell after "total"
             print(f"      browser {kind}: paint {paint:6.3f} s | handler {handler:6.3f} s | paint/handler "
                   f"{paint / handler:.2f}× (bound 2×: {'met' if paint <= 2 * handler else 'MISSED'})")
-        browser.close()
 
 
 def main(argv: list[str] | None = None) -> int:

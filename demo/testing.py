@@ -222,3 +222,35 @@ def load_test(url: str, calls: "list[list[tuple]]", api_name: str = "/segment", 
     for t in threads:
         t.join(timeout * max(len(c) for c in calls))
     return result
+
+
+# ---------------------------------------------------------------------------------------------- browser
+# Debian's chromium, headless, as root, offline: no sandbox, no GPU, none of its background connections
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def chromium_path() -> str | None:
+    """The system's chromium ($CHROMIUM_PATH, then PATH, then /usr/bin/chromium), or None."""
+    import os
+    import shutil
+
+    return next((p for p in (os.environ.get("CHROMIUM_PATH"), shutil.which("chromium"),
+                             shutil.which("chromium-browser"), "/usr/bin/chromium") if p and Path(p).is_file()), None)
+
+
+@contextmanager
+def browser_page(url: str, width: int = 1400, height: int = 1000, timeout_ms: int = 120_000):
+    """A Playwright page of the system's chromium on the demo at ``url``, once its Segment button is there."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(timeout_ms)
+            page.goto(url)
+            page.wait_for_selector("#segment")
+            yield page
+        finally:
+            browser.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,8 +18,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,15 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     grid, _ = render.view_grid(rgb, result, visualize.palette(len(result.classes)))
     Image.fromarray(grid).convert("RGB").save(out / "view_masks.jpg", quality=85)  # heat maps: JPEG is 8× smaller
 
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    from playwright.sync_api import sync_playwright
+    from demo.testing import browser_page
 
-    with serve(build_demo(models)) as url, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(120_000)
-        page.goto(url)
-        page.wait_for_selector("#segment")
+    with serve(build_demo(models)) as url, browser_page(url, width=1280, height=900) as page:
         page.locator("#image input[type=file]").set_input_files(str(image_path))
         page.locator("#vocabulary textarea").fill(example["vocabulary"])
         page.locator("#segment").click()
@@ -81,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
                                    " return r.bottom + window.scrollY; }")) + 40
         full.crop((0, 0, full.width, min(full.height, bottom))).save(out / "page.jpg", quality=85)
         shot.unlink()
-        browser.close()
     print(f"wrote {out / 'page.jpg'} and {out / 'view_masks.jpg'}")
     return 0
 

@@ -7,7 +7,6 @@ screenshot is saved to ``test-artifacts/demo_browser.png``.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,21 +14,20 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest
 
+from demo.testing import chromium_path
+
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
 EXAMPLES = REPO / "assets" / "examples"
-CHROMIUM = next((p for p in (os.environ.get("CHROMIUM_PATH"), shutil.which("chromium"),
-                             shutil.which("chromium-browser"), "/usr/bin/chromium") if p and Path(p).is_file()), None)
+CHROMIUM = chromium_path()
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 if CHROMIUM is None:
     pytest.skip("no chromium executable (apt-get install -y chromium; .ci/run installs it)", allow_module_level=True)
 
 from demo import build_demo  # noqa: E402
-from demo.testing import serve, small_models  # noqa: E402
+from demo.testing import CHROMIUM_ARGS, serve, small_models  # noqa: E402
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 TIMEOUT_MS = 90_000
 
 

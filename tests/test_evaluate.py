@@ -116,3 +116,31 @@ def test_limit_and_errors(env, tmp_path):
     other = write_tiny_clip(tmp_path / "other", seed=1)  # same architecture, other weights
     with pytest.raises(CheckpointError, match="another CLIP"):
         run(root, other, "--data", f"voc={root / 'data' / 'VOCdevkit'}", "--prompts", f"x={ckpt}")
+
+
+def test_gpr_separation_is_reported_for_sets_with_a_global_prompt(env, tmp_path):
+    """Issue #28's measurement: per image, GPR's scores of present vs absent classes (ROC-AUC, separation),
+    seen and unseen apart — equal to GPRStats fed directly with the model's outputs; none for the templates."""
+    from training.gpr_metrics import GPRStats
+
+    root, clip_args, clip, prompts, ckpt = env
+    rep = run(root, clip_args, "--data", f"voc={root / 'data' / 'VOCdevkit'}", "--prompts", f"mine={ckpt}",
+              "--baselines", "maskclip-85", "--out", str(tmp_path / "out"))
+    got = rep["results"]["voc20"]
+    assert got["maskclip-85"]["gpr"] is None and set(got["mine"]["gpr"]) == {"seen", "unseen"}
+    model = MVPSeg(clip, prompts.eval(), gamma=10.0)
+    ds = build_dataset("voc", root / "data" / "VOCdevkit", "val")
+    tf = EvalTransform(scale=(128, 64))
+    stats = GPRStats(len(ds.class_names), tuple(ds.unseen_indices))
+    with torch.no_grad():
+        for i in range(len(ds)):
+            image, label = tf(*ds[i])
+            out = model(clip.normalize(image[None]), tuple(ds.prompt_names))
+            stats.update(out.gpr_logits[0], label)
+    want = stats.summary()
+    for group in ("seen", "unseen"):
+        for key in ("auc", "separation", "g_present", "g_absent"):
+            w = want[group][key]
+            assert (got["mine"]["gpr"][group][key] is None) if math.isnan(w) else \
+                got["mine"]["gpr"][group][key] == pytest.approx(w, abs=1e-4), (group, key)
+    assert "GPR class scores, present vs absent" in (tmp_path / "out" / "results.md").read_text()

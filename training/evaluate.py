@@ -26,7 +26,9 @@ if not __package__:  # run by path (python training/evaluate.py): import as the 
 import argparse
 import contextlib
 import logging
+import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,6 +47,7 @@ from .cli import (add_clip_args, add_label_offset_args, add_runtime_args, amp_dt
 from .data import EvalShard, eval_loader
 from .datasets import DatasetError, build_dataset, get_profile
 from .datasets.folder import compose_spec
+from .gpr_metrics import GPRStats
 from .distributed import DistContext, distributed_session, seed_everything
 from .metrics import (ConfusionMatrix, SegScores, cross_table, dumps, per_class_table, summarize,
                       summary_table)
@@ -83,6 +86,8 @@ def evaluate_dataset(clip: FrozenCLIP, methods, dataset, transform, ctx: DistCon
     texts = {name: ps.encode(clip, vocab).detach() for name, (ps, _) in methods.items()}
     temps = {name: (ps.tau1(), ps.tau2(), g) for name, (ps, g) in methods.items()}
     cms = {name: ConfusionMatrix(len(vocab), dataset.ignore_index) for name in methods}
+    unseen = tuple(dataset.unseen_indices)
+    gprs = {name: GPRStats(len(vocab), unseen) for name, text in texts.items() if text.glob is not None}
     shard = EvalShard(dataset, transform, ctx.rank, ctx.world_size, limit)
     bar = Progress(len(shard), enabled=progress and ctx.is_main, desc=f"eval {dataset.name}")
     cast = (torch.autocast(ctx.device.type, dtype=amp) if amp is not None
@@ -102,15 +107,23 @@ def evaluate_dataset(clip: FrozenCLIP, methods, dataset, transform, ctx: DistCon
                 logits = pamr(guide, logits)
             pred = logits.argmax(1)[0]
             cms[name].update(pred, label)
+            if name in gprs:
+                gprs[name].update(out.gpr_logits[0], label, dataset.ignore_index)
         bar.update(ctx.world_size)
     bar.close()
-    unseen = tuple(dataset.unseen_indices)
     names = tuple(dataset.class_names)
     scores = {}
     for name, cm in cms.items():
         cm.all_reduce()
         scores[name] = summarize(cm.mat.numpy(), names, unseen)
+        if name in gprs:
+            gprs[name].all_reduce()
+            scores[name] = replace(scores[name], gpr=gprs[name].summary())
     return scores
+
+
+def _fmt3(v: float) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
 def render_markdown(results: dict[str, dict[str, SegScores]], header: dict) -> str:
@@ -120,6 +133,13 @@ def render_markdown(results: dict[str, dict[str, SegScores]], header: dict) -> s
         lines += ["", f"## {ds}", "", summary_table(list(scores.items())), "",
                   "<details><summary>per-class IoU (unseen classes marked *)</summary>", "",
                   per_class_table(list(scores.items())), "", "</details>"]
+        gpr_rows = [(m, s.gpr) for m, s in scores.items() if s.gpr is not None]
+        if gpr_rows:
+            lines += ["", "GPR class scores, present vs absent per image (ROC-AUC; separation = mean g(present) − "
+                      "mean g(absent)):", "", "| prompts | AUC seen | AUC unseen | sep. seen | sep. unseen |",
+                      "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {m} | {_fmt3(g['seen']['auc'])} | {_fmt3(g['unseen']['auc'])} | "
+                      f"{_fmt3(g['seen']['separation'])} | {_fmt3(g['unseen']['separation'])} |" for m, g in gpr_rows]
     if len(results) > 1:
         grid: dict[str, dict[str, float]] = {}
         for ds, scores in results.items():

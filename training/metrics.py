@@ -76,9 +76,13 @@ class SegScores:
     miou_unseen: float
     hiou: float
     pixel_acc: float
+    # GPR's present/absent separation (training.gpr_metrics.GPRStats.summary) for sets with a global prompt
+    gpr: dict | None = None
 
     def as_dict(self) -> dict:
         d = asdict(self)
+        if self.gpr is not None:
+            d["gpr"] = {group: {k: _json_num(v) for k, v in vals.items()} for group, vals in self.gpr.items()}
         d["per_class"] = [
             {"class": n, "unseen": i in self.unseen, "iou": _json_num(v)}
             for i, (n, v) in enumerate(zip(self.class_names, self.iou))
