@@ -287,6 +287,36 @@ def test_toyworld_background_ignore_is_vocs_reduce_zero_label():
         assert (np.array(seen.class_names)[s[s != 255]] == names[world[s != 255]]).all()
 
 
+def test_toyworld_voc_like_layout_names_and_scores_only_the_creatures():
+    """The VOC-like layout (issues #24/#27/#28): ``world=voc,background=ignore,stuff=ignore`` — background and
+    the four stuff classes become 255 and leave the vocabulary, the 16 creatures keep their names in world order,
+    the unseen creatures of the split stay unseen (a stuff name in the split drops out), and an image holds one
+    or two of the 16 classes, so most classes are absent from any one image."""
+    from training import toyworld as tw
+
+    spec = "length=40,seed=0,world=voc,background=ignore,stuff=ignore"
+    full = build_dataset("toyworld", spec, "val", label_space="full")
+    raw = tw.ToyWorld(split="val", length=40, seed=0, config="voc", hide_unseen=False)
+    assert full.class_names == tuple(tw.OBJECT_NAMES) and len(full.class_names) == 16
+    assert sorted(full.class_names[u] for u in full.unseen_indices) == sorted(n for n in tw.UNSEEN_NAMES
+                                                                               if n in tw.OBJECT_NAMES)
+    present = []
+    for i in range(40):
+        img, f = full[i]
+        _, world = raw[i]
+        assert img.shape == (96, 96, 3)
+        dropped = (world == 0) | np.isin(world, [tw.CLASS_NAMES.index(n) for n in tw.STUFF])
+        assert np.array_equal(f == 255, dropped)
+        names = np.array(tw.CLASS_NAMES)
+        assert (np.array(full.class_names)[f[~dropped]] == names[world[~dropped]]).all()
+        present.append(len(set(np.unique(f)) - {255}))
+    assert max(present) <= 2 and np.mean(present) >= 1.0  # occlusion and the frame may hide a creature
+    other = build_dataset("toyworld", "length=2,seed=0,world=voc,stuff=ignore,unseen=b", "val")
+    assert "background" in other.class_names and "water" not in other.class_names
+    with pytest.raises(ValueError, match="toyworld spec"):
+        build_dataset("toyworld", "stuff=drop", "val")
+
+
 def test_toyworld_zoom_spec_magnifies_images_and_labels():
     plain = build_dataset("toyworld", "length=2,seed=1", "val", label_space="seen")
     zoomed = build_dataset("toyworld", "length=2,seed=1,zoom=2", "val", label_space="seen")

@@ -3,7 +3,8 @@
 The toy world has no files: ``--data-root`` is a spec such as ``"length=400,seed=0,world=crowded"``
 (keys ``length``, ``seed``, ``image_size``, ``zoom`` (pixel magnification, ``WorldConfig.zoom``),
 ``world`` = a name in ``training.toyworld.WORLDS``,
-``background`` = ``class`` | ``ignore``, ``unseen`` = a key of ``training.toyworld.UNSEEN_SPLITS`` (the
+``background`` = ``class`` | ``ignore``, ``stuff`` = ``class`` | ``ignore`` (ignore: stuff pixels become 255 and
+the four stuff names leave the vocabulary, as VOC's background does), ``unseen`` = a key of ``training.toyworld.UNSEEN_SPLITS`` (the
 zero-shot split, default ``a``); empty or ``-`` for the defaults: 200 images, seed 0, the 256 px
 "sparse" world, background scored as class 0).  Labels arrive with every class visible; the label space
 (full / seen) is applied here exactly as for the real datasets.
@@ -39,15 +40,15 @@ def parse_spec(spec) -> dict:
             key in ("length", "seed", "image_size") and value.isdigit()
             or key == "zoom" and value.isdigit() and int(value) >= 1
             or key == "world" and value in WORLDS
-            or key == "background" and value in BACKGROUND_MODES
+            or key in ("background", "stuff") and value in BACKGROUND_MODES
             or key == "unseen" and value in UNSEEN_SPLITS)
         if not ok:
             raise DatasetSpecError(f"bad toyworld spec {text!r} at {part!r}: expected e.g. "
-                             f"'length=400,seed=0,world=crowded,background=ignore,zoom=2' (worlds: "
+                             f"'length=400,seed=0,world=voc,background=ignore,stuff=ignore,zoom=2' (worlds: "
                              f"{', '.join(sorted(WORLDS))}; background: {' | '.join(BACKGROUND_MODES)}; "
                              f"unseen: {' | '.join(sorted(UNSEEN_SPLITS))}; "
                              f"each key once)")
-        out[key] = value if key in ("world", "background", "unseen") else int(value)
+        out[key] = value if key in ("world", "background", "stuff", "unseen") else int(value)
     # Bounds, so a typo cannot ask for a 100000 px world (≈ 10 GB per image) or an empty one.
     side = out.get("image_size", 256) * out.get("zoom", 1)
     if not 16 <= out.get("image_size", 256) or side > MAX_SIDE or out.get("zoom", 1) > 8:
@@ -68,19 +69,24 @@ class ToyWorldDataset(LabelSpace):
             raise ValueError(f"label_space must be 'full' or 'seen', got {label_space!r}")
         opts = parse_spec(spec)
         self.background = opts.pop("background", "class")
+        self.stuff = opts.pop("stuff", "class")
         self.unseen_split = opts.pop("unseen", "a")
         if "world" in opts:
             opts["config"] = opts.pop("world")
         self.name = "toyworld"
         self.world = tw.ToyWorld(split=split, hide_unseen=False, **opts)
         self.pixel_scale = self.world.config.zoom  # training crops grow with it (DatasetProfile.train_transform)
-        # World class id -> full-label-space id; background (world id 0) drops out when ignored.
-        first = 1 if self.background == "ignore" else 0
-        names = tuple(tw.CLASS_NAMES[first:])
+        # World class id -> full-label-space id; background (world id 0) and the stuff classes drop out
+        # (their pixels become IGNORE_INDEX) when ignored.
+        dropped = ({tw.BACKGROUND} if self.background == "ignore" else set()) | \
+            (set(tw.STUFF) if self.stuff == "ignore" else set())
+        names = tuple(n for n in tw.CLASS_NAMES if n not in dropped)
         full = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-        full[first: len(tw.CLASS_NAMES)] = np.arange(len(names))
-        unseen = [tw.CLASS_NAMES.index(n) for n in tw.UNSEEN_SPLITS[self.unseen_split]]
-        self.split = ClassSplit(names, names, tuple(u - first for u in unseen))
+        for i, n in enumerate(tw.CLASS_NAMES):
+            if n not in dropped:
+                full[i] = names.index(n)
+        unseen = [names.index(n) for n in tw.UNSEEN_SPLITS[self.unseen_split] if n in names]
+        self.split = ClassSplit(names, names, tuple(unseen))
         self.label_space = label_space
         self.ignore_index = IGNORE_INDEX
         self.skipped = 0
@@ -108,7 +114,7 @@ class ToyWorldDataset(LabelSpace):
 
     def __repr__(self) -> str:
         return (f"ToyWorldDataset({self.world.split}, {len(self)} images, {self.num_classes} classes, "
-                f"label_space={self.label_space}, background={self.background})")
+                f"label_space={self.label_space}, background={self.background}, stuff={self.stuff})")
 
 
 def toyworld_dataset(spec, split: str, label_space: str = "full") -> ToyWorldDataset:
