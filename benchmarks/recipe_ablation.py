@@ -40,7 +40,10 @@ WORLDS = {"sparse": "world=sparse", "crowded": "world=crowded", "medium-b": "wor
           # need the zoom-2 toy CLIP: --model-config assets/toyclip-zoom2/toyclip-zoom2.json --weights ...
           "sparse-zoom2": "world=sparse,zoom=2", "medium-zoom2": "world=medium,zoom=2",
           # designed for the eleventh addendum (is the crowded-layout tie the layout's or the CLIP's?)
-          "crowded-zoom2": "world=crowded,zoom=2"}
+          "crowded-zoom2": "world=crowded,zoom=2",
+          # the VOC-like layout (issues #24/#27/#28; docs/history/gpr-study.md): creatures only, background and
+          # stuff ignored
+          "voc": "world=voc,background=ignore,stuff=ignore"}
 # Arm → train_prompts arguments on top of the defaults ("old": the recipe documented before this study,
 # the issue's 20.6 row: SGD lr 2e-3, 40 warm-up, poly, 400 it × batch 8 on a fixed pool of 400 scenes,
 # λ3 = 100 on Eq. 5's sum, final iterate). Arms ride on the *current* defaults: the runs docs/recipe.md reports
@@ -58,6 +61,7 @@ ARMS: dict[str, list[str]] = {
     "tau1-100": ["--tau1-init", "100"],
     "cls-paper": ["--cls-loss", "paper"],  # Eq. 7 as printed (present classes only): the default since addendum 9
     "cls-bce": ["--cls-loss", "bce"],  # the full BCE over all classes: the default before the ninth addendum
+    "gpr-bias": ["--cls-loss", "bce", "--gpr-bias", "on"],  # calibrated GPR (H-GPR1, docs/history/gpr-study.md)
     # third addendum: AdamW steps a quarter of the default's (fixed at 5e-4 = 0.025 × the toy CLIPs'
     # token-embedding RMS), with 2× the iterations and validations half as often (the same number of checks)
     "lr-rel": ["--lr", "5e-4", "--max-iters", "1000", "--val-every", "100"],

@@ -16,7 +16,8 @@ class MVPSegOutput:
     view_masks: B×K×C×h×w cosine masks m^i_c (i = 1..K).
     fused_logits: B×C×h×w τ1·Σ_i m^i (Eq. 4 before the softmax over classes).
     global_mask: B×C×h×w m^0_c, or None without a global prompt.
-    gpr_logits: B×C (m^0_c · softmax_spatial(γ m^0_c)) / τ2, or None; the GPR score is its sigmoid.
+    gpr_logits: B×C (m^0_c · softmax_spatial(γ m^0_c)) / τ2 − β, or None; the GPR score is its sigmoid
+        (β = 0 unless the prompt set learned a bias: calibrated GPR).
     """
 
     view_masks: torch.Tensor
@@ -56,19 +57,22 @@ def view_masks(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bdhw,kcd->bkchw", features, text.to(features.dtype))
 
 
-def gpr_logits(global_mask: torch.Tensor, gamma: float, tau2: torch.Tensor | float) -> torch.Tensor:
-    """Eq. 6 before the sigmoid: global mask B×C×h×w → B×C, spatial softmax-weighted mean over τ2."""
+def gpr_logits(global_mask: torch.Tensor, gamma: float, tau2: torch.Tensor | float,
+               bias: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Eq. 6 before the sigmoid: global mask B×C×h×w → B×C, spatial softmax-weighted mean over τ2, minus the
+    logit offset ``bias`` (0: the paper's Eq. 6)."""
     flat = global_mask.flatten(2)
     weights = (gamma * flat).softmax(dim=-1)
-    return (flat * weights).sum(-1) / tau2
+    return (flat * weights).sum(-1) / tau2 - bias
 
 
 def segment(features: torch.Tensor, text: TextViews, tau1: torch.Tensor | float, tau2: torch.Tensor | float | None,
-            gamma: float = 10.0) -> MVPSegOutput:
-    """Applies the MVP-SEG head. features B×D×h×w; text.seg K×C×D; text.glob C×D or None."""
+            gamma: float = 10.0, gpr_bias: torch.Tensor | float = 0.0) -> MVPSegOutput:
+    """Applies the MVP-SEG head. features B×D×h×w; text.seg K×C×D; text.glob C×D or None; ``gpr_bias``: the
+    prompt set's ``gpr_bias()``."""
     masks = view_masks(features, text.seg)
     fused_logits = tau1 * masks.sum(dim=1)
     if text.glob is None or tau2 is None:
         return MVPSegOutput(masks, fused_logits, None, None)
     global_mask = view_masks(features, text.glob.unsqueeze(0))[:, 0]
-    return MVPSegOutput(masks, fused_logits, global_mask, gpr_logits(global_mask, gamma, tau2))
+    return MVPSegOutput(masks, fused_logits, global_mask, gpr_logits(global_mask, gamma, tau2, gpr_bias))

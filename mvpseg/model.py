@@ -36,7 +36,8 @@ class MVPSeg(nn.Module):
         return self.prompts.encode(self.clip, class_names)
 
     def head(self, features: torch.Tensor, text: TextViews) -> MVPSegOutput:
-        return segment(features, text, self.prompts.tau1(), self.prompts.tau2(), self.gamma)
+        return segment(features, text, self.prompts.tau1(), self.prompts.tau2(), self.gamma,
+                       self.prompts.gpr_bias())
 
     def forward(self, images: torch.Tensor, class_names: Sequence[str]) -> MVPSegOutput:
         return self.head(self.image_features(images), self.text_features(class_names))

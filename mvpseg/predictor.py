@@ -335,7 +335,7 @@ class Predictor:
         text = self.text_features(names, name)
         t1 = time.perf_counter()
         tau2 = ps.tau2()
-        out = segment(feats, text, ps.tau1(), tau2, self.gamma)
+        out = segment(feats, text, ps.tau1(), tau2, self.gamma, ps.gpr_bias())
         t2 = time.perf_counter()
         return Prediction(names, text.view_names, name, self._image_size, out, self._work_size,
                           {"text": t1 - t0, "head": t2 - t1}, self._input if self.pamr else None, self.dense)

@@ -54,6 +54,10 @@ class PromptSet(nn.Module):
         """Eq. 6 temperature (None when the set has no global prompt)."""
         return None
 
+    def gpr_bias(self) -> torch.Tensor | float:
+        """A logit offset subtracted inside Eq. 6's sigmoid (0 unless a set learned one: calibrated GPR)."""
+        return 0.0
+
     def encode(self, clip: FrozenCLIP, class_names: Sequence[str]) -> TextViews:
         raise NotImplementedError
 
@@ -74,7 +78,7 @@ class LearnedPrompts(PromptSet):
 
     def __init__(self, text_width: int, n_seg: int = 3, n_ctx: int = 32, use_global: bool = True,
                  tau1_init: float | None = None, tau2_init: float = 0.07, init_std: float = 0.02,
-                 name: str = "learned") -> None:
+                 name: str = "learned", gpr_bias: bool = False) -> None:
         super().__init__()
         if n_seg < 1 or n_ctx < 1:
             raise ValueError(f"need n_seg >= 1 and n_ctx >= 1, got {n_seg}, {n_ctx}")
@@ -92,6 +96,8 @@ class LearnedPrompts(PromptSet):
         # together (mean cosine 0.99), which erases the class names (docs/history/toyworld-attempts.md, "Six more attempts", item 2).
         self.log_tau1 = nn.Parameter(torch.tensor(tau1_init).log())
         self.log_tau2 = nn.Parameter(torch.tensor(float(tau2_init)).log(), requires_grad=use_global)
+        if gpr_bias:
+            self.enable_gpr_bias()
         self.view_names = tuple(f"prompt {i + 1}" for i in range(n_seg))
         self._token_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -110,6 +116,18 @@ class LearnedPrompts(PromptSet):
     def tau2(self) -> torch.Tensor | None:
         return self.log_tau2.exp() if self.use_global else None
 
+    def enable_gpr_bias(self, value: float = 0.0) -> None:
+        """Calibrated GPR: g_c = σ(s_c / τ2 − β) with a learned scalar β (logit units, like SigLIP's bias; init
+        ``value``). Without it, every g_c > 0.5 whenever the global prompt's cosines are positive — and CLIP's
+        are — so GPR cannot suppress an absent class (docs/history/gpr-study.md). Only with a global prompt."""
+        if not self.use_global:
+            raise ValueError("a GPR bias needs a global prompt (use_global=True)")
+        if "bias" not in self._parameters:
+            self.bias = nn.Parameter(torch.tensor(float(value), device=self.ctx.device))
+
+    def gpr_bias(self) -> torch.Tensor | float:
+        return self._parameters["bias"] if "bias" in self._parameters else 0.0
+
     def text_identity(self) -> tuple[tuple, dict[str, torch.Tensor]]:
         """The context vectors and the layout: the temperatures do not change the text embeddings."""
         return ((type(self).__qualname__, self.n_seg, self.n_ctx, self.use_global, self.view_names),
@@ -118,14 +136,19 @@ class LearnedPrompts(PromptSet):
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """What prompt checkpoints store: ``ctx`` (P×n_ctx×W) and the temperatures ``tau1``, ``tau2``
         themselves (0-d), float32 on the CPU; the file format does not depend on the parametrisation."""
-        return {"ctx": self.ctx.detach().float().cpu().contiguous(),
-                "tau1": self.log_tau1.detach().float().cpu().exp().reshape(()),
-                "tau2": self.log_tau2.detach().float().cpu().exp().reshape(())}
+        out = {"ctx": self.ctx.detach().float().cpu().contiguous(),
+               "tau1": self.log_tau1.detach().float().cpu().exp().reshape(()),
+               "tau2": self.log_tau2.detach().float().cpu().exp().reshape(())}
+        if "bias" in self._parameters:  # only calibrated sets write it: other files stay readable as before
+            out["gpr_bias"] = self.bias.detach().float().cpu().reshape(())
+        return out
 
     def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of ``checkpoint_tensors``, strict: exactly ``ctx`` (this set's shape) and 0-d ``tau1``,
         ``tau2``, all finite, temperatures positive; raises ValueError naming the first problem."""
         expected = {"ctx": tuple(self.ctx.shape), "tau1": (), "tau2": ()}
+        if "gpr_bias" in tensors and self.use_global:  # a calibrated GPR set
+            expected["gpr_bias"] = ()
         if set(tensors) != set(expected):
             raise ValueError(f"holds tensors {sorted(tensors)}, expected {sorted(expected)}")
         for key, shape in expected.items():
@@ -136,8 +159,12 @@ class LearnedPrompts(PromptSet):
         for key in ("tau1", "tau2"):
             if not tensors[key] > 0:
                 raise ValueError(f"temperature {key} must be a positive finite number, got {float(tensors[key])}")
-        self.load_state_dict({"ctx": tensors["ctx"], "log_tau1": tensors["tau1"].float().log(),
-                              "log_tau2": tensors["tau2"].float().log()}, strict=True)
+        state = {"ctx": tensors["ctx"], "log_tau1": tensors["tau1"].float().log(),
+                 "log_tau2": tensors["tau2"].float().log()}
+        if "gpr_bias" in tensors:
+            self.enable_gpr_bias()
+            state["bias"] = tensors["gpr_bias"].float()
+        self.load_state_dict(state, strict=True)
 
     def name_token_budget(self, clip: FrozenCLIP) -> int:
         """Tokens a class name may take after the n_ctx learned tokens (SOT, '.', EOT take three)."""

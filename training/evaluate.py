@@ -84,7 +84,7 @@ def evaluate_dataset(clip: FrozenCLIP, methods, dataset, transform, ctx: DistCon
     image resized to it (SCLIP's evaluation) before the argmax."""
     vocab = tuple(dataset.prompt_names)
     texts = {name: ps.encode(clip, vocab).detach() for name, (ps, _) in methods.items()}
-    temps = {name: (ps.tau1(), ps.tau2(), g) for name, (ps, g) in methods.items()}
+    temps = {name: (ps.tau1(), ps.tau2(), g, ps.gpr_bias()) for name, (ps, g) in methods.items()}
     cms = {name: ConfusionMatrix(len(vocab), dataset.ignore_index) for name in methods}
     unseen = tuple(dataset.unseen_indices)
     gprs = {name: GPRStats(len(vocab), unseen) for name, text in texts.items() if text.glob is not None}
@@ -100,8 +100,8 @@ def evaluate_dataset(clip: FrozenCLIP, methods, dataset, transform, ctx: DistCon
         guide = F.interpolate(x.float(), size=tuple(label.shape), mode="bilinear", align_corners=False) \
             if use_pamr else None
         for name, text in texts.items():
-            tau1, tau2, gamma = temps[name]
-            out = segment(feats.float(), text, tau1, tau2, gamma)
+            tau1, tau2, gamma, bias = temps[name]
+            out = segment(feats.float(), text, tau1, tau2, gamma, bias)
             logits = out.log_final(tuple(label.shape))
             if guide is not None:
                 logits = pamr(guide, logits)

@@ -52,7 +52,7 @@ RESUME_KEYS = ("dataset", "split", "n_seg", "n_ctx", "use_global", "gamma", "lam
                "warmup_iters", "warmup_ratio", "lr_policy", "max_iters", "global_batch", "seed",
                "crop_size", "train_scale", "clip", "pretrained", "select", "holdout_frac", "val_images",
                "val_every", "patience", "select_confidence", "fresh", "lambda_prior", "tau1_init",
-               "seg_reduction", "init_fit", "prior_prompts", "dense", "sliding")
+               "seg_reduction", "init_fit", "prior_prompts", "dense", "sliding", "gpr_bias")
 # Settings that only matter while selecting a model: a run with --select none ignores them, so they are not
 # compared on resume (a state written before they existed resumes under any of their values).
 SELECTION_KEYS = ("holdout_frac", "val_images", "val_every", "patience", "select_confidence")
@@ -71,7 +71,8 @@ def resume_keys(cfg: "TrainConfig") -> tuple[str, ...]:
 LEGACY_DEFAULTS = {"optimizer": "sgd", "select": "none", "holdout_frac": 0.25, "val_images": 64,
                    "val_every": 50, "patience": 4, "select_confidence": 0.0, "fresh": "off",
                    "lambda_prior": 0.0, "tau1_init": None,
-                   "seg_reduction": "pixel", "init_fit": 0, "prior_prompts": "maskclip-85", "sliding": None}
+                   "seg_reduction": "pixel", "init_fit": 0, "prior_prompts": "maskclip-85", "sliding": None,
+                   "gpr_bias": False}
 # (a state written before "dense" existed used the tower's default mode: train_prompts adds it per tower)
 
 
@@ -116,6 +117,7 @@ class TrainConfig:
     init_fit_oc: bool = False  # those steps also minimise λ_OC · L_OC, so the views start apart (docs/history/recipe-addenda.md, 4th/6th addenda)
     calib_steps: int = 50  # Adam steps fitting log τ1/log τ2 alone before learning (context frozen)
     calib_lr: float = 0.05
+    gpr_bias: bool = False  # calibrated GPR: a learned logit offset in Eq. 6 (LearnedPrompts.enable_gpr_bias)
     prior_prompts: str = "auto"  # handcrafted set behind the warm start and the anchor (PRIOR_CHOICES)
     crop_size: int | None = None
     train_scale: tuple[int, int] | None = None
@@ -191,6 +193,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="L_cls: paper = Eq. 7 as printed (present classes only, so g_c → 1 and GPR turns neutral); "
                         "bce = binary cross-entropy over all classes (GPR can suppress absent ones). Default: the "
                         "recipe's (default: paper, docs/history/recipe-addenda.md, ninth addendum; paper: bce)")
+    p.add_argument("--gpr-bias", default="off", choices=["on", "off"],
+                   help="calibrated GPR: learn a logit offset β in Eq. 6, g_c = σ(s_c/τ2 − β) (with a global prompt "
+                        "only; docs/history/gpr-study.md). Off: the paper's Eq. 6")
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                    help="defaults of the learning recipe: default (docs/recipe.md) | paper (sec. 4.3)")
     p.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS),
@@ -270,6 +275,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         lambda_prior=pick("lambda_prior"), tau1_init=a.tau1_init, seg_reduction=pick("seg_reduction"),
         init_fit=pick("init_fit"), init_fit_lr=a.init_fit_lr, init_fit_oc=pick("init_fit_oc") in (True, "on"),
         calib_steps=pick("calib_steps"), calib_lr=a.calib_lr,
+        gpr_bias=a.gpr_bias == "on" and v["use_global"] and not a.no_global,
         prior_prompts=a.prior_prompts, dense=getattr(a, "dense", None),
         sliding=tuple(a.sliding) if getattr(a, "sliding", None) else None,
     )

@@ -153,7 +153,7 @@ class ValidationSet:
         mats = []
         for feats, label in zip(self.features, self.labels):
             cm = ConfusionMatrix(len(vocabulary))
-            out = segment(feats, text, tau1, tau2, model.gamma)
+            out = segment(feats, text, tau1, tau2, model.gamma, prompts.gpr_bias())
             cm.update(out.log_final(tuple(label.shape)).argmax(1)[0], label)
             mats.append(cm.mat.numpy().astype(np.int32))
         return np.stack(mats)

@@ -173,7 +173,7 @@ def prompt_view_rows(model, vocabulary: Sequence[str]) -> Callable[[torch.Tensor
         text = prompts.encode(model.clip, tuple(vocabulary))
         prompts.train(was_training)
         feats = model.image_features(model.clip.normalize(pixels))
-        out = segment(feats, text, prompts.tau1(), prompts.tau2(), model.gamma)
+        out = segment(feats, text, prompts.tau1(), prompts.tau2(), model.gamma, prompts.gpr_bias())
         glob = [] if out.global_mask is None else [out.global_mask[0]]
         return [*out.view_masks[0], *glob, out.final[0]]
 

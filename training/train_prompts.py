@@ -148,7 +148,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     legacy = {**LEGACY_DEFAULTS, "dense": default_dense_mode(clip.model.visual)}
     clip.set_text_checkpointing(cfg.text_checkpointing)
     prompts = LearnedPrompts(clip.text_width, n_seg=cfg.n_seg, n_ctx=cfg.n_ctx, use_global=cfg.use_global,
-                             tau1_init=cfg.tau1_init).to(ctx.device)
+                             tau1_init=cfg.tau1_init, gpr_bias=cfg.gpr_bias).to(ctx.device)
     model = MVPSeg(clip, prompts, gamma=cfg.gamma)
     encoder = None
     if cfg.text_encoder == "shared-prefix":

@@ -134,7 +134,9 @@ def calibrate_temperatures(model: MVPSeg, encoder, vocab: tuple[str, ...],
     vectors, which then trade class discrimination for calibration. The argmax of the fused masks does not
     depend on τ1. Returns the calibrated (τ1, τ2 or None without a global prompt)."""
     prompts = model.prompts
-    temps = [p for p in (prompts.log_tau1, prompts.log_tau2) if p is not None and p.requires_grad]
+    # the temperatures and, for calibrated GPR, its bias: everything that sets the sigmoid's and softmax's scale
+    temps = [p for p in (prompts.log_tau1, prompts.log_tau2, getattr(prompts, "bias", None))
+             if p is not None and p.requires_grad]
     opt = torch.optim.Adam(temps, lr=lr)
     with torch.no_grad(), amp():
         text = encoder.encode(prompts, vocab) if encoder else model.text_features(vocab)
