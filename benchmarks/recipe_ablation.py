@@ -43,7 +43,8 @@ WORLDS = {"sparse": "world=sparse", "crowded": "world=crowded", "medium-b": "wor
           "crowded-zoom2": "world=crowded,zoom=2",
           # the VOC-like layout (issues #24/#27/#28; docs/history/gpr-study.md): creatures only, background and
           # stuff ignored
-          "voc": "world=voc,background=ignore,stuff=ignore"}
+          "voc": "world=voc,background=ignore,stuff=ignore",
+          "voc-zoom2": "world=voc,background=ignore,stuff=ignore,zoom=2"}  # with the zoom-2 toy CLIP
 # Arm → train_prompts arguments on top of the defaults ("old": the recipe documented before this study,
 # the issue's 20.6 row: SGD lr 2e-3, 40 warm-up, poly, 400 it × batch 8 on a fixed pool of 400 scenes,
 # λ3 = 100 on Eq. 5's sum, final iterate). Arms ride on the *current* defaults: the runs docs/recipe.md reports
