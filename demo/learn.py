@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -72,7 +71,7 @@ def _downscale(rgb: np.ndarray, labels: np.ndarray) -> LabelledImage:
     return LabelledImage(np.ascontiguousarray(rgb), np.ascontiguousarray(labels))
 
 
-def _check_count(n: int) -> None:
+def check_count(n: int) -> None:
     if n == 0:
         raise DemoInputError("No labelled image: upload images with their masks, or paint on an image and add it.")
     if n > MAX_IMAGES:
@@ -84,7 +83,7 @@ def examples_from_masks(images: Sequence[str] | None, masks: Sequence[str] | Non
     """Pairs uploaded images with uploaded masks by file name (``cat.jpg`` ↔ ``cat.png`` or ``cat_mask.png``),
     else in upload order when the names do not pair up; every problem is a DemoInputError naming the file."""
     images, masks = list(images or []), list(masks or [])
-    _check_count(len(images))
+    check_count(len(images))
     if len(masks) != len(images):
         raise DemoInputError(f"{len(images)} images but {len(masks)} masks: upload one mask per image.")
     stems = {Path(m).stem.removesuffix("_mask").removesuffix("-mask"): m for m in masks}
@@ -279,7 +278,3 @@ def result_files(result: FewShotResult, clip: mvpseg.FrozenCLIP, names: Sequence
     st = Path(st)
     js = st.with_suffix(".json")
     return write(st.read_bytes(), st.name), write(js.read_bytes(), js.name)
-
-
-def elapsed(t0: float) -> float:
-    return time.perf_counter() - t0

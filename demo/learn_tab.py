@@ -49,6 +49,15 @@ def curve_frame(history: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["iteration", "value", "curve"])
 
 
+def _closing(updates):
+    """Iterates ``updates`` and closes it however the loop ends: a cancel closes this page's generator at a
+    yield, and the job's own generator must then stop its worker and free its slot at once, not at GC."""
+    try:
+        yield from updates
+    finally:
+        updates.close()
+
+
 def build_learn_tab(models: DemoModels, service: SegmentService, session_state: gr.State,
                     prompt_sets: gr.CheckboxGroup, files: Callable[[], OutputFiles]) -> None:
     """Builds the tab inside the current ``gr.Blocks``; ``files()`` returns the page's OutputFiles."""
@@ -84,12 +93,12 @@ def build_learn_tab(models: DemoModels, service: SegmentService, session_state: 
         try:
             names = names_of(text)
             examples = (learn.examples_from_masks(images, masks, names) if images or masks else []) + list(painted)
-            learn._check_count(len(examples))
+            learn.check_count(len(examples))
             settings = FewShotSettings(n_seg=int(views), n_ctx=N_CTX, iterations=int(iterations),
                                        time_budget_s=float(budget))
             updates = learn.run_job(jobs, session, clip, examples, names, settings,
                                     short_side=service.predictor.short_side, dense=service.predictor.dense)
-            for u in updates:
+            for u in _closing(updates):
                 if u.waiting:
                     yield "⏳ Waiting for another visitor's learning job to finish…", gr.skip(), gr.skip(), \
                         gr.skip(), gr.skip()
@@ -106,8 +115,9 @@ def build_learn_tab(models: DemoModels, service: SegmentService, session_state: 
                     yield status, curve_frame(u.history), gr.skip(), gr.skip(), gr.skip()
                     continue
                 r = u.result
-                folder = Path(tempfile.mkdtemp(prefix="mvpseg_learned_"))
-                st, js = learn.result_files(r, clip, names, folder, files().put, dense=service.predictor.dense)
+                with tempfile.TemporaryDirectory(prefix="mvpseg_learned_") as tmp:  # the cache keeps the files
+                    st, js = learn.result_files(r, clip, names, Path(tmp), files().put,
+                                                dense=service.predictor.dense)
                 source = prompts_from_upload([st, js], clip)
                 source = type(source)(source.key, source.prompts, "prompts learned in this session")
                 ended = {"done": "finished", "time": "stopped at the time budget",
