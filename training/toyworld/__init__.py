@@ -9,3 +9,4 @@ dataset interface (``--dataset toyworld``); ``export``: scenes written as a fold
 ``python -m training.toyworld [export …]`` runs ``__main__``.
 """
 from .world import *  # noqa: F401,F403  (the world's public names: ToyWorld, CLASS_NAMES, WORLDS, …)
+from .captions import CAPTION_STYLES, CaptionedToyWorld, caption  # noqa: F401,E402  (pretraining captions)

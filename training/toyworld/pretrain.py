@@ -45,13 +45,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .world import (
-    CLASS_NAMES,
-    OBJECT_NAMES,
-    PRETRAIN_CONFIG,
-    UNSEEN,
-    CaptionedToyWorld,
-)
+from mvpseg.clip_backbone import NORMALIZATIONS
+
+from .captions import CAPTION_STYLES, CaptionedToyWorld
+from .world import CLASS_NAMES, OBJECT_NAMES, PRETRAIN_CONFIG, UNSEEN
 
 MODEL_NAME = "toyclip"
 VIT_MODEL_NAME = "toyclip-vit"
@@ -62,9 +59,8 @@ VIT_ONLY_ARGS = ("patch_size", "vision_layers", "vision_head_width")
 
 
 def model_name(args: argparse.Namespace) -> str:
-    return VIT_MODEL_NAME if args.vision == "vit" else MODEL_NAME
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+    """open_clip registers a config under its file stem: each member of a family needs its own (--name)."""
+    return getattr(args, "name", None) or (VIT_MODEL_NAME if args.vision == "vit" else MODEL_NAME)
 
 
 def model_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,11 +103,12 @@ class _Items(torch.utils.data.Dataset):
         return self.ds.item(i)
 
 
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """B×H×W×3 uint8 → B×3×H×W float, ImageNet-normalised."""
+def normalise(images: torch.Tensor, normalization: str = "imagenet") -> torch.Tensor:
+    """B×H×W×3 uint8 → B×3×H×W float, normalised with ``mvpseg``'s ImageNet (default) or CLIP statistics."""
     x = images.permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean_, std_ = NORMALIZATIONS[normalization]
+    mean = torch.tensor(mean_, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std_, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -132,7 +129,7 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
 
 @torch.no_grad()
 def zero_shot_accuracy(model: torch.nn.Module, tokenizer: Any, device: str, n: int = 512,
-                       seed: int = 12345, zoom: int = 1) -> dict[str, float]:
+                       seed: int = 12345, zoom: int = 1, normalization: str = "imagenet") -> dict[str, float]:
     """Top-1 accuracy of classifying held-out single-object crops among the 16 object classes with
     the prompt "a photo of a {}." (split "test", never used in training)."""
     # crops at the model's input size (its attention pool / ViT has a fixed positional embedding)
@@ -151,7 +148,7 @@ def zero_shot_accuracy(model: torch.nn.Module, tokenizer: Any, device: str, n: i
             break
     model.eval()
     text = model.encode_text(tokenizer([f"a photo of a {c}." for c in OBJECT_NAMES]).to(device))
-    feats = model.encode_image(normalise(torch.from_numpy(np.stack(images)).to(device)))
+    feats = model.encode_image(normalise(torch.from_numpy(np.stack(images)).to(device), normalization))
     pred = (F.normalize(feats.float(), dim=-1) @ F.normalize(text.float(), dim=-1).t()).argmax(1) + 1
     y = torch.tensor(labels, device=device)
     unseen = torch.isin(y, torch.tensor(UNSEEN, device=device))
@@ -193,6 +190,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=1, help="data-generation worker processes")
+    p.add_argument("--name", default=None, help="model (and config file) name; default toyclip / toyclip-vit")
+    p.add_argument("--normalization", default="imagenet", choices=sorted(NORMALIZATIONS),
+                   help="input statistics the model learns with (recorded in its weights for mvpseg)")
+    p.add_argument("--captions", default="templates", choices=CAPTION_STYLES,
+                   help="pretraining caption style (training/toyworld/captions.py)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--zero-shot-images", type=int, default=512, help="held-out crops for the final accuracy")
     args = p.parse_args(argv)
@@ -215,6 +217,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def recorded_args(args: argparse.Namespace) -> dict[str, Any]:
     """The arguments for the training record; a resnet run records exactly what it did before --vision."""
     rec = vars(args).copy()
+    for k, default in (("name", None), ("normalization", "imagenet"), ("captions", "templates")):
+        if rec.get(k) == default:  # records of runs before these options stay as they were
+            rec.pop(k)
     if args.vision == "resnet":
         for k in ("vision",) + VIT_ONLY_ARGS:
             rec.pop(k)
@@ -243,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # --image-size sets the crop size with the model's (same objects, parts and pixel scale per crop);
     # --zoom magnifies those crops (the model's input is image_size·zoom)
     data = CaptionedToyWorld(args.steps * args.batch_size, seed=args.seed,
-                             config=replace(PRETRAIN_CONFIG, image_size=args.image_size, zoom=args.zoom))
+                             config=replace(PRETRAIN_CONFIG, image_size=args.image_size, zoom=args.zoom),
+                             style=args.captions)
     loader = torch.utils.data.DataLoader(_Items(data), batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.workers, collate_fn=collate, drop_last=True,
                                          persistent_workers=args.workers > 0)
@@ -251,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.time()
     model.train()
     for step, (images, captions, sets) in enumerate(loader):
-        img = F.normalize(model.encode_image(normalise(images.to(args.device))), dim=-1)
+        img = F.normalize(model.encode_image(normalise(images.to(args.device), args.normalization)), dim=-1)
         txt = F.normalize(model.encode_text(tokenizer(captions).to(args.device)), dim=-1)
         loss = contrastive_loss(img, txt, model.logit_scale.exp(), sets)
         opt.zero_grad(set_to_none=True)
@@ -265,17 +271,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"step {step:5d} loss {np.mean(losses[-args.log_every:]):.4f} "
                   f"scale {model.logit_scale.exp().item():.1f} {time.time() - t0:7.1f}s", flush=True)
     train_s = time.time() - t0
-    zs = zero_shot_accuracy(model, tokenizer, args.device, n=args.zero_shot_images, zoom=args.zoom)
+    zs = zero_shot_accuracy(model, tokenizer, args.device, n=args.zero_shot_images, zoom=args.zoom,
+                            normalization=args.normalization)
     record = {
         "model": name, "parameters": n_params, "args": recorded_args(args), "train_seconds": round(train_s, 1),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__, "open_clip": open_clip.__version__,
         "final_loss": float(np.mean(losses[-50:])), "loss_curve": [round(float(np.mean(losses[i:i + 50])), 4)
                                                                   for i in range(0, len(losses), 50)],
-        "zero_shot_accuracy": zs, "normalization": "imagenet", "class_names": CLASS_NAMES, "unseen": UNSEEN,
+        "zero_shot_accuracy": zs, "normalization": args.normalization, "class_names": CLASS_NAMES, "unseen": UNSEEN,
     }
     save_weights(model, out / f"{name}.safetensors",
-                 {"seed": str(args.seed), "steps": str(args.steps), "zoom": str(args.zoom), "normalization": "imagenet",
+                 {"seed": str(args.seed), "steps": str(args.steps), "zoom": str(args.zoom), "normalization": args.normalization,
                   "format": "open_clip CLIP state dict, fp16", "config": json.dumps(model_config(args))})
     (out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k not in ("loss_curve", "class_names")}, indent=2))

@@ -235,32 +235,6 @@ def render(scene: Scene) -> Rendered:
     return Rendered(np.clip(np.round(image), 0, 255).astype(np.uint8), labels[owner], owner)
 
 
-# ----------------------------------------------------------------------------------------------
-# Captions (for contrastive pretraining): name the classes clearly visible, in varied templates.
-# ----------------------------------------------------------------------------------------------
-
-_OBJ_T = ("a photo of {o}.", "{o}.", "there is {o} in the scene.", "a picture of {o}.", "this is {o}.",
-          "a drawing of {o}.", "a close-up photo of {o}.", "a cartoon of {o}.")
-_MIX_T = ("{o} on {s}.", "a photo of {o} on {s}.", "{o} next to {s}.", "{s} with {o}.",
-          "a picture of {o} and {s}.", "there is {o} near the {s}.")
-_STUFF_T = ("a photo of {s}.", "{s}.", "a patch of {s}.", "a texture of {s}.", "a photo of the {s}.")
-_BG_T = ("a photo of the background.", "a plain background.", "an empty background.")
-
-
-# Class-free filler words. Real captions have every length up to the context size, so CLIP's text
-# tower learns all positions; ours are short, so a random preamble sometimes moves the names as far
-# right as a learned 32-token context will (without it positions > ~21 stay at their random init).
-_FILLER = ("a", "the", "photo", "picture", "image", "of", "this", "is", "in", "scene", "bright", "dark",
-           "small", "large", "nice", "cool", "clean", "dirty", "blurry", "cropped", "good", "bad", "drawing",
-           "rendering", "sketch", "painting", "cartoon", "toy", "art", "one", "my", "here", "there", "we",
-           "see", "look", "at", "with", "some", "view", "shot", "simple", "old", "new", "little", "big")
-_MAX_WORDS = 42  # ≈ tokens: stays inside a 48-token context with SOT, EOT and punctuation
-
-
-def _join(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
 def visible_classes(scene: Scene, rendered: Rendered, min_fraction: float = 0.4,
                     min_pixels: int = 30, min_stuff: float = 0.08) -> list[int]:
     """Classes a caption may name: objects with ≥ ``min_fraction`` of their area and ≥ ``min_pixels``
@@ -273,30 +247,6 @@ def visible_classes(scene: Scene, rendered: Rendered, min_fraction: float = 0.4,
         if big_object or big_stuff:
             out.add(layer.label)
     return sorted(out)
-
-
-def caption(classes: list[int], rng: np.random.Generator, background_share: float = 0.0) -> str:
-    """A caption naming ``classes`` (indices into CLASS_NAMES) in a random order and template."""
-    objs = [f"a {CLASS_NAMES[c]}" for c in rng.permutation([c for c in classes if c in range(1, 1 + len(OBJECT_NAMES))])]
-    stuff = [CLASS_NAMES[c] for c in rng.permutation([c for c in classes if c > len(OBJECT_NAMES)])]
-    def pick(ts: tuple[str, ...]) -> str:
-        return ts[int(rng.integers(len(ts)))]
-
-    if objs and stuff:
-        text = pick(_MIX_T).format(o=_join(objs), s=_join(stuff))
-    elif objs:
-        text = pick(_OBJ_T).format(o=_join(objs))
-    elif stuff:
-        text = pick(_STUFF_T).format(s=_join(stuff))
-    else:
-        return pick(_BG_T)
-    if background_share > 0.3 and rng.random() < 0.5:
-        text = text[:-1] + " on a plain background."
-    room = _MAX_WORDS - len(text.replace(",", " ,").split())
-    if room > 0 and rng.random() < 0.5:
-        words = rng.choice(_FILLER, size=int(rng.integers(1, room + 1)))
-        text = " ".join(words) + ": " + text
-    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,30 +303,6 @@ class ToyWorld(torch.utils.data.Dataset):
         if self.hide_unseen:
             label = np.where(np.isin(label, self.unseen), self.ignore_index, label)
         return magnify(r.image, self.config.zoom), magnify(label, self.config.zoom)
-
-
-class CaptionedToyWorld(torch.utils.data.Dataset):
-    """(image, caption) pairs for contrastive pretraining: small crops (``PRETRAIN_CONFIG``) whose
-    caption names the clearly visible classes, *including unseen ones* (like web captions)."""
-
-    def __init__(self, length: int, seed: int = 0, config: WorldConfig = PRETRAIN_CONFIG,
-                 split: str = "pretrain") -> None:
-        self.length, self.seed, self.config, self.split = int(length), int(seed), config, split
-
-    def __len__(self) -> int:
-        return self.length
-
-    def item(self, index: int) -> tuple[np.ndarray, str, list[int]]:
-        """``(image H×W×3 uint8, caption, visible class indices)`` of sample ``index``."""
-        rng = sample_rng(self.seed, self.split, index)
-        scene = sample_scene(rng, self.config)
-        r = render(scene)
-        classes = visible_classes(scene, r)
-        return magnify(r.image, self.config.zoom), caption(classes, rng, float((r.label == 0).mean())), classes
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
-        image, text, _ = self.item(index)
-        return image, text
 
 
 def export_examples(out_dir: str, count: int = 3, seed: int = 0) -> list[str]:
