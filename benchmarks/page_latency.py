@@ -61,12 +61,12 @@ def stage(timings: dict, name: str) -> float:
 
 def one_request(client, image, vocabulary: str) -> dict[str, float]:
     """One /segment call: the client's view and the handler's own table."""
-    from demo.testing import _file_refs, fetch_whole
+    from demo.testing import fetch_whole, file_refs
 
     t0 = time.perf_counter()
     out = client.predict(image, vocabulary, SETS, [], "", api_name="/segment")
     t_call = time.perf_counter() - t0
-    sizes = [fetch_whole(url, path)[0] for url, path in _file_refs(out)]
+    sizes = [fetch_whole(url, path)[0] for url, path in file_refs(out)]
     t_all = time.perf_counter() - t0
     timings = out[7]  # overlay, summary, compare, student, views, gpr, tsne, timings, label map, JSON
     handler = stage(timings, "total")

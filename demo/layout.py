@@ -26,9 +26,8 @@ from .outputs import OutputFiles, encode_png
 from .learn_tab import build_learn_tab
 from .service import HUB, SESSION, UPLOADED, SegmentService
 from . import messages
-from .messages import plain  # noqa: F401 (tests import it from here)
 from .sources import NO_IMAGE, DemoInputError, PromptSource, prompts_from_hub, prompts_from_upload
-from .widgets import UnreadableImage, ValidatedImage, redact_paths, user_errors  # noqa: F401 (redact_paths: tests)
+from .widgets import UnreadableImage, ValidatedImage, user_errors
 
 log = logging.getLogger("mvpseg.demo")
 

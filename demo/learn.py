@@ -19,7 +19,7 @@ from PIL import Image
 import mvpseg
 from mvpseg.learning import FewShotResult, FewShotSettings, LabelledImage, LearnProgress, learn_prompts
 
-from .sources import MAX_PIXELS, DemoInputError
+from .sources import MAX_PIXELS, DemoInputError, fit_long_side
 
 MAX_IMAGES = 20  # labelled images per job
 MAX_SIDE = 768  # larger images (and their masks) are downscaled: the features are coarse anyway
@@ -62,10 +62,9 @@ def _read_mask(path: str) -> np.ndarray:
 
 
 def _downscale(rgb: np.ndarray, labels: np.ndarray) -> LabelledImage:
-    h, w = rgb.shape[:2]
-    if max(h, w) > MAX_SIDE:
-        s = MAX_SIDE / max(h, w)
-        size = (max(1, round(w * s)), max(1, round(h * s)))
+    """Image (area averaging) and labels (nearest: no blended ids) with the long side ≤ MAX_SIDE."""
+    size = fit_long_side((rgb.shape[1], rgb.shape[0]), MAX_SIDE)
+    if size is not None:
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
         labels = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
     return LabelledImage(np.ascontiguousarray(rgb), np.ascontiguousarray(labels))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -118,8 +119,8 @@ def build_learn_tab(models: DemoModels, service: SegmentService, session_state: 
                 with tempfile.TemporaryDirectory(prefix="mvpseg_learned_") as tmp:  # the cache keeps the files
                     st, js = learn.result_files(r, clip, names, Path(tmp), files().put,
                                                 dense=service.predictor.dense)
-                source = prompts_from_upload([st, js], clip)
-                source = type(source)(source.key, source.prompts, "prompts learned in this session")
+                # checked and described as an upload is, then labelled as what it is
+                source = replace(prompts_from_upload([st, js], clip), origin="prompts learned in this session")
                 ended = {"done": "finished", "time": "stopped at the time budget",
                          "cancelled": "cancelled"}[r.stopped]
                 score = (f"validation mIoU {r.val_miou:.1f} on {r.n_val} held-out image(s) (iteration "

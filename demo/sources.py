@@ -46,6 +46,15 @@ class DemoImage:
 NO_IMAGE = "No image: upload one (or click an example) first."
 
 
+def fit_long_side(size: tuple[int, int], max_side: int) -> tuple[int, int] | None:
+    """(W, H) → the (w, h) with the long side at ``max_side`` and the aspect kept, or None when it fits."""
+    w, h = size
+    if max(w, h) <= max_side:
+        return None
+    scale = max_side / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
 def load_demo_image(src: mvpseg.image_io.ImageLike | None) -> DemoImage:
     """Loads and validates an uploaded image; downscales it so that its long side is ≤ DISPLAY_MAX_SIDE."""
     if src is None:
@@ -54,9 +63,8 @@ def load_demo_image(src: mvpseg.image_io.ImageLike | None) -> DemoImage:
     rgb = loaded.rgb
     h, w = rgb.shape[:2]
     note = loaded.note
-    if max(h, w) > DISPLAY_MAX_SIDE:
-        scale = DISPLAY_MAX_SIDE / max(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    size = fit_long_side((w, h), DISPLAY_MAX_SIDE)
+    if size is not None:
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)  # area averaging: no aliasing
         note = " ".join(filter(None, [note, f"The image was downscaled from {w}×{h} to {size[0]}×{size[1]} pixels."]))
     digest = hashlib.sha1(np.ascontiguousarray(rgb).tobytes())

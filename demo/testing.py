@@ -166,16 +166,16 @@ def fetch_whole(url: str, path: str | None, timeout: float = 60.0) -> tuple[int,
     return len(body), ""
 
 
-def _file_refs(value) -> Iterator[tuple[str, str | None]]:
+def file_refs(value) -> Iterator[tuple[str, str | None]]:
     """(url, server path) of every file in an endpoint's output (``download_files=False``)."""
     if isinstance(value, dict):
         if isinstance(value.get("url"), str) and "/file=" in value["url"]:
             yield value["url"], value.get("path")
         for v in value.values():
-            yield from _file_refs(v)
+            yield from file_refs(v)
     elif isinstance(value, (list, tuple)):
         for v in value:
-            yield from _file_refs(v)
+            yield from file_refs(v)
 
 
 def load_test(url: str, calls: "list[list[tuple]]", api_name: str = "/segment", timeout: float = 120.0) -> LoadResult:
@@ -204,7 +204,7 @@ def load_test(url: str, calls: "list[list[tuple]]", api_name: str = "/segment", 
                     result.failures.append(f"request failed: {type(e).__name__}: {e}")
                 continue
             problems = []
-            for file_url, path in _file_refs(out):
+            for file_url, path in file_refs(out):
                 _, why = fetch_whole(file_url, path, timeout)
                 with lock:
                     result.files += 1

@@ -369,7 +369,7 @@ def test_app_py_starts_offline_and_serves(tmp_path):
 
 
 def test_paths_in_messages_are_cut_to_file_names():
-    from demo.layout import redact_paths
+    from demo.widgets import redact_paths
 
     assert redact_paths("image /tmp/gradio/ab12/cut.png is truncated") == "image cut.png is truncated"
     assert redact_paths("(/root/.cache/mvpseg/x.json)") == "(x.json)"
@@ -380,7 +380,8 @@ def test_paths_in_messages_are_cut_to_file_names():
 def test_class_names_are_shown_as_plain_text_and_the_file_cache_is_bounded(app):
     from markdown_it import MarkdownIt
 
-    from demo.layout import DELETE_CACHE, plain
+    from demo.layout import DELETE_CACHE
+    from demo.messages import plain
 
     client, demo = app
     hostile = ["![x](http://127.0.0.1:9/y.png)", "[click](http://127.0.0.1:9/)", "<img src=x onerror=alert(1)>",

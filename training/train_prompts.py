@@ -41,7 +41,7 @@ import torch
 from mvpseg.checkpoint import save_prompts
 from mvpseg.clip_backbone import load_clip
 from mvpseg.dense import default_dense_mode
-from mvpseg.learning import PromptLearner
+from mvpseg.learning import PromptLearner, prior_targets
 from mvpseg.model import MVPSeg
 from mvpseg.prompts import LearnedPrompts
 
@@ -96,13 +96,12 @@ def _training_data(cfg: TrainConfig, clip):
 
 
 def _prior_targets(clip, vocab: tuple[str, ...], device, name: str = "maskclip-85") -> torch.Tensor:
-    """C×D unit embeddings of handcrafted set ``name`` for the training vocabulary (the KgCoOp-style anchor);
-    a multi-view set (parts) gives its normalised mean view."""
+    """C×D unit targets of handcrafted set ``name`` for the training vocabulary (the KgCoOp-style anchor; a
+    multi-view set gives its normalised mean view: ``mvpseg.learning.prior_targets``)."""
     from mvpseg import baseline_prompt_sets
 
     with torch.no_grad():
-        seg = baseline_prompt_sets()[name].to(device).encode(clip, vocab).seg.float()
-    return torch.nn.functional.normalize(seg.mean(0), dim=-1)
+        return prior_targets(baseline_prompt_sets()[name].to(device).encode(clip, vocab))
 
 
 def handcrafted_confusions(validation, model, seen_vocab) -> dict[str, "np.ndarray"]:

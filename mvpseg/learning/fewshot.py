@@ -22,7 +22,7 @@ from ..clip_backbone import FrozenCLIP
 from ..image_io import prepare_image
 from ..model import MVPSeg
 from ..prompts import LearnedPrompts, PromptSet
-from .learner import PromptLearner
+from .learner import PromptLearner, prior_targets
 from .recipe import DEFAULT, LearnRecipe
 
 IGNORE = 255
@@ -194,11 +194,12 @@ def learn_prompts(clip: FrozenCLIP, examples: Sequence[LabelledImage], class_nam
             data += encode_examples(clip, [ex], short_side, dense=dense)
             check("encoding images", k + 1, len(examples))
         train, val = [data[i] for i in train_ids], [data[i] for i in val_ids]
-        with torch.no_grad():
-            targets = baseline_prompt_sets()[settings.prior].to(clip.device).encode(clip, names).seg.float()
-            targets = F.normalize(targets.mean(0), dim=-1)
+        prior = baseline_prompt_sets()[settings.prior].to(clip.device)
+        with torch.no_grad():  # encoded once: the anchor's targets and the prior's own validation score
+            prior_text = prior.encode(clip, names)
+        targets = prior_targets(prior_text)
         if val:
-            prior_miou = segmentation_miou(clip, baseline_prompt_sets()[settings.prior].to(clip.device), val, names)
+            prior_miou = _miou(MVPSeg(clip, prior), prior_text, val, len(names))
 
         def batches():
             while True:
@@ -211,19 +212,15 @@ def learn_prompts(clip: FrozenCLIP, examples: Sequence[LabelledImage], class_nam
             with torch.no_grad():
                 score = _miou(model, model.text_features(names), val, len(names))
             if score > best["miou"]:
-                best.update(iter=it, miou=score, state={k: v.detach().clone() for k, v in prompts.state_dict().items()})
+                state = {k: v.detach().clone() for k, v in prompts.state_dict().items()}
+                best.update(iter=it, miou=score, state=state)
             return score
 
         r = settings.recipe
         if r.init_fit > 0:  # the warm start in chunks, so the budget and a cancel are checked
-            done = 0
-            while done < r.init_fit:
-                n = min(10, r.init_fit - done)
-                learner.recipe = replace(r, init_fit=n)
-                learner.warm_start(names, targets)
-                done += n
-                check("warm start", done, r.init_fit)
-            learner.recipe = r
+            for done in range(0, r.init_fit, 10):
+                learner.warm_start(names, targets, steps=min(10, r.init_fit - done))
+                check("warm start", min(done + 10, r.init_fit), r.init_fit)
         if r.calib_steps > 0:
             learner.calibrate(names, (b for b, _ in zip(batches(), range(r.calib_steps))))
             check("calibration", r.calib_steps, r.calib_steps)

@@ -11,6 +11,7 @@ import contextlib
 from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..losses import anchor_loss, oc_loss
 from ..model import MVPSeg
@@ -81,11 +82,14 @@ class PromptLearner:
         self.scaler.update()
         return {k: v.detach() for k, v in losses.items()}
 
-    def warm_start(self, vocab: Sequence[str], targets: torch.Tensor) -> tuple[float, float]:
-        """``fit_to_templates`` with the recipe's steps, lr and OCLoss choice; (mean cosine, L_OC)."""
+    def warm_start(self, vocab: Sequence[str], targets: torch.Tensor, steps: int | None = None
+                   ) -> tuple[float, float]:
+        """``fit_to_templates`` with the recipe's lr and OCLoss choice for ``steps`` (default: the recipe's
+        ``init_fit``; a caller may run it in chunks); (mean cosine, L_OC)."""
         r = self.recipe
-        return fit_to_templates(self.prompts, self.model.clip, self.encoder, tuple(vocab), targets, r.init_fit,
-                                r.init_fit_lr, r.lambda_oc if r.init_fit_oc else 0.0)
+        return fit_to_templates(self.prompts, self.model.clip, self.encoder, tuple(vocab), targets,
+                                r.init_fit if steps is None else steps, r.init_fit_lr,
+                                r.lambda_oc if r.init_fit_oc else 0.0)
 
     def calibrate(self, vocab: Sequence[str], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
                   ) -> tuple[float, float | None]:
@@ -97,6 +101,12 @@ class PromptLearner:
         return calibrate_temperatures(self.model, self.encoder, tuple(vocab), batches,
                                       lambda out, y: self.loss(out, y, no_oc)[1], self.recipe.calib_steps,
                                       self.recipe.calib_lr, self.reduce_grads, self.amp)
+
+
+def prior_targets(text: TextViews) -> torch.Tensor:
+    """C×D unit targets of the warm start and the anchor from a handcrafted set's text embeddings: its
+    normalised mean view (a single-view set: the view itself)."""
+    return F.normalize(text.seg.detach().float().mean(0), dim=-1)
 
 
 def fit_to_templates(prompts: LearnedPrompts, clip, encoder, vocab: tuple[str, ...], targets: torch.Tensor,
