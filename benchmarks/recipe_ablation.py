@@ -51,6 +51,9 @@ WORLDS = {"sparse": "world=sparse", "crowded": "world=crowded", "medium-b": "wor
 # before its ninth addendum had the full-BCE L_cls as the default (add "--cls-loss bce" to rerun them as run).
 ARMS: dict[str, list[str]] = {
     "default": [],
+    "plain": ["--residual", "off"],
+    "val256": ["--val-images", "256"],  # candidates of issue #27's study (docs/history/transfer-study.md)
+    "plain-val256": ["--residual", "off", "--val-images", "256"],  # the default before issue #27's study: prompts not in residual form
     "no-prior": ["--lambda-prior", "0"],  # warm start kept, no pull while learning
     "no-warm-start": ["--init-fit", "0"],  # random start (CoOp's), pull kept
     "no-anchor": ["--lambda-prior", "0", "--init-fit", "0"],  # neither: the issue's independent recipe + GPR
@@ -117,7 +120,7 @@ def evaluate_world(a, world: str, seed: int, ckpts: dict[str, Path]) -> dict:
         spec = f"{WORLDS[world]},seed=0,length={a.eval_images}"
         report = eval_main(["--data", "toyworld=" + spec, "--baselines", *missing,
                             *[x for arm, p in todo.items() for x in ("--prompts", f"{arm}={p}")],
-                            "--out", str(root / f"eval-{len(rows)}"), *clip_args(a)])
+                            "--out", str(root / f"eval-{len(rows)}"), "--save-confusions", *clip_args(a)])
         rows.update(report["results"]["toyworld"])
         merged.write_text(json.dumps(rows, indent=1) + "\n")
     return rows

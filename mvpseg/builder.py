@@ -8,7 +8,7 @@ import torch
 from .checkpoint import load_prompts
 from .clip_backbone import ClipSpec, FrozenCLIP, load_clip
 from .dense_settings import DenseSettings
-from .handcrafted import PartPrompts, TemplatePrompts
+from .handcrafted import HANDCRAFTED_SETS, handcrafted_set
 from .hub import resolve_checkpoint
 from .model import MVPSeg
 from .predictor import Predictor
@@ -31,8 +31,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def baseline_prompt_sets() -> dict[str, PromptSet]:
     """The handcrafted sets: MaskCLIP's 85 templates, the part-based views and the single template."""
-    return {"maskclip-85": TemplatePrompts.maskclip85(), "parts": PartPrompts(),
-            "a-photo-of": TemplatePrompts.single()}
+    return {name: handcrafted_set(name) for name in HANDCRAFTED_SETS}
 
 
 def build_mvpseg(clip: ClipSpec | FrozenCLIP = ClipSpec(), n_seg: int = 3, n_ctx: int = 32, use_global: bool = True,

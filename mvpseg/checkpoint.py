@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from .clip_backbone import FrozenCLIP
 from .dense import default_dense_mode
 from .dense_settings import DenseSettings
+from .handcrafted import HANDCRAFTED_SETS, handcrafted_set
 from .prompts import LearnedPrompts
 from .util import atomic_write, current_umask, publish_mode  # noqa: F401 (current_umask, publish_mode: old paths)
 
@@ -51,6 +52,8 @@ class PromptMeta:
     # the tower's default mode. Prompts fitted to one kind of dense features do not transfer to another.
     # (The sliding window, an inference choice, is recorded in ``extra["sliding"]`` and never refused.)
     dense_mode: str | None = None
+    # residual form (LearnedPrompts.set_prior): the handcrafted set the learned change is added to; None: plain
+    residual_prior: str | None = None
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
@@ -113,10 +116,20 @@ def save_prompts(path: str | os.PathLike, prompts: LearnedPrompts, clip: FrozenC
     extra.setdefault("sliding", None if dense is None else dense.sliding_record())
     meta = PromptMeta(clip.spec.model_name, clip.spec.pretrained, clip.fingerprint, clip.text_width, clip.embed_dim,
                       prompts.n_seg, prompts.n_ctx, prompts.use_global, float(gamma), tuple(training_classes),
-                      extra, normalization=clip.normalization, dense_mode=None if dense is None else dense.mode)
+                      extra, normalization=clip.normalization, dense_mode=None if dense is None else dense.mode,
+                      residual_prior=_prior_name(prompts))
     save_safetensors(st, prompts.checkpoint_tensors(), FORMAT)
     atomic_write(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
     return st
+
+
+def _prior_name(prompts: LearnedPrompts) -> str | None:
+    if not prompts.residual:
+        return None
+    if prompts.prior is None or prompts.prior.name not in HANDCRAFTED_SETS:
+        raise CheckpointError("residual prompts can be saved only with one of the named handcrafted priors "
+                              f"({', '.join(HANDCRAFTED_SETS)}): call set_prior first")
+    return prompts.prior.name
 
 
 def read_meta(path: str | os.PathLike) -> PromptMeta:
@@ -198,8 +211,14 @@ def load_prompts(path: str | os.PathLike, clip: FrozenCLIP | None = None, name: 
         check_compatible(meta, clip, dense_mode, check_dense)
     tensors = load_safetensors(st, "prompt")
     prompts = LearnedPrompts(meta.text_width, meta.n_seg, meta.n_ctx, meta.use_global, name=name or st.stem)
+    if ("ctx0" in tensors) != (meta.residual_prior is not None):
+        raise CheckpointError(f"{st}: the tensors and the metadata disagree on the residual form (tensor 'ctx0' "
+                              f"{'present' if 'ctx0' in tensors else 'absent'}, residual_prior "
+                              f"{meta.residual_prior!r})")
     try:
         prompts.load_checkpoint_tensors(tensors)
+        if meta.residual_prior is not None:
+            prompts.set_prior(handcrafted_set(meta.residual_prior), rebase=False)
     except ValueError as e:
         raise CheckpointError(f"{st}: {e}") from e
     prompts.meta = meta

@@ -111,3 +111,14 @@ class PartPrompts(_HandcraftedBase):
     def __init__(self, templates: Sequence[str] = PART_TEMPLATES, name: str = "parts") -> None:
         names = [t.replace("{}", "…").rstrip(".") for t in templates]
         super().__init__([[t] for t in templates], names, name)
+
+
+# The handcrafted sets by name (what prompt checkpoints in residual form record as their prior).
+HANDCRAFTED_SETS = {"maskclip-85": TemplatePrompts.maskclip85, "parts": PartPrompts, "a-photo-of": TemplatePrompts.single}
+
+
+def handcrafted_set(name: str) -> _HandcraftedBase:
+    """A fresh handcrafted set by name: "maskclip-85", "parts" or "a-photo-of"."""
+    if name not in HANDCRAFTED_SETS:
+        raise ValueError(f"unknown handcrafted prompt set {name!r}; choose from {', '.join(HANDCRAFTED_SETS)}")
+    return HANDCRAFTED_SETS[name]()

@@ -78,7 +78,7 @@ class LearnedPrompts(PromptSet):
 
     def __init__(self, text_width: int, n_seg: int = 3, n_ctx: int = 32, use_global: bool = True,
                  tau1_init: float | None = None, tau2_init: float = 0.07, init_std: float = 0.02,
-                 name: str = "learned", gpr_bias: bool = False) -> None:
+                 name: str = "learned", gpr_bias: bool = False, residual: bool = False) -> None:
         super().__init__()
         if n_seg < 1 or n_ctx < 1:
             raise ValueError(f"need n_seg >= 1 and n_ctx >= 1, got {n_seg}, {n_ctx}")
@@ -100,6 +100,30 @@ class LearnedPrompts(PromptSet):
             self.enable_gpr_bias()
         self.view_names = tuple(f"prompt {i + 1}" for i in range(n_seg))
         self._token_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # residual form (issue #27, docs/recipe.md): ctx0 is the context the learned change is measured from and
+        # ``prior`` the handcrafted set it is added to; both None for the plain form (CoOp's, the paper's)
+        self.register_buffer("ctx0", self.ctx.detach().clone() if residual else None)
+        self.prior: PromptSet | None = None
+        self._base_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def residual(self) -> bool:
+        """Whether the set is in residual form: t^i_c = norm(h_c + e^i_c − e0^i_c) (``set_prior``)."""
+        return self.ctx0 is not None
+
+    def set_prior(self, prior: "PromptSet", rebase: bool = True) -> None:
+        """Residual form: every view's class embedding becomes norm(h_c + e^i_c − e0^i_c), with h_c the
+        handcrafted set ``prior``'s normalised mean view, e^i_c the embedding of the current context and e0^i_c
+        that of ``ctx0``, the context at this call (``rebase``; a loaded or resumed set keeps its own). At the
+        call the classifier *is* the handcrafted one, exactly, whatever the context; learning only adds the
+        change of the context's embeddings. Why: a 32-token context fitted to the templates reproduces them
+        only to cosine ≈ 0.997, and dense logits have margins so thin that this residue alone moves unseen
+        objects between classes (issue #27); here it cancels. Costs one extra no-grad text pass per
+        vocabulary (cached) and the prior's templates."""
+        if self.ctx0 is None or rebase:
+            self.ctx0 = self.ctx.detach().clone()
+        self.prior = prior
+        self._base_cache.clear()
 
     @property
     def has_global(self) -> bool:
@@ -129,9 +153,13 @@ class LearnedPrompts(PromptSet):
         return self._parameters["bias"] if "bias" in self._parameters else 0.0
 
     def text_identity(self) -> tuple[tuple, dict[str, torch.Tensor]]:
-        """The context vectors and the layout: the temperatures do not change the text embeddings."""
-        return ((type(self).__qualname__, self.n_seg, self.n_ctx, self.use_global, self.view_names),
-                {"ctx": self.ctx})
+        """The context vectors and the layout (and, in residual form, ctx0 and the prior's templates): the
+        temperatures do not change the text embeddings."""
+        plain = (type(self).__qualname__, self.n_seg, self.n_ctx, self.use_global, self.view_names)
+        if not self.residual:
+            return plain, {"ctx": self.ctx}
+        prior = None if self.prior is None else self.prior.text_identity()[0]
+        return (*plain, prior), {"ctx": self.ctx, "ctx0": self.ctx0}
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """What prompt checkpoints store: ``ctx`` (P×n_ctx×W) and the temperatures ``tau1``, ``tau2``
@@ -141,6 +169,8 @@ class LearnedPrompts(PromptSet):
                "tau2": self.log_tau2.detach().float().cpu().exp().reshape(())}
         if "bias" in self._parameters:  # only calibrated sets write it: other files stay readable as before
             out["gpr_bias"] = self.bias.detach().float().cpu().reshape(())
+        if self.residual:  # likewise residual sets (the prior's name goes in the JSON: mvpseg.checkpoint)
+            out["ctx0"] = self.ctx0.detach().float().cpu().contiguous()
         return out
 
     def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -149,6 +179,8 @@ class LearnedPrompts(PromptSet):
         expected = {"ctx": tuple(self.ctx.shape), "tau1": (), "tau2": ()}
         if "gpr_bias" in tensors and self.use_global:  # a calibrated GPR set
             expected["gpr_bias"] = ()
+        if "ctx0" in tensors:  # a residual set
+            expected["ctx0"] = tuple(self.ctx.shape)
         if set(tensors) != set(expected):
             raise ValueError(f"holds tensors {sorted(tensors)}, expected {sorted(expected)}")
         for key, shape in expected.items():
@@ -164,7 +196,11 @@ class LearnedPrompts(PromptSet):
         if "gpr_bias" in tensors:
             self.enable_gpr_bias()
             state["bias"] = tensors["gpr_bias"].float()
+        if "ctx0" in tensors:
+            self.ctx0 = torch.zeros_like(self.ctx.detach())
+            state["ctx0"] = tensors["ctx0"]
         self.load_state_dict(state, strict=True)
+        self._base_cache.clear()
 
     def name_token_budget(self, clip: FrozenCLIP) -> int:
         """Tokens a class name may take after the n_ctx learned tokens (SOT, '.', EOT take three)."""
@@ -189,18 +225,45 @@ class LearnedPrompts(PromptSet):
             self._token_cache[key] = (emb[:, :1], emb[:, 1 + self.n_ctx:], tokens.argmax(-1))
         return self._token_cache[key]
 
-    def encode(self, clip: FrozenCLIP, class_names: Sequence[str]) -> TextViews:
-        """Class names (C) → TextViews with seg k×C×D and glob C×D; gradients flow into ``ctx``."""
+    def encode_context(self, clip: FrozenCLIP, class_names: Sequence[str], ctx: torch.Tensor) -> torch.Tensor:
+        """The plain prompt embeddings of context ``ctx`` (P×n_ctx×W): P×C×D, unit norm; gradients flow into
+        ``ctx``."""
         names = tuple(class_names)
-        if self.ctx.shape[-1] != clip.text_width:
-            raise ValueError(f"prompt width {self.ctx.shape[-1]} does not match the CLIP text width {clip.text_width}")
+        if ctx.shape[-1] != clip.text_width:
+            raise ValueError(f"prompt width {ctx.shape[-1]} does not match the CLIP text width {clip.text_width}")
         prefix, suffix, eot = self._frozen_tokens(clip, names)
-        p, c = self.ctx.shape[0], len(names)
-        ctx = self.ctx.to(prefix.dtype)
+        p, c = ctx.shape[0], len(names)
+        ctx = ctx.to(prefix.dtype)
         x = torch.cat([prefix.unsqueeze(0).expand(p, -1, -1, -1),
                        ctx.unsqueeze(1).expand(-1, c, -1, -1),
                        suffix.unsqueeze(0).expand(p, -1, -1, -1)], dim=2)  # P×C×L×W
         feats = clip.encode_embeddings(x.flatten(0, 1), eot.repeat(p))  # one pass for all (k+1)·C prompts
-        feats = F.normalize(feats.float(), dim=-1).view(p, c, -1)
+        return F.normalize(feats.float(), dim=-1).view(p, c, -1)
+
+    def _residual_base(self, clip: FrozenCLIP, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h C×D, e0 P×C×D) of the residual form for a vocabulary, cached per vocabulary and ctx0."""
+        if self.prior is None:
+            raise RuntimeError("residual prompts need their handcrafted prior: call set_prior (load_prompts does)")
+        key = (names, str(clip.device), clip.fingerprint, self.ctx0.data_ptr(), self.ctx0._version)
+        if key not in self._base_cache:
+            with torch.no_grad():
+                h = F.normalize(self.prior.encode(clip, names).seg.float().mean(0), dim=-1)
+                e0 = self.encode_context(clip, names, self.ctx0)
+            if len(self._base_cache) > 16:
+                self._base_cache.clear()
+            self._base_cache[key] = (h, e0)
+        return self._base_cache[key]
+
+    def compose(self, clip: FrozenCLIP, class_names: Sequence[str], feats: torch.Tensor) -> TextViews:
+        """Plain prompt embeddings P×C×D → TextViews; in residual form norm(h + e − e0) (``set_prior``). The
+        training's shared-prefix encoder computes ``feats`` its own way and ends here too."""
+        names = tuple(class_names)
+        if self.residual:
+            h, e0 = self._residual_base(clip, names)
+            feats = F.normalize(h.to(feats.device).unsqueeze(0) + feats - e0.to(feats.device), dim=-1)
         seg, glob = (feats[1:], feats[0]) if self.use_global else (feats, None)
         return TextViews(seg, glob, self.view_names, names)
+
+    def encode(self, clip: FrozenCLIP, class_names: Sequence[str]) -> TextViews:
+        """Class names (C) → TextViews with seg k×C×D and glob C×D; gradients flow into ``ctx``."""
+        return self.compose(clip, class_names, self.encode_context(clip, class_names, self.ctx))

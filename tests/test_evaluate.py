@@ -144,3 +144,26 @@ def test_gpr_separation_is_reported_for_sets_with_a_global_prompt(env, tmp_path)
             assert (got["mine"]["gpr"][group][key] is None) if math.isnan(w) else \
                 got["mine"]["gpr"][group][key] == pytest.approx(w, abs=1e-4), (group, key)
     assert "GPR class scores, present vs absent" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_per_image_confusions_sum_to_the_reported_scores(env, tmp_path):
+    """--save-confusions (bootstrap intervals of benchmarks/family_study.py): one N×C×C matrix per image and
+    method, whose sum gives exactly the mIoU the report prints; refused without --out."""
+    from training.metrics import summarize
+
+    root, clip_args, clip, prompts, ckpt = env
+    rep = run(root, clip_args, "--data", f"voc={root / 'data' / 'VOCdevkit'}", "--prompts", f"mine={ckpt}",
+              "--baselines", "a-photo-of", "--out", str(tmp_path / "out"), "--save-confusions")
+    with np.load(tmp_path / "out" / "confusions-voc20.npz") as z:
+        mats = {k: z[k] for k in z.files}
+    n = rep["datasets"]["voc20"]["images"]
+    assert set(mats) == {"mine", "a-photo-of"} and mats["mine"].shape[0] == n and n > 1
+    for name, m in mats.items():
+        got = rep["results"]["voc20"][name]
+        s = summarize(m.sum(0), got["class_names"], got["unseen"])
+        assert s.miou_unseen == pytest.approx(got["miou_unseen"], abs=1e-3)
+        assert s.miou == pytest.approx(got["miou"], abs=1e-3)
+    assert not np.array_equal(mats["mine"][0], mats["mine"][1])  # per image, not repeated totals
+    with pytest.raises(SystemExit, match="needs --out"):
+        run(root, clip_args, "--data", f"voc={root / 'data' / 'VOCdevkit'}", "--baselines", "a-photo-of",
+            "--save-confusions")

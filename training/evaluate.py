@@ -31,6 +31,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -78,10 +79,12 @@ def build_methods(clip: FrozenCLIP, prompt_paths: dict[str, str], baselines) -> 
 @torch.no_grad()
 def evaluate_dataset(clip: FrozenCLIP, methods, dataset, transform, ctx: DistContext,
                      limit: int | None = None, num_workers: int = 0, amp=None,
-                     progress: bool = True, use_pamr: bool = False) -> dict[str, SegScores]:
+                     progress: bool = True, use_pamr: bool = False,
+                     per_image: dict[str, list] | None = None) -> dict[str, SegScores]:
     """Scores every method on ``dataset`` (full label space); returns name → SegScores. Dense features use
     the CLIP's settings (``--dense``/``--sliding``); ``use_pamr`` refines the logits at the label size with the
-    image resized to it (SCLIP's evaluation) before the argmax."""
+    image resized to it (SCLIP's evaluation) before the argmax. ``per_image`` (a dict, filled in): method →
+    list of per-image C×C confusions (this process's images, in order), for bootstrap intervals."""
     vocab = tuple(dataset.prompt_names)
     texts = {name: ps.encode(clip, vocab).detach() for name, (ps, _) in methods.items()}
     temps = {name: (ps.tau1(), ps.tau2(), g, ps.gpr_bias()) for name, (ps, g) in methods.items()}
@@ -106,7 +109,13 @@ def evaluate_dataset(clip: FrozenCLIP, methods, dataset, transform, ctx: DistCon
             if guide is not None:
                 logits = pamr(guide, logits)
             pred = logits.argmax(1)[0]
-            cms[name].update(pred, label)
+            if per_image is not None:
+                one = ConfusionMatrix(len(vocab), dataset.ignore_index)
+                one.update(pred, label)
+                cms[name].mat += one.mat
+                per_image.setdefault(name, []).append(one.mat.numpy().astype(np.int32))
+            else:
+                cms[name].update(pred, label)
             if name in gprs:
                 gprs[name].update(out.gpr_logits[0], label, dataset.ignore_index)
         bar.update(ctx.world_size)
@@ -165,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N images only (smoke tests)")
     p.add_argument("--seed", type=int, default=0, help="seed (only matters for random-weight CLIPs)")
     p.add_argument("--out", default=None, help="folder for results.md / results.json")
+    p.add_argument("--save-confusions", action="store_true",
+                   help="also write <out>/confusions-<dataset>.npz: per method, the per-image confusion matrices "
+                        "N×C×C (for bootstrap intervals over images; one process)")
     p.add_argument("--pamr", action="store_true",
                    help="refine the logits with PAMR before the argmax (as SCLIP/NACLIP's --pamr on)")
     add_clip_args(p)
@@ -189,7 +201,11 @@ def _main(argv=None) -> dict:
     prompt_paths = parse_pairs(args.prompts, "--prompts")
     if args.label_offset is not None and not any(get_profile(k).name == "folder" for k in datasets):
         raise SystemExit("--label-offset / --reduce-zero-label apply to folder datasets (--data folder=DIR) only")
+    if args.save_confusions and not args.out:
+        raise SystemExit("--save-confusions needs --out")
     with distributed_session(args.device) as ctx:
+        if args.save_confusions and ctx.world_size > 1:
+            raise SystemExit("--save-confusions runs in one process (its per-image matrices are not gathered)")
         seed_everything(args.seed)
         clip = load_clip(clip_spec(args), ctx.device)
         methods = build_methods(clip, prompt_paths, args.baselines)
@@ -203,8 +219,13 @@ def _main(argv=None) -> dict:
                 root = compose_spec(root, args.label_offset)
             ds = build_dataset(key, root, args.split, label_space="full")
             tf = prof.eval_transform(**({"scale": tuple(args.eval_scale)} if args.eval_scale else {}))
+            per_image = {} if args.save_confusions else None
             results[prof.name] = evaluate_dataset(clip, methods, ds, tf, ctx, args.limit,
-                                                  args.num_workers, amp, not args.no_progress, args.pamr)
+                                                  args.num_workers, amp, not args.no_progress, args.pamr, per_image)
+            if per_image is not None:
+                out = Path(args.out) / f"confusions-{prof.name}.npz"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(out, **{k: np.stack(v) for k, v in per_image.items()})
             n = len(ds) if args.limit is None else min(args.limit, len(ds))
             unseen_names = {ds.prompt_names[i] for i in ds.unseen_indices}
             meta[prof.name] = {

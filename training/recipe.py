@@ -36,11 +36,11 @@ RECIPES = {
     "default": dict(optimizer="adamw", lr=2e-3, lr_policy="constant", warmup_iters=0, max_iters=500,
                     global_batch=4, weight_decay=5e-4, lambda_oc=1.0, select="holdout", fresh="auto",
                     seg_reduction="pixel", init_fit=200, lambda_prior=8.0, init_fit_oc=False,
-                    calib_steps=50, cls_mode="paper"),
+                    calib_steps=50, cls_mode="paper", residual=True, gpr_bias=False),
     "paper": dict(optimizer="sgd", lr=2e-4, lr_policy="poly", warmup_iters=1000, max_iters=8000,
                   global_batch=8, weight_decay=5e-4, lambda_oc="paper", select="none", fresh="off",
                   seg_reduction="pixel", init_fit=0, lambda_prior=0.0, init_fit_oc=False,
-                  calib_steps=0, cls_mode="bce"),
+                  calib_steps=0, cls_mode="bce", residual=False, gpr_bias=False),
 }
 # Handcrafted sets the warm start and anchor can use (names of mvpseg.baseline_prompt_sets(); the first is the
 # fallback), or "auto": the best of them on the validation images (train_prompts.choose_prior).
@@ -52,7 +52,7 @@ RESUME_KEYS = ("dataset", "split", "n_seg", "n_ctx", "use_global", "gamma", "lam
                "warmup_iters", "warmup_ratio", "lr_policy", "max_iters", "global_batch", "seed",
                "crop_size", "train_scale", "clip", "pretrained", "select", "holdout_frac", "val_images",
                "val_every", "patience", "select_confidence", "fresh", "lambda_prior", "tau1_init",
-               "seg_reduction", "init_fit", "prior_prompts", "dense", "sliding", "gpr_bias")
+               "seg_reduction", "init_fit", "prior_prompts", "dense", "sliding", "gpr_bias", "residual")
 # Settings that only matter while selecting a model: a run with --select none ignores them, so they are not
 # compared on resume (a state written before they existed resumes under any of their values).
 SELECTION_KEYS = ("holdout_frac", "val_images", "val_every", "patience", "select_confidence")
@@ -62,7 +62,7 @@ def resume_keys(cfg: "TrainConfig") -> tuple[str, ...]:
     """RESUME_KEYS that this configuration's result depends on: selection settings only when it selects, the
     handcrafted prior only when something uses it (warm start or anchor)."""
     unused = set(SELECTION_KEYS) if cfg.select == "none" else set()
-    if cfg.init_fit == 0 and cfg.lambda_prior == 0:
+    if cfg.init_fit == 0 and cfg.lambda_prior == 0 and not cfg.residual:
         unused.add("prior_prompts")
     return tuple(k for k in RESUME_KEYS if k not in unused)
 
@@ -72,7 +72,7 @@ LEGACY_DEFAULTS = {"optimizer": "sgd", "select": "none", "holdout_frac": 0.25, "
                    "val_every": 50, "patience": 4, "select_confidence": 0.0, "fresh": "off",
                    "lambda_prior": 0.0, "tau1_init": None,
                    "seg_reduction": "pixel", "init_fit": 0, "prior_prompts": "maskclip-85", "sliding": None,
-                   "gpr_bias": False}
+                   "gpr_bias": False, "residual": False}
 # (a state written before "dense" existed used the tower's default mode: train_prompts adds it per tower)
 
 
@@ -118,7 +118,8 @@ class TrainConfig:
     calib_steps: int = 50  # Adam steps fitting log τ1/log τ2 alone before learning (context frozen)
     calib_lr: float = 0.05
     gpr_bias: bool = False  # calibrated GPR: a learned logit offset in Eq. 6 (LearnedPrompts.enable_gpr_bias)
-    prior_prompts: str = "auto"  # handcrafted set behind the warm start and the anchor (PRIOR_CHOICES)
+    prior_prompts: str = "auto"  # handcrafted set behind the warm start, the anchor and the residual form
+    residual: bool = True  # t = norm(h + e − e0): exactly handcrafted at the start (LearnedPrompts.set_prior)
     crop_size: int | None = None
     train_scale: tuple[int, int] | None = None
     ckpt_every: int = 500
@@ -145,7 +146,8 @@ class TrainConfig:
                            weight_decay=self.weight_decay, lambda_seg=self.lambda_seg, lambda_cls=self.lambda_cls,
                            lambda_oc=self.lambda_oc, cls_mode=self.cls_mode, seg_reduction=self.seg_reduction,
                            lambda_prior=self.lambda_prior, init_fit=self.init_fit, init_fit_lr=self.init_fit_lr,
-                           init_fit_oc=self.init_fit_oc, calib_steps=self.calib_steps, calib_lr=self.calib_lr)
+                           init_fit_oc=self.init_fit_oc, calib_steps=self.calib_steps, calib_lr=self.calib_lr,
+                           residual=self.residual)
 
     @property
     def schedule(self) -> LRSchedule:
@@ -193,9 +195,13 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="L_cls: paper = Eq. 7 as printed (present classes only, so g_c → 1 and GPR turns neutral); "
                         "bce = binary cross-entropy over all classes (GPR can suppress absent ones). Default: the "
                         "recipe's (default: paper, docs/history/recipe-addenda.md, ninth addendum; paper: bce)")
-    p.add_argument("--gpr-bias", default="off", choices=["on", "off"],
+    p.add_argument("--gpr-bias", default=None, choices=["on", "off"],
                    help="calibrated GPR: learn a logit offset β in Eq. 6, g_c = σ(s_c/τ2 − β) (with a global prompt "
                         "only; docs/history/gpr-study.md). Off: the paper's Eq. 6")
+    p.add_argument("--residual", default=None, choices=["on", "off"],
+                   help="residual prompts: every class embedding is the handcrafted prior's plus the change of the "
+                        "learned context's embedding since the warm start, so learning starts from the handcrafted "
+                        "classifier exactly (docs/recipe.md). Default: the recipe's (default: on; paper: off)")
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
                    help="defaults of the learning recipe: default (docs/recipe.md) | paper (sec. 4.3)")
     p.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS),
@@ -275,8 +281,9 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         lambda_prior=pick("lambda_prior"), tau1_init=a.tau1_init, seg_reduction=pick("seg_reduction"),
         init_fit=pick("init_fit"), init_fit_lr=a.init_fit_lr, init_fit_oc=pick("init_fit_oc") in (True, "on"),
         calib_steps=pick("calib_steps"), calib_lr=a.calib_lr,
-        gpr_bias=a.gpr_bias == "on" and v["use_global"] and not a.no_global,
+        gpr_bias=pick("gpr_bias") in (True, "on") and v["use_global"] and not a.no_global,
         prior_prompts=a.prior_prompts, dense=getattr(a, "dense", None),
+        residual=pick("residual") in (True, "on"),
         sliding=tuple(a.sliding) if getattr(a, "sliding", None) else None,
     )
 

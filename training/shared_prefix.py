@@ -104,6 +104,11 @@ class SharedPrefixEncoder:
 
     def encode(self, prompts: LearnedPrompts, class_names: Sequence[str]) -> TextViews:
         names = tuple(class_names)
+        return prompts.compose(self.clip, names, self.encode_plain(prompts, names))  # residual form, if any
+
+    def encode_plain(self, prompts: LearnedPrompts, class_names: Sequence[str]) -> torch.Tensor:
+        """The plain embeddings of the prompts' current context, P×C×D unit norm (``encode_context``)."""
+        names = tuple(class_names)
         model = self.clip.model
         sot, tail, eot = self._tokens(prompts.n_ctx, names)
         ctx = prompts.ctx.to(tail.dtype)
@@ -123,6 +128,4 @@ class SharedPrefixEncoder:
         proj = model.text_projection
         if proj is not None:
             x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-        feats = F.normalize(x.float(), dim=-1)
-        seg, glob = (feats[1:], feats[0]) if prompts.use_global else (feats, None)
-        return TextViews(seg, glob, prompts.view_names, names)
+        return F.normalize(x.float(), dim=-1)

@@ -41,6 +41,7 @@ import torch
 from mvpseg.checkpoint import save_prompts
 from mvpseg.clip_backbone import load_clip
 from mvpseg.dense import default_dense_mode
+from mvpseg.handcrafted import handcrafted_set
 from mvpseg.learning import PromptLearner, prior_targets
 from mvpseg.model import MVPSeg
 from mvpseg.prompts import LearnedPrompts
@@ -147,7 +148,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     legacy = {**LEGACY_DEFAULTS, "dense": default_dense_mode(clip.model.visual)}
     clip.set_text_checkpointing(cfg.text_checkpointing)
     prompts = LearnedPrompts(clip.text_width, n_seg=cfg.n_seg, n_ctx=cfg.n_ctx, use_global=cfg.use_global,
-                             tau1_init=cfg.tau1_init, gpr_bias=cfg.gpr_bias).to(ctx.device)
+                             tau1_init=cfg.tau1_init, gpr_bias=cfg.gpr_bias, residual=cfg.residual).to(ctx.device)
     model = MVPSeg(clip, prompts, gamma=cfg.gamma)
     encoder = None
     if cfg.text_encoder == "shared-prefix":
@@ -185,7 +186,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     validation = None
     if val_idx:
         validation = ValidationSet.build(clip, data, val_idx, profile.eval_transform(), ctx.device)
-    uses_prior = cfg.lambda_prior > 0 or cfg.init_fit > 0
+    uses_prior = cfg.lambda_prior > 0 or cfg.init_fit > 0 or cfg.residual
     handcrafted = {}
     if validation is not None and (ctx.is_main or (uses_prior and cfg.prior_prompts == "auto")):
         handcrafted = handcrafted_confusions(validation, model, seen_vocab)
@@ -201,6 +202,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         fit_cos, fit_oc = learner.warm_start(vocab, targets)
         log.info("warm start: %d text-only steps, mean cosine to the %s embeddings %.3f, OCLoss %.3f (%.1f s)",
                  cfg.init_fit, prior_name, fit_cos, fit_oc, time.perf_counter() - t)
+    if cfg.residual:  # from here the classifier is the prior's exactly, plus what learning changes (resumed: ctx0 kept)
+        prompts.set_prior(handcrafted_set(prior_name).to(ctx.device), rebase=resume_path is None)
     overrides = {"pad_value": tuple(clip.pixel_mean.flatten().tolist())}
     if cfg.crop_size:
         overrides["crop_size"] = cfg.crop_size

@@ -178,7 +178,7 @@ def learn_prompts(clip: FrozenCLIP, examples: Sequence[LabelledImage], class_nam
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         prompts = LearnedPrompts(clip.text_width, n_seg=settings.n_seg, n_ctx=settings.n_ctx,
-                                 use_global=settings.use_global).to(clip.device)
+                                 use_global=settings.use_global, residual=settings.recipe.residual).to(clip.device)
     model = MVPSeg(clip, prompts)
     learner = PromptLearner(model, settings.recipe)
     order = torch.randperm(len(examples), generator=gen).tolist()
@@ -221,6 +221,8 @@ def learn_prompts(clip: FrozenCLIP, examples: Sequence[LabelledImage], class_nam
             for done in range(0, r.init_fit, 10):
                 learner.warm_start(names, targets, steps=min(10, r.init_fit - done))
                 check("warm start", min(done + 10, r.init_fit), r.init_fit)
+        if r.residual:  # from here: the prior exactly, plus what learning changes (as train_prompts)
+            prompts.set_prior(prior)
         if r.calib_steps > 0:
             learner.calibrate(names, (b for b, _ in zip(batches(), range(r.calib_steps))))
             check("calibration", r.calib_steps, r.calib_steps)

@@ -115,12 +115,14 @@ def fit_to_templates(prompts: LearnedPrompts, clip, encoder, vocab: tuple[str, .
     included), t = the C×D handcrafted embeddings, plus ``oc_weight`` · L_OC (Eq. 5, mean over pairs) of the
     segmentation prompts. Without that term the views converge to nearly the same context (|cos| ≈ 0.9
     between their mean tokens) and OCLoss pulls them apart in the first steps of learning. Returns the
-    final (mean cosine, L_OC). Its own optimiser, so the training optimiser's state starts clean."""
+    final (mean cosine, L_OC). Its own optimiser, so the training optimiser's state starts clean. It fits the
+    *plain* embeddings of the context, also for a set in residual form (which is handcrafted at its start by
+    construction): there the warm start chooses where the context's text features start from."""
     opt = torch.optim.AdamW([prompts.ctx], lr=lr, weight_decay=0.0)
     cos, oc = torch.zeros(()), oc_loss(prompts.seg_ctx.detach())
     for _ in range(steps):
-        text = encoder.encode(prompts, vocab) if encoder else prompts.encode(clip, vocab)
-        views = text.seg if text.glob is None else torch.cat([text.glob[None], text.seg])
+        views = (encoder.encode_plain(prompts, vocab) if encoder
+                 else prompts.encode_context(clip, vocab, prompts.ctx))  # P×C×D, global prompt included
         cos = (views.float() * targets[None]).sum(-1).mean()
         oc = oc_loss(prompts.seg_ctx)
         opt.zero_grad(set_to_none=True)

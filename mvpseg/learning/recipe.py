@@ -22,7 +22,10 @@ class LearnRecipe:
     lambda_prior: the KgCoOp-style anchor of the mean view to the handcrafted embeddings (0 = off);
     init_fit / init_fit_lr / init_fit_oc: text-only warm-start steps fitting every view to the handcrafted
     embeddings (0 = a random start), their lr, whether they also minimise λ_OC · L_OC;
-    calib_steps / calib_lr: Adam steps fitting log τ1 / log τ2 alone before learning (0 = off)."""
+    calib_steps / calib_lr: Adam steps fitting log τ1 / log τ2 alone before learning (0 = off);
+    residual: learn the prompts in residual form (``LearnedPrompts.set_prior``: the handcrafted prior's
+    embedding plus the change of the context's since the warm start, so learning starts from the handcrafted
+    classifier exactly; issue #27, docs/recipe.md)."""
 
     optimizer: str = "adamw"
     lr: float = 2e-3
@@ -39,6 +42,7 @@ class LearnRecipe:
     init_fit_oc: bool = False
     calib_steps: int = 50
     calib_lr: float = 0.05
+    residual: bool = True
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -56,14 +60,15 @@ class LearnRecipe:
 
     @property
     def uses_prior(self) -> bool:
-        """Whether the handcrafted embeddings are needed (warm start or anchor)."""
-        return self.lambda_prior > 0 or self.init_fit > 0
+        """Whether the handcrafted embeddings are needed (warm start, anchor or residual form)."""
+        return self.lambda_prior > 0 or self.init_fit > 0 or self.residual
 
 
 DEFAULT = LearnRecipe()
 # sec. 4.3 as printed: momentum SGD, λ3 = 100 on Eq. 5's sum (LossWeights.paper(k).oc on the mean over pairs,
 # set per k by the caller), the full BCE, no warm start, anchor or calibration
-PAPER = replace(DEFAULT, optimizer="sgd", lr=2e-4, cls_mode="bce", lambda_prior=0.0, init_fit=0, calib_steps=0)
+PAPER = replace(DEFAULT, optimizer="sgd", lr=2e-4, cls_mode="bce", lambda_prior=0.0, init_fit=0, calib_steps=0,
+                residual=False)
 
 
 def build_optimizer(recipe: LearnRecipe, params) -> torch.optim.Optimizer:

@@ -25,14 +25,14 @@ MEMBERS: dict[str, list[str]] = {
     # the CLIP of issue #27's hidden worlds, in kind: a wider ResNet, a smaller embedding, a deeper-narrower
     # text tower shape, CLIP's normalisation, another seed
     "fam-a": ["--seed", "11", "--vision-width", "32", "--embed-dim", "64", "--text-width", "128",
-              "--text-layers", "3", "--normalization", "clip"],
+              "--text-layers", "3", "--normalization", "clip", "--steps", "1200"],
     # web alt-text-like captions (class names only), a narrow image tower, another seed
-    "fam-b": ["--seed", "12", "--vision-width", "16", "--embed-dim", "96", "--captions", "terse"],
+    "fam-b": ["--seed", "12", "--vision-width", "16", "--embed-dim", "96", "--captions", "terse", "--steps", "1200"],
     # a ViT with long, filler-heavy captions and CLIP's normalisation
     "fam-c": ["--seed", "13", "--vision", "vit", "--vision-width", "64", "--vision-head-width", "16",
               "--embed-dim", "64", "--captions", "verbose", "--normalization", "clip"],
-    # a bigger text tower, a shorter schedule (a less converged CLIP), another seed
-    "fam-d": ["--seed", "14", "--text-width", "96", "--text-layers", "6", "--steps", "1600"],
+    # a bigger text tower, the shortest schedule (a less converged CLIP), another seed
+    "fam-d": ["--seed", "14", "--text-width", "96", "--text-layers", "6", "--steps", "800"],
 }
 
 
