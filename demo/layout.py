@@ -20,6 +20,7 @@ import mvpseg
 import mvpseg.batch
 
 from . import plots, render
+from .plots import GPR_CHART_LABEL
 from .limits import MAX_BODY_BYTES, BodyLimit
 from .models import DemoModels
 from .outputs import OutputFiles, encode_png
@@ -259,7 +260,7 @@ def build_demo(models: DemoModels, gpu_decorator: Callable[[Callable], Callable]
                                  elem_id="views")
                 with gr.Row(equal_height=False):
                     gpr = gr.BarPlot(x="class", y="GPR score", color="class", y_lim=[0, 1], sort=None,
-                                     label="GPR class scores (Eq. 6): near 0 = suppressed, near 1 = kept",
+                                     label=GPR_CHART_LABEL,
                                      elem_id="gpr")
                     tsne = gr.Image(label="Prompt text embeddings (t-SNE): colour = class, marker = prompt",
                                     format="png",

@@ -21,6 +21,10 @@ from threadpoolctl import threadpool_limits
 import mvpseg
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+# What a bar means (issue #28): the chart is read by visitors who have not read Eq. 6–8.
+GPR_CHART_LABEL = ("GPR class scores g_c (Eq. 6): how present the global prompt finds each class in the whole "
+                   "image. Each class's final mask is its fused mask × g_c, so a low bar (near 0) removes that "
+                   "class's pixels; a bar near 1 keeps them")
 MAX_LEGEND_CLASSES = 16
 
 
