@@ -323,7 +323,8 @@ def test_gpr_chart_says_why_scores_stay_at_one(tmp_path):
                                                       "with L_cls as Eq. 7 prints it")]
         assert len(notes) == int(noted), (mode, run.notes)
     shipped = json.loads((REPO / "assets" / "prompts" / "toyworld-mvpseg.json").read_text())
-    assert shipped["extra"]["train_config"]["cls_mode"] == "paper"  # the default recipe's, so the note shows
+    # the demo's toy prompts use calibrated GPR (issue #28), so its chart shows GPR at work and needs no note
+    assert shipped["extra"]["train_config"]["cls_mode"] == "bce" and shipped["extra"]["train_config"]["gpr_bias"]
 
 
 def test_student_slot_states(tiny, tmp_path):
