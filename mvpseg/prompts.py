@@ -33,6 +33,12 @@ class TextViews:
                          self.view_names, self.class_names)
 
 
+def prior_embedding(text: TextViews) -> torch.Tensor:
+    """C×D unit embeddings of a handcrafted set: its normalised mean view (a single-view set: the view itself).
+    What residual prompts add their learned change to, and the target of the warm start and the anchor."""
+    return F.normalize(text.seg.detach().float().mean(0), dim=-1)
+
+
 class PromptSet(nn.Module):
     """Base class: ``encode(clip, class_names) -> TextViews`` and the fusion temperatures."""
 
@@ -247,7 +253,7 @@ class LearnedPrompts(PromptSet):
         key = (names, str(clip.device), clip.fingerprint, self.ctx0.data_ptr(), self.ctx0._version)
         if key not in self._base_cache:
             with torch.no_grad():
-                h = F.normalize(self.prior.encode(clip, names).seg.float().mean(0), dim=-1)
+                h = prior_embedding(self.prior.encode(clip, names))
                 e0 = self.encode_context(clip, names, self.ctx0)
             if len(self._base_cache) > 16:
                 self._base_cache.clear()

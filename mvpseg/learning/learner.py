@@ -11,11 +11,10 @@ import contextlib
 from typing import Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..losses import anchor_loss, oc_loss
 from ..model import MVPSeg
-from ..prompts import LearnedPrompts, TextViews
+from ..prompts import LearnedPrompts, TextViews, prior_embedding
 from .recipe import LearnRecipe, build_optimizer
 
 GradReducer = Callable[[list[torch.Tensor]], None]
@@ -103,10 +102,9 @@ class PromptLearner:
                                       self.recipe.calib_lr, self.reduce_grads, self.amp)
 
 
-def prior_targets(text: TextViews) -> torch.Tensor:
-    """C×D unit targets of the warm start and the anchor from a handcrafted set's text embeddings: its
-    normalised mean view (a single-view set: the view itself)."""
-    return F.normalize(text.seg.detach().float().mean(0), dim=-1)
+# C×D unit targets of the warm start and the anchor from a handcrafted set's text embeddings (its normalised
+# mean view): the same embedding residual prompts add their learned change to, so one definition serves both
+prior_targets = prior_embedding
 
 
 def fit_to_templates(prompts: LearnedPrompts, clip, encoder, vocab: tuple[str, ...], targets: torch.Tensor,
