@@ -51,9 +51,10 @@ WORLDS = {"sparse": "world=sparse", "crowded": "world=crowded", "medium-b": "wor
 # before its ninth addendum had the full-BCE L_cls as the default (add "--cls-loss bce" to rerun them as run).
 ARMS: dict[str, list[str]] = {
     "default": [],
-    "plain": ["--residual", "off"],
-    "val256": ["--val-images", "256"],  # candidates of issue #27's study (docs/history/transfer-study.md)
-    "plain-val256": ["--residual", "off", "--val-images", "256"],  # the default before issue #27's study: prompts not in residual form
+    "plain": ["--residual", "off"],  # the default before issue #27's study: prompts not in residual form
+    # pilots of issue #27's study (docs/history/transfer-study.md): more validation images for selection
+    "val256": ["--val-images", "256"],
+    "plain-val256": ["--residual", "off", "--val-images", "256"],
     "no-prior": ["--lambda-prior", "0"],  # warm start kept, no pull while learning
     "no-warm-start": ["--init-fit", "0"],  # random start (CoOp's), pull kept
     "no-anchor": ["--lambda-prior", "0", "--init-fit", "0"],  # neither: the issue's independent recipe + GPR

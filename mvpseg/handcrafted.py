@@ -114,7 +114,8 @@ class PartPrompts(_HandcraftedBase):
 
 
 # The handcrafted sets by name (what prompt checkpoints in residual form record as their prior).
-HANDCRAFTED_SETS = {"maskclip-85": TemplatePrompts.maskclip85, "parts": PartPrompts, "a-photo-of": TemplatePrompts.single}
+HANDCRAFTED_SETS = {"maskclip-85": TemplatePrompts.maskclip85, "parts": PartPrompts,
+                    "a-photo-of": TemplatePrompts.single}
 
 
 def handcrafted_set(name: str) -> _HandcraftedBase:
