@@ -55,6 +55,7 @@ ARMS: dict[str, list[str]] = {
     # pilots of issue #27's study (docs/history/transfer-study.md): more validation images for selection
     "val256": ["--val-images", "256"],
     "plain-val256": ["--residual", "off", "--val-images", "256"],
+    "class-seg": ["--seg-reduction", "class"],  # class-balanced L_seg (first addendum of transfer-study.md)
     "no-prior": ["--lambda-prior", "0"],  # warm start kept, no pull while learning
     "no-warm-start": ["--init-fit", "0"],  # random start (CoOp's), pull kept
     "no-anchor": ["--lambda-prior", "0", "--init-fit", "0"],  # neither: the issue's independent recipe + GPR
