@@ -169,10 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
             ra.main(["--out", str(out / clip), "--worlds", *a.layouts, "--seeds", *map(str, a.seeds),
                      "--arms", *a.arms, "--threads", str(a.threads), "--workers", "0",
                      "--model-config", str(config), "--weights", str(weights)])
-    result = summarise(out, sorted({*a.arms, *ra.ARMS} & {d.name for c in out.iterdir() if c.is_dir()
-                                                           for w in c.iterdir() if w.is_dir()
-                                                           for s in w.glob("seed*") for d in s.iterdir()
-                                                           if d.is_dir() and d.name in ra.ARMS}))
+    result = summarise(out, list(ra.ARMS))  # every arm that has runs under ``out``, in ARMS order
     print(result["markdown"])
     return result
 

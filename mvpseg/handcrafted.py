@@ -62,6 +62,10 @@ class _HandcraftedBase(PromptSet):
         self.view_names = tuple(view_names)
         self.name = name
         self.chunk_size = chunk_size
+        # the last few vocabularies' embeddings: nothing here is learned, and one set is often asked for the same
+        # vocabulary several times (the anchor's targets, the residual form's base, a validation score), which
+        # costs 85 text passes per class each time with the MaskCLIP templates
+        self._encoded: dict[tuple, TextViews] = {}
 
     def text_identity(self) -> tuple[tuple, dict[str, torch.Tensor]]:
         """The templates of every view (nothing learned)."""
@@ -78,8 +82,17 @@ class _HandcraftedBase(PromptSet):
 
     @torch.no_grad()
     def encode(self, clip: FrozenCLIP, class_names: Sequence[str]) -> TextViews:
-        """C names → seg K×C×D: per view, the renormalised mean of its normalised template embeddings."""
+        """C names → seg K×C×D: per view, the renormalised mean of its normalised template embeddings (kept for
+        the last few vocabularies per CLIP and device)."""
         names = tuple(class_names)
+        key = (names, str(clip.device), clip.fingerprint)
+        if key not in self._encoded:
+            if len(self._encoded) >= 4:
+                self._encoded.pop(next(iter(self._encoded)))
+            self._encoded[key] = self._encode(clip, names)
+        return self._encoded[key]
+
+    def _encode(self, clip: FrozenCLIP, names: tuple[str, ...]) -> TextViews:
         sentences = [t.format(n) for tpls in self.views for t in tpls for n in names]
         feats = clip.encode_text(sentences, chunk_size=self.chunk_size)  # (ΣT·C)×D, unit norm
         out, start = [], 0

@@ -110,7 +110,7 @@ class LearnedPrompts(PromptSet):
         # ``prior`` the handcrafted set it is added to; both None for the plain form (CoOp's, the paper's)
         self.register_buffer("ctx0", self.ctx.detach().clone() if residual else None)
         self.prior: PromptSet | None = None
-        self._base_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._base_cache: dict[tuple, torch.Tensor] = {}
 
     @property
     def residual(self) -> bool:
@@ -247,18 +247,17 @@ class LearnedPrompts(PromptSet):
         return F.normalize(feats.float(), dim=-1).view(p, c, -1)
 
     def _residual_base(self, clip: FrozenCLIP, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h C×D, e0 P×C×D) of the residual form for a vocabulary, cached per vocabulary and ctx0."""
+        """(h C×D, e0 P×C×D) of the residual form for a vocabulary; e0 cached per vocabulary and ctx0 (the
+        handcrafted prior keeps its own embeddings)."""
         if self.prior is None:
             raise RuntimeError("residual prompts need their handcrafted prior: call set_prior (load_prompts does)")
         key = (names, str(clip.device), clip.fingerprint, self.ctx0.data_ptr(), self.ctx0._version)
         if key not in self._base_cache:
-            with torch.no_grad():
-                h = prior_embedding(self.prior.encode(clip, names))
-                e0 = self.encode_context(clip, names, self.ctx0)
             if len(self._base_cache) > 16:
                 self._base_cache.clear()
-            self._base_cache[key] = (h, e0)
-        return self._base_cache[key]
+            with torch.no_grad():
+                self._base_cache[key] = self.encode_context(clip, names, self.ctx0)
+        return prior_embedding(self.prior.encode(clip, names)), self._base_cache[key]
 
     def compose(self, clip: FrozenCLIP, class_names: Sequence[str], feats: torch.Tensor) -> TextViews:
         """Plain prompt embeddings P×C×D → TextViews; in residual form norm(h + e − e0) (``set_prior``). The

@@ -28,3 +28,21 @@ def test_part_prompts_one_view_per_template(tiny):
         ref = tiny.encode_text([tpl.format(n) for n in names])
         torch.testing.assert_close(tv.seg[i], ref, rtol=1e-4, atol=1e-5)
     assert PartPrompts().tau1() == 100.0 / 3
+
+
+def test_a_set_encodes_each_vocabulary_once_and_keeps_a_few(tiny, monkeypatch):
+    """Handcrafted sets learn nothing, so a repeated vocabulary costs no text pass (the anchor's targets, the
+    residual form's base and a validation score ask for the same one); the oldest of more than 4 is dropped."""
+    calls = []
+    real = tiny.encode_text
+    monkeypatch.setattr(tiny, "encode_text",
+                        lambda sentences, **kw: calls.append(len(sentences)) or real(sentences, **kw))
+    s = PartPrompts()
+    a = s.encode(tiny, ["cat", "dog"])
+    b = s.encode(tiny, ("cat", "dog"))
+    assert len(calls) == 1 and b.seg is a.seg
+    for v in (["sky"], ["car"], ["tree"], ["road"]):
+        s.encode(tiny, v)
+    assert len(calls) == 5
+    torch.testing.assert_close(s.encode(tiny, ["cat", "dog"]).seg, a.seg)  # dropped, encoded again, equal
+    assert len(calls) == 6 and calls[0] == 3 * 2

@@ -109,13 +109,11 @@ def evaluate_dataset(clip: FrozenCLIP, methods, dataset, transform, ctx: DistCon
             if guide is not None:
                 logits = pamr(guide, logits)
             pred = logits.argmax(1)[0]
+            one = ConfusionMatrix(len(vocab), dataset.ignore_index)  # this image's; the totals are their sum
+            one.update(pred, label)
+            cms[name].mat += one.mat
             if per_image is not None:
-                one = ConfusionMatrix(len(vocab), dataset.ignore_index)
-                one.update(pred, label)
-                cms[name].mat += one.mat
                 per_image.setdefault(name, []).append(one.mat.numpy().astype(np.int32))
-            else:
-                cms[name].update(pred, label)
             if name in gprs:
                 gprs[name].update(out.gpr_logits[0], label, dataset.ignore_index)
         bar.update(ctx.world_size)

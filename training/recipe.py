@@ -62,7 +62,7 @@ def resume_keys(cfg: "TrainConfig") -> tuple[str, ...]:
     """RESUME_KEYS that this configuration's result depends on: selection settings only when it selects, the
     handcrafted prior only when something uses it (warm start or anchor)."""
     unused = set(SELECTION_KEYS) if cfg.select == "none" else set()
-    if cfg.init_fit == 0 and cfg.lambda_prior == 0 and not cfg.residual:
+    if not cfg.learn_recipe.uses_prior:
         unused.add("prior_prompts")
     return tuple(k for k in RESUME_KEYS if k not in unused)
 

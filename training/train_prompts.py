@@ -42,9 +42,9 @@ from mvpseg.checkpoint import save_prompts
 from mvpseg.clip_backbone import load_clip
 from mvpseg.dense import default_dense_mode
 from mvpseg.handcrafted import handcrafted_set
-from mvpseg.learning import PromptLearner, prior_targets
+from mvpseg.learning import PromptLearner
 from mvpseg.model import MVPSeg
-from mvpseg.prompts import LearnedPrompts
+from mvpseg.prompts import LearnedPrompts, prior_embedding
 
 from .checkpointing import CheckpointManager, restore_state
 from .cli import amp_dtype, apply_runtime, clip_spec, command_line
@@ -94,15 +94,6 @@ def _training_data(cfg: TrainConfig, clip):
     val_idx, train_idx = validation_indices(data, n_val, cfg.seed, fresh)
     stream_data = data if train_idx is None else IndexView(data, train_idx)
     return stream_data, data, val_idx, fresh
-
-
-def _prior_targets(clip, vocab: tuple[str, ...], device, name: str = "maskclip-85") -> torch.Tensor:
-    """C×D unit targets of handcrafted set ``name`` for the training vocabulary (the KgCoOp-style anchor; a
-    multi-view set gives its normalised mean view: ``mvpseg.learning.prior_targets``)."""
-    from mvpseg import baseline_prompt_sets
-
-    with torch.no_grad():
-        return prior_targets(baseline_prompt_sets()[name].to(device).encode(clip, vocab))
 
 
 def handcrafted_confusions(validation, model, seen_vocab) -> dict[str, "np.ndarray"]:
@@ -186,14 +177,16 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     validation = None
     if val_idx:
         validation = ValidationSet.build(clip, data, val_idx, profile.eval_transform(), ctx.device)
-    uses_prior = cfg.lambda_prior > 0 or cfg.init_fit > 0 or cfg.residual
+    uses_prior = cfg.learn_recipe.uses_prior
     handcrafted = {}
     if validation is not None and (ctx.is_main or (uses_prior and cfg.prior_prompts == "auto")):
         handcrafted = handcrafted_confusions(validation, model, seen_vocab)
-    targets, prior_name = None, None
+    targets, prior_name, prior_set = None, None, None
     if uses_prior:
         prior_name, prior_scores = choose_prior(cfg, handcrafted, holdout)
-        targets = _prior_targets(clip, vocab, ctx.device, prior_name)
+        # one instance: it keeps its embeddings of the vocabulary for the residual form's base
+        prior_set = handcrafted_set(prior_name).to(ctx.device)
+        targets = prior_embedding(prior_set.encode(clip, vocab))  # C×D: the warm start's and the anchor's
         log.info("handcrafted prior: %s (validation mIoU over seen classes: %s)", prior_name,
                  ", ".join(f"{k} {v:.1f}" for k, v in prior_scores.items()) or "not compared")
     prior = targets if cfg.lambda_prior > 0 else None
@@ -203,7 +196,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         log.info("warm start: %d text-only steps, mean cosine to the %s embeddings %.3f, OCLoss %.3f (%.1f s)",
                  cfg.init_fit, prior_name, fit_cos, fit_oc, time.perf_counter() - t)
     if cfg.residual:  # from here the classifier is the prior's exactly, plus what learning changes (resumed: ctx0 kept)
-        prompts.set_prior(handcrafted_set(prior_name).to(ctx.device), rebase=resume_path is None)
+        prompts.set_prior(prior_set, rebase=resume_path is None)
     overrides = {"pad_value": tuple(clip.pixel_mean.flatten().tolist())}
     if cfg.crop_size:
         overrides["crop_size"] = cfg.crop_size

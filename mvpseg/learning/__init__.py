@@ -5,10 +5,10 @@ demo's Learn tab both run this code.
 """
 from .fewshot import (FewShotResult, FewShotSettings, LabelledImage, LearnProgress, encode_examples,
                       learn_prompts, segmentation_miou)
-from .learner import PromptLearner, calibrate_temperatures, fit_to_templates, prior_targets
+from .learner import PromptLearner, calibrate_temperatures, fit_to_templates
 from .recipe import DEFAULT, OPTIMIZERS, PAPER, LearnRecipe, build_optimizer
 
 __all__ = ["FewShotResult", "FewShotSettings", "LabelledImage", "LearnProgress", "encode_examples", "learn_prompts",
            "segmentation_miou",
-           "PromptLearner", "calibrate_temperatures", "fit_to_templates", "prior_targets", "DEFAULT", "OPTIMIZERS", "PAPER",
+           "PromptLearner", "calibrate_temperatures", "fit_to_templates", "DEFAULT", "OPTIMIZERS", "PAPER",
            "LearnRecipe", "build_optimizer"]

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 from ..clip_backbone import FrozenCLIP
 from ..image_io import prepare_image
+from ..handcrafted import handcrafted_set
 from ..model import MVPSeg
-from ..prompts import LearnedPrompts, PromptSet
-from .learner import PromptLearner, prior_targets
+from ..prompts import LearnedPrompts, PromptSet, prior_embedding
+from .learner import PromptLearner
 from .recipe import DEFAULT, LearnRecipe
 
 IGNORE = 255
@@ -147,8 +148,6 @@ def learn_prompts(clip: FrozenCLIP, examples: Sequence[LabelledImage], class_nam
     when ``should_stop()`` turns true (``stopped="cancelled"``, likewise). Raises ValueError for examples
     without any labelled pixel or labels beyond the names. ``dense``: the DenseSettings of the image
     features (None: the CLIP's default)."""
-    from ..builder import baseline_prompt_sets
-
     t0 = time.perf_counter()
     names = tuple(class_names)
     if not examples:
@@ -194,10 +193,11 @@ def learn_prompts(clip: FrozenCLIP, examples: Sequence[LabelledImage], class_nam
             data += encode_examples(clip, [ex], short_side, dense=dense)
             check("encoding images", k + 1, len(examples))
         train, val = [data[i] for i in train_ids], [data[i] for i in val_ids]
-        prior = baseline_prompt_sets()[settings.prior].to(clip.device)
-        with torch.no_grad():  # encoded once: the anchor's targets and the prior's own validation score
-            prior_text = prior.encode(clip, names)
-        targets = prior_targets(prior_text)
+        prior = handcrafted_set(settings.prior).to(clip.device)
+        # encoded once (the set keeps it): the anchor's targets, the prior's own validation score and, in residual
+        # form, the embedding the learned change is added to
+        prior_text = prior.encode(clip, names)
+        targets = prior_embedding(prior_text)
         if val:
             prior_miou = _miou(MVPSeg(clip, prior), prior_text, val, len(names))
 

@@ -14,7 +14,7 @@ import torch
 
 from ..losses import anchor_loss, oc_loss
 from ..model import MVPSeg
-from ..prompts import LearnedPrompts, TextViews, prior_embedding
+from ..prompts import LearnedPrompts, TextViews
 from .recipe import LearnRecipe, build_optimizer
 
 GradReducer = Callable[[list[torch.Tensor]], None]
@@ -100,11 +100,6 @@ class PromptLearner:
         return calibrate_temperatures(self.model, self.encoder, tuple(vocab), batches,
                                       lambda out, y: self.loss(out, y, no_oc)[1], self.recipe.calib_steps,
                                       self.recipe.calib_lr, self.reduce_grads, self.amp)
-
-
-# C×D unit targets of the warm start and the anchor from a handcrafted set's text embeddings (its normalised
-# mean view): the same embedding residual prompts add their learned change to, so one definition serves both
-prior_targets = prior_embedding
 
 
 def fit_to_templates(prompts: LearnedPrompts, clip, encoder, vocab: tuple[str, ...], targets: torch.Tensor,
