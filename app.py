@@ -31,8 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", action="append", default=[], metavar="[NAME=]PATH",
                    help="learned prompts (.safetensors with its .json); repeatable")
     p.add_argument("--no-discover", action="store_true",
-                   help="do not load the learned prompt checkpoints shipped under assets/")
-    p.add_argument("--student", default=None, metavar="PATH", help="MVP-SEG+ student checkpoint to show beside")
+                   help="do not load the learned prompts and the student shipped under assets/")
+    p.add_argument("--student", default=None, metavar="PATH",
+                   help="MVP-SEG+ student checkpoint to show beside (default: one shipped under assets/ for the CLIP)")
     p.add_argument("--short-side", type=int, default=None,
                    help="CLIP input short side (default 512; 256 for the toy model)")
     p.add_argument("--max-classes", type=int, default=30, help="largest vocabulary accepted")

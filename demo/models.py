@@ -243,6 +243,22 @@ def discover_checkpoints(root: Path = ASSETS_DIR) -> list[tuple[str, str]]:
     return found
 
 
+def discover_student(clip: mvpseg.FrozenCLIP, root: Path = ASSETS_DIR) -> str | None:
+    """The first student shipped under ``root`` (sidecar ``format`` mvpseg-student) distilled against this
+    CLIP's text tower, or None: a toy student is offered with the toy CLIP, never with another one."""
+    for js in sorted(root.rglob("*.json")) if root.is_dir() else []:
+        st = js.with_suffix(".safetensors")
+        try:
+            meta = json.loads(js.read_text())
+            if meta.get("format") != "mvpseg-student" or not st.is_file():
+                continue
+        except (OSError, ValueError, AttributeError):
+            continue
+        if meta.get("clip_fingerprint") == clip.fingerprint and meta.get("embed_dim") == clip.embed_dim:
+            return str(st)
+    return None
+
+
 def _load_learned(clip: mvpseg.FrozenCLIP, explicit: Sequence[tuple[str, str]], discovered: Sequence[tuple[str, str]],
                   reserved: Sequence[str]) -> tuple[dict[str, str], dict[str, str], list[str]]:
     """Checks every checkpoint against the CLIP; returns (name → path, name → description, notices). Sets of
@@ -320,7 +336,8 @@ def load_models(config: DemoConfig = DemoConfig(), toy_spec: mvpseg.ClipSpec = m
                        "available, and you can upload a checkpoint trained with `training.train_prompts`.")
     return DemoModels(predictor=predictor, clip_description=description, mode=mode, device=str(device),
                       learned_sets=descriptions, notices=notices,
-                      student=load_student(config.student, clip, device, short_side),
+                      student=load_student(config.student or (discover_student(clip, assets_dir) if config.discover
+                                                              else None), clip, device, short_side),
                       max_classes=config.max_classes,
                       sliding_window=None if dense is None else
                       (dense.sliding_record() and tuple(dense.sliding_record())) or native_window(clip),

@@ -117,13 +117,13 @@ def save_prompts(path: str | os.PathLike, prompts: LearnedPrompts, clip: FrozenC
     meta = PromptMeta(clip.spec.model_name, clip.spec.pretrained, clip.fingerprint, clip.text_width, clip.embed_dim,
                       prompts.n_seg, prompts.n_ctx, prompts.use_global, float(gamma), tuple(training_classes),
                       extra, normalization=clip.normalization, dense_mode=None if dense is None else dense.mode,
-                      residual_prior=_prior_name(prompts))
+                      residual_prior=residual_prior_name(prompts))
     save_safetensors(st, prompts.checkpoint_tensors(), FORMAT)
     atomic_write(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
     return st
 
 
-def _prior_name(prompts: LearnedPrompts) -> str | None:
+def residual_prior_name(prompts: LearnedPrompts) -> str | None:
     if not prompts.residual:
         return None
     if prompts.prior is None or prompts.prior.name not in HANDCRAFTED_SETS:

@@ -332,6 +332,24 @@ def test_student_slot_states(tiny, tmp_path):
     assert "does not exist" in load_student(str(tmp_path / "nope.safetensors"), tiny, tiny.device, 64).status
 
 
+def test_shipped_students_are_offered_only_with_their_clip(tiny, tmp_path):
+    """discover_student: a student under assets/ distilled against this CLIP's text tower is found (broken
+    sidecars and prompt checkpoints are skipped); with another CLIP nothing is offered."""
+    from demo.models import discover_student
+
+    torch.manual_seed(0)
+    net = mvpseg.StudentNet(mvpseg.StudentConfig("resnet-tiny", "deeplabv2", tiny.embed_dim))
+    (tmp_path / "students").mkdir()
+    (tmp_path / "students" / "a-broken.json").write_text("{not json")
+    (tmp_path / "students" / "a-broken.safetensors").write_bytes(b"")
+    save_random_prompts(tmp_path / "prompts" / "p.safetensors", tiny)
+    path = mvpseg.save_student(tmp_path / "students" / "b.safetensors", net, mvpseg.TemplatePrompts.single(),
+                               tiny)
+    assert discover_student(tiny, tmp_path) == str(path)
+    assert discover_student(tiny_clip(seed=1), tmp_path) is None
+    assert discover_student(tiny, tmp_path / "nowhere") is None
+
+
 def test_missing_weights_fall_back_with_instructions(tmp_path):
     config = DemoConfig(clip="mvpseg-tiny", pretrained="openai", model_config=str(tiny_config_file(tmp_path)),
                         discover=False, checkpoints=(("mine", str(tmp_path / "missing.safetensors")),))

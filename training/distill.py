@@ -28,208 +28,38 @@ import argparse
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mvpseg.builder import baseline_prompt_sets
-from mvpseg.checkpoint import load_prompts
-from mvpseg.clip_backbone import FrozenCLIP, load_clip
+from mvpseg.clip_backbone import load_clip
 from mvpseg.dense import default_dense_mode
 from mvpseg.model import MVPSeg
-from mvpseg.prompts import PromptSet
-from mvpseg.student import StudentConfig, StudentNet, fuse_views, save_student
+from mvpseg.student import CLIP_BACKBONE, MASKCLIP_HEAD, StudentConfig, StudentNet, fuse_views, save_student
 
 from .checkpointing import CheckpointManager, atomic_write_text, restore_state
-from .cli import (add_clip_args, add_data_args, add_runtime_args, amp_dtype, apply_runtime, clip_spec,
-                  command_line)
-from .data import EvalShard, TrainStream, eval_loader, train_loader
+from .cli import amp_dtype, apply_runtime, clip_spec, command_line
+from .data import TrainStream, train_loader
 from .datasets import UNREADABLE_RECORD, build_dataset, get_profile
-from .distributed import (DistContext, all_reduce_sum, barrier, distributed_session, rng_state,
-                          seed_everything)
+from .distill_config import (RESUME_KEYS, DistillConfig, build_parser, config_from_args, config_record,
+                             load_teacher_prompts)
+from .distill_schedule import measure_step, resolve_schedule, resolve_student
+from .distributed import DistContext, all_reduce_sum, barrier, distributed_session, rng_state, seed_everything
 from .evaluate import evaluate_dataset, render_markdown
-from .metrics import ConfusionMatrix, SegScores, dumps, summarize
-from .pseudo_labels import (IGNORE_INDEX, TEACHER, UNLABELED, HideUnseen, assign_unseen, check_no_leak,
-                            default_switch_iter, phase_at, teacher_scores)
+from .metrics import SegScores, dumps
+from .pseudo_labels import (IGNORE_INDEX, TEACHER, UNLABELED, HideUnseen, assign_unseen, check_no_leak, phase_at,
+                            teacher_scores)
 from .runlog import JsonlLogger, Progress
-from .schedule import LRSchedule
-from .tensorboard_log import MaskSnapshot, add_tensorboard_args, open_tensorboard, student_rows
+from .student_eval import evaluate_student
+from .tensorboard_log import MaskSnapshot, open_tensorboard, student_rows
 from .train_prompts import seg_loss_weight
 
 log = logging.getLogger("mvpseg.distill")
-
-# MaskCLIP+ zero-shot configs (paper Sec. 4.3: "the same settings as MaskCLIP"). The toy world row is ours.
-DATASET_DEFAULTS = {
-    "voc20": dict(max_iters=20000, lr=0.01, weight_decay=5e-4, head="deeplabv2"),
-    "context60": dict(max_iters=40000, lr=0.004, weight_decay=1e-4, head="deeplabv3plus"),
-    "cocostuff171": dict(max_iters=80000, lr=0.01, weight_decay=5e-4, head="deeplabv2"),
-    "toyworld": dict(max_iters=2000, lr=0.01, weight_decay=5e-4, head="deeplabv2"),
-}
-RESUME_KEYS = ("dataset", "split", "prompts", "backbone", "head", "background", "lr", "momentum",
-               "weight_decay", "power", "min_lr", "max_iters", "switch_iter", "global_batch", "seed",
-               "crop_size", "train_scale", "teacher_gpr", "clip", "pretrained", "dense", "sliding")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    dataset: str
-    data_root: str
-    out: str
-    prompts: str
-    split: str | None = None
-    backbone: str = "resnet101"
-    head: str = "deeplabv2"
-    backbone_weights: str | None = "imagenet"
-    require_pretrained: bool = False
-    background: bool = False
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    power: float = 0.9
-    min_lr: float = 1e-4
-    max_iters: int = 20000
-    switch_iter: int = 2000
-    global_batch: int = 16
-    seed: int = 0
-    crop_size: int | None = None
-    train_scale: tuple[int, int] | None = None
-    teacher_gpr: bool = True
-    ckpt_every: int = 1000
-    keep_ckpts: int = 2
-    eval_split: str | None = None
-    eval_scale: tuple[int, int] | None = None
-    eval_limit: int | None = None
-    eval_teacher: bool = True
-    skip_missing: bool = False
-    clip: str = "RN50"
-    pretrained: str | None = "openai"
-    # the teacher's dense features behind the pseudo labels (--dense, resolved once the CLIP is loaded) and
-    # --sliding; both are recorded in the student checkpoint
-    dense: str | None = None
-    sliding: tuple[int, int] | None = None
-
-    @property
-    def schedule(self) -> LRSchedule:
-        # mmseg's schedule_{20,40,80}k: poly, power 0.9, min_lr 1e-4, no warmup.
-        return LRSchedule(self.lr, self.max_iters, warmup_iters=0, policy="poly", power=self.power,
-                          min_lr=self.min_lr)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(p, "run folder (checkpoints, log.jsonl, student, eval)")
-    p.add_argument("--prompts", required=True,
-                   help="MVP-SEG prompt checkpoint (.safetensors + .json from training.train_prompts), or a "
-                        "handcrafted set (maskclip-85 | parts | a-photo-of) for a MaskCLIP+ baseline")
-    g = p.add_argument_group("student")
-    g.add_argument("--backbone", default="resnet101",
-                   help="resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | resnet-tiny")
-    g.add_argument("--head", default=None, choices=["deeplabv2", "deeplabv3plus"],
-                   help="default: deeplabv3plus for Context, deeplabv2 otherwise")
-    g.add_argument("--backbone-weights", default="imagenet",
-                   help="imagenet | imagenet-v2 | none | PATH (.pth / .safetensors torchvision state dict)")
-    g.add_argument("--require-pretrained", action="store_true",
-                   help="fail instead of falling back to random init when ImageNet weights are unavailable")
-    g.add_argument("--background", default="auto", choices=["auto", "on", "off"],
-                   help="learnable background embedding (auto: when class 0 is 'background')")
-    g = p.add_argument_group("schedule (defaults: MaskCLIP+ for the dataset)")
-    g.add_argument("--max-iters", type=int, default=None, help="VOC 20k, Context 40k, COCO-Stuff 80k")
-    g.add_argument("--switch-iter", type=int, default=None, help="end of MVP-SEG guidance (default 1/10)")
-    g.add_argument("--lr", type=float, default=None, help="0.01 (Context 0.004)")
-    g.add_argument("--weight-decay", type=float, default=None, help="5e-4 (Context 1e-4)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--power", type=float, default=0.9)
-    g.add_argument("--min-lr", type=float, default=1e-4)
-    g.add_argument("--global-batch", type=int, default=16, help="images per step over all processes")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--crop-size", type=int, default=None, help="default: 512 (480 for Context)")
-    g.add_argument("--train-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
-                   help="mmcv img_scale of the random resize (default: the dataset's)")
-    g.add_argument("--no-teacher-gpr", action="store_true", help="pseudo labels from Eq. 4 instead of Eq. 8")
-    g = p.add_argument_group("checkpoints and evaluation")
-    g.add_argument("--ckpt-every", type=int, default=1000)
-    g.add_argument("--keep-ckpts", type=int, default=2)
-    g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from the latest checkpoint in --out (or from the given state file)")
-    g.add_argument("--eval-split", default=None, help="default: the dataset's validation split")
-    g.add_argument("--eval-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
-                   help="override the dataset's keep-ratio evaluation img_scale")
-    g.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N images only")
-    g.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
-    g.add_argument("--no-eval-teacher", action="store_true", help="do not score MVP-SEG beside the student")
-    g.add_argument("--skip-missing", action="store_true", help="drop samples whose files are missing and skip unreadable ones (logged)")
-    g.add_argument("--cache-samples", action="store_true",
-                   help="keep decoded training samples in memory (small datasets, the procedural toy world)")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # interruption, for tests
-    add_clip_args(p)
-    add_runtime_args(p)
-    add_tensorboard_args(p)
-    return p
-
-
-def config_from_args(a: argparse.Namespace) -> DistillConfig:
-    name = get_profile(a.dataset).name
-    d = DATASET_DEFAULTS.get(name, DATASET_DEFAULTS["voc20"])
-    max_iters = a.max_iters if a.max_iters is not None else d["max_iters"]
-    switch = a.switch_iter if a.switch_iter is not None else default_switch_iter(max_iters)
-    if not 0 <= switch <= max_iters:
-        raise SystemExit(f"--switch-iter {switch} must lie in [0, --max-iters {max_iters}]")
-    weights = None if str(a.backbone_weights).lower() in ("none", "random") else a.backbone_weights
-    return DistillConfig(
-        dataset=name, data_root=str(a.data_root), out=str(a.out), prompts=str(a.prompts), split=a.split,
-        backbone=a.backbone, head=a.head or d["head"], backbone_weights=weights,
-        require_pretrained=a.require_pretrained, lr=a.lr if a.lr is not None else d["lr"],
-        momentum=a.momentum, weight_decay=a.weight_decay if a.weight_decay is not None else d["weight_decay"],
-        power=a.power, min_lr=a.min_lr, max_iters=max_iters, switch_iter=switch, global_batch=a.global_batch,
-        seed=a.seed, crop_size=a.crop_size, train_scale=tuple(a.train_scale) if a.train_scale else None,
-        teacher_gpr=not a.no_teacher_gpr, ckpt_every=a.ckpt_every, keep_ckpts=a.keep_ckpts,
-        eval_split=a.eval_split, eval_scale=tuple(a.eval_scale) if a.eval_scale else None,
-        eval_limit=a.eval_limit, eval_teacher=not a.no_eval_teacher,
-        skip_missing=a.skip_missing, clip=a.clip, pretrained=a.pretrained, dense=getattr(a, "dense", None),
-        sliding=tuple(a.sliding) if getattr(a, "sliding", None) else None)
-
-
-def load_teacher_prompts(spec: str, clip: FrozenCLIP) -> tuple[PromptSet, float]:
-    """(prompt set, γ): a learned checkpoint (checked against ``clip``) or a handcrafted set by name."""
-    handcrafted = baseline_prompt_sets()
-    if spec in handcrafted:
-        return handcrafted[spec].to(clip.device).eval(), 10.0
-    prompts = load_prompts(spec, clip, name="mvp-seg")
-    return prompts.eval(), float(prompts.meta.gamma)
-
-
-@torch.no_grad()
-def evaluate_student(student: StudentNet, class_emb: torch.Tensor, bg_index: int | None, dataset, transform,
-                     ctx: DistContext, limit: int | None = None, amp=None, progress: bool = True) -> SegScores:
-    """Whole-image, single-scale scores of the student on ``dataset`` (full label space), with the
-    conventions of ``training/evaluate.py``: logits resized bilinearly to the label's size, argmax."""
-    was_training = student.training
-    student.eval()
-    cm = ConfusionMatrix(len(dataset.class_names), dataset.ignore_index)
-    shard = EvalShard(dataset, transform, ctx.rank, ctx.world_size, limit)
-    bar = Progress(len(shard), enabled=progress and ctx.is_main, desc="eval student")
-    cast = torch.autocast(ctx.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-    for image, label, _ in eval_loader(shard):
-        with cast:
-            logits = student(student.normalize(image[None].to(ctx.device)), class_emb, bg_index)
-        logits = F.interpolate(logits.float(), size=tuple(label.shape), mode="bilinear", align_corners=False)
-        cm.update(logits.argmax(1)[0], label)
-        bar.update(ctx.world_size)
-    bar.close()
-    cm.all_reduce()
-    student.train(was_training)
-    return summarize(cm.mat.numpy(), tuple(dataset.class_names), tuple(dataset.unseen_indices))
-
-
-def _config_record(cfg: DistillConfig) -> dict:
-    d = asdict(cfg)
-    for key in ("train_scale", "eval_scale", "sliding"):  # tuples read back from JSON as lists
-        d[key] = list(d[key]) if d[key] else None
-    return d
-
 
 def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> Path | None:
     out = Path(cfg.out)
@@ -239,7 +69,7 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
         raise SystemExit(f"{out} already holds training checkpoints: pass --resume to continue or choose a new --out")
     seed_everything(cfg.seed)  # identical student initialisation on every process
     clip = load_clip(clip_spec(args), ctx.device)
-    cfg = replace(cfg, dense=clip.dense_mode)  # resolved: --resume compares modes, not flags
+    cfg = resolve_student(replace(cfg, dense=clip.dense_mode), clip)  # resolved: --resume compares values
     prompts, gamma = load_teacher_prompts(cfg.prompts, clip)  # learned prompts: refused under another mode
     teacher = MVPSeg(clip, prompts, gamma=gamma).eval()  # pseudo labels from the CLIP's dense settings
 
@@ -254,26 +84,48 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
     cfg = replace(cfg, background=background)
     bg_index = 0 if background else None
     with torch.no_grad():  # frozen text: the student's classifier and the teacher's unseen vocabulary
-        class_emb = fuse_views(prompts.encode(clip, vocab)).to(ctx.device)
+        views = prompts.encode(clip, vocab)
+        class_emb, n_views = fuse_views(views).to(ctx.device), views.seg.shape[0]
         unseen_text = prompts.encode(clip, [vocab[i] for i in unseen]).detach() if unseen else None
     unseen_ids = torch.tensor(unseen, dtype=torch.long, device=ctx.device)
 
-    student = StudentNet(StudentConfig(cfg.backbone, cfg.head, clip.embed_dim, background=background),
-                         cfg.backbone_weights, cfg.require_pretrained).to(ctx.device).train()
+    own_tower = cfg.backbone == CLIP_BACKBONE  # the CLIP's image tower: its weights, its input statistics
+    student = StudentNet(StudentConfig(cfg.backbone, cfg.head, clip.embed_dim, cfg.output_stride,
+                                       background=background,
+                                       normalization=clip.normalization if own_tower else "imagenet",
+                                       normalize_features=own_tower and cfg.normalize_features,
+                                       frozen_backbone=own_tower and cfg.freeze_backbone,
+                                       head_context=cfg.head_context if cfg.head == MASKCLIP_HEAD else 0),
+                         cfg.backbone_weights, cfg.require_pretrained,
+                         clip_visual=clip.model.visual if own_tower else None).to(ctx.device).train()
+    if own_tower and cfg.head == MASKCLIP_HEAD and not resume_path:  # start at the teacher's Eq. 4 scores:
+        tau1 = torch.as_tensor(prompts.tau1()).detach()
+        student.set_logit_scale(float(tau1) * n_views)  # τ1 Σ_i f̂·t_c^i = τ1·K f̂·w_c
+        if background:  # and "background" as the prompts encode it
+            with torch.no_grad():
+                student.bg_embedding.copy_(class_emb[bg_index][None].to(student.bg_embedding))
+    crop = (cfg.crop_size or profile.crop_size) * int(getattr(data, "pixel_scale", 1))
+    cfg, sized_because = resolve_schedule(cfg, len(data), ctx, resume_path, lambda b: measure_step(
+        student, class_emb, bg_index, b, crop))
     model: nn.Module = student
     if ctx.distributed:
         if ctx.device.type == "cuda":  # MaskCLIP+ uses SyncBN; gloo (CPU) has no SyncBN kernels
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-    opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:  # MaskCLIP+'s
+        opt = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     dtype = amp_dtype(args.amp, ctx.device.type)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     sched = cfg.schedule
 
     start = 0 if resume_path is None else restore_state(
-        resume_path, _config_record(cfg), RESUME_KEYS, {"student": student}, opt, scaler, sched.state_dict(),
-        defaults={"dense": default_dense_mode(clip.model.visual), "sliding": None})  # states from before them
+        resume_path, config_record(cfg), RESUME_KEYS, {"student": student}, opt, scaler, sched.state_dict(),
+        defaults={"dense": default_dense_mode(clip.model.visual), "sliding": None, "output_stride": 8, "optimizer": "sgd",
+                  "freeze_backbone": True, "normalize_features": True, "head_context": 0})  # states from before them
 
     overrides: dict = {"crop_size": cfg.crop_size} if cfg.crop_size else {}
     if cfg.train_scale:
@@ -293,10 +145,13 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
                 "command": getattr(args, "command", None),
                 "checkpoint": str(resume_path) if resume_path else None, "device": str(ctx.device),
                 "dataset_size": len(data), "vocabulary": list(vocab), "unseen": [vocab[i] for i in unseen],
-                "backbone_init": student.backbone_init, "config": _config_record(cfg)})
+                "backbone_init": student.backbone_init, "config": config_record(cfg),
+                "schedule_sized": sized_because})
     if ctx.is_main:
-        log.info("%s | %d classes (%d unseen) | teacher %s for %d of %d iterations | backbone %s", data,
-                 len(vocab), len(unseen), cfg.prompts, cfg.switch_iter, cfg.max_iters, student.backbone_init)
+        log.info("%s | %d classes (%d unseen) | teacher %s for %d of %d iterations of %d images%s | student %s + "
+                 "%s (%s), lr %g", data, len(vocab), len(unseen), cfg.prompts, cfg.switch_iter, cfg.max_iters,
+                 cfg.global_batch, f" (schedule {sized_because})" if sized_because else "", cfg.backbone, cfg.head,
+                 student.backbone_init, cfg.lr)
     bar = Progress(cfg.max_iters, start, enabled=ctx.is_main and not args.no_progress, desc="distill")
 
     def save_state(iteration: int) -> None:
@@ -304,7 +159,7 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
             ckpts.save(iteration, {"student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
                                    "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                                    "scheduler": sched.state_dict(), "rng": rng_state(),
-                                   "config": _config_record(cfg)})
+                                   "config": config_record(cfg)})
         barrier(ctx)
 
     it = start
@@ -337,6 +192,11 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
 
         stats = torch.stack([loss.detach().float(), (labels == UNLABELED).sum().float(), valid.sum().float()])
         stats = all_reduce_sum(stats, ctx)
+        if not bool(torch.isfinite(stats[0])) and dtype != torch.float16:  # (fp16's scaler skips such steps)
+            bar.close()  # every process sees the same reduced loss, so all stop here together
+            raise SystemExit(f"distillation diverged at iteration {it}: the loss is not finite (lr {lr:g}). Start "
+                             f"a new --out with a lower --lr; the student of a finished run is never written from "
+                             f"a diverged one")
         ips = bar.update(images.shape[0] * ctx.world_size, loss=float(stats[0]) / ctx.world_size, lr=lr)
         logger.log({"iter": it, "phase": phase, "lr": lr, "loss": float(stats[0]) / ctx.world_size,
                     "pseudo_px": int(stats[1]), "labelled_px": int(stats[2]), "img_per_s": ips,
@@ -355,12 +215,16 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
         eval_data = build_dataset(cfg.dataset, cfg.data_root, cfg.eval_split, label_space="full")
         tf = profile.eval_transform(**({"scale": cfg.eval_scale} if cfg.eval_scale else {}))
         learned = cfg.prompts not in baseline_prompt_sets()
-        evals["MVP-SEG+ (student)" if learned else f"{cfg.prompts}+ (student)"] = evaluate_student(
-            student, class_emb, bg_index, eval_data, tf, ctx, cfg.eval_limit, dtype, not args.no_progress)
+        per_image: dict[str, list] | None = {} if args.save_confusions else None
+        name = "MVP-SEG+ (student)" if learned else f"{cfg.prompts}+ (student)"
+        evals[name] = evaluate_student(student, class_emb, bg_index, eval_data, tf, ctx, cfg.eval_limit, dtype,
+                                       not args.no_progress, None if per_image is None else per_image.setdefault(name, []))
         if cfg.eval_teacher:  # the teacher on the same images, through training/evaluate.py
             name = "MVP-SEG (teacher)" if learned else f"{cfg.prompts} (teacher)"
             evals.update(evaluate_dataset(clip, {name: (prompts, gamma)}, eval_data, tf, ctx, cfg.eval_limit,
-                                          0, dtype, not args.no_progress))
+                                          0, dtype, not args.no_progress, per_image=per_image))
+        if per_image is not None and ctx.is_main:  # --save-confusions runs in one process (checked in main)
+            np.savez_compressed(out / "confusions.npz", **{k: np.stack(v) for k, v in per_image.items()})
     final = out / "student.safetensors"
     if ctx.is_main:
         header = {"CLIP": clip.spec.describe(), "teacher prompts": cfg.prompts, "student": f"{cfg.backbone} + "
@@ -369,7 +233,7 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
                   "teacher dense features": clip.dense.describe() if clip.dense else None}
         results = {k: v.as_dict() for k, v in evals.items()}
         save_student(final, student, prompts, clip, class_names=vocab, background_index=bg_index, unseen=unseen,
-                     extra={"train_config": _config_record(cfg), "iterations": it, "eval": results,
+                     extra={"train_config": config_record(cfg), "iterations": it, "eval": results,
                             "command": getattr(args, "command", None)})
         if evals:
             md = render_markdown({cfg.dataset: evals}, header)
@@ -387,11 +251,13 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
 
 def main(argv=None) -> Path | None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = build_parser(__doc__).parse_args(argv)
     args.command = command_line("training.distill", argv)
     cfg = config_from_args(args)
     apply_runtime(args)
     with distributed_session(args.device) as ctx:
+        if args.save_confusions and ctx.world_size > 1:
+            raise SystemExit("--save-confusions runs in one process (its per-image matrices are not gathered)")
         return distill(cfg, args, ctx)
 
 

@@ -17,9 +17,11 @@ They are self-contained except for the CLIP, whose text tower is needed for new 
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,12 +30,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import (CheckpointError, PromptMeta, check_compatible, load_safetensors, read_sidecar,
-                          save_safetensors, sidecar_paths)
+                          residual_prior_name, save_safetensors, sidecar_paths)
 from ..clip_backbone import NORMALIZATIONS, FrozenCLIP
 from ..dense import default_dense_mode
 from ..dense_settings import DenseSettings
+from ..handcrafted import handcrafted_set
 from ..prompts import LearnedPrompts, PromptSet, TextViews
 from ..util import atomic_write
+from .clip_trunk import (CLIP_BACKBONE, MASKCLIP_HEAD, CLIPTrunk, MaskCLIPHead, build_modified_resnet,
+                         clip_vision_config)
 from .heads import HEADS, ResNetBackbone, load_backbone_weights, make_head, make_resnet
 
 FORMAT = "mvpseg-student"
@@ -50,6 +55,13 @@ class StudentConfig:
     normalization: the student's input statistics (``clip_backbone.NORMALIZATIONS``; ImageNet's, what
         torchvision's backbone weights expect). Recorded in checkpoints, so a student always runs under the
         statistics it was trained with (checkpoints written before it was recorded used ImageNet's).
+    clip_vision: with ``backbone="clip"``, the shape of the CLIP's ModifiedResNet (``clip_vision_config``),
+        so a checkpoint rebuilds it without the CLIP's weights.
+    normalize_features: pixel embeddings of unit norm times a learned scale (``StudentNet.set_logit_scale``),
+        as the teacher's Eq. 4, instead of MaskCLIP+'s unnormalised ones (which start at norms of ~100 from a
+        CLIP tower, logits the SGD steps of fine-tuning blow up on).
+    frozen_backbone: the backbone's weights are not trained (the CLIP tower: fine-tuning it on a few hundred
+        images moves its features away from the text space of the unseen classes; docs/distill.md).
     """
 
     backbone: str = "resnet101"
@@ -60,12 +72,19 @@ class StudentConfig:
     dilations: tuple[int, ...] | None = None
     low_level_channels: int = 48
     normalization: str = "imagenet"
+    clip_vision: dict[str, Any] | None = None
+    normalize_features: bool = False
+    frozen_backbone: bool = False
+    head_context: int = 0
 
     def __post_init__(self) -> None:
+        if (self.head == MASKCLIP_HEAD) != (self.backbone == CLIP_BACKBONE):
+            raise ValueError(f"the '{MASKCLIP_HEAD}' head goes with the '{CLIP_BACKBONE}' backbone (the CLIP's "
+                             f"ModifiedResNet and its attention pool's projections), got {self.backbone} + {self.head}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown student input normalization {self.normalization!r}; choose from "
                              f"{', '.join(sorted(NORMALIZATIONS))}")
-        if self.head not in HEADS:
+        if self.head not in HEADS + (MASKCLIP_HEAD,):
             raise ValueError(f"unknown student head '{self.head}'; choose from {', '.join(HEADS)}")
         if self.embed_dim < 1:
             raise ValueError(f"embed_dim must be positive, got {self.embed_dim}")
@@ -88,20 +107,50 @@ class StudentNet(nn.Module):
     """Dilated ResNet + DeepLab head + open-vocabulary classifier.
 
     Inputs are images in [0, 1] normalised with ``normalize`` (``config.normalization``: ImageNet statistics
-    by default, what torchvision's weights expect). ``features``: B×3×H×W → B×D×H/s×W/s with s = 8 (deeplabv2) or 4 (deeplabv3plus).
+    by default, what torchvision's weights expect). ``features``: B×3×H×W → B×D×H/s×W/s with s = the output
+    stride (8; deeplabv3plus: 4).
+
+    ``backbone="clip"`` (``mvpseg.student.clip_trunk``): the backbone is the CLIP's ModifiedResNet. Pass the
+    image tower as ``clip_visual`` to start from its weights (with the ``maskclip`` head: from MaskCLIP's dense
+    projection too, i.e. at the teacher); without it the network is built from ``config.clip_vision`` for a
+    checkpoint's weights.
     """
 
     def __init__(self, config: StudentConfig, backbone_weights: str | None = None,
-                 require_pretrained: bool = False) -> None:
+                 require_pretrained: bool = False, clip_visual: nn.Module | None = None) -> None:
         super().__init__()
+        if config.backbone == CLIP_BACKBONE:
+            if clip_visual is not None:
+                visual = copy.deepcopy(clip_visual).float().requires_grad_(True)  # the CLIP's is frozen
+                config = replace(config, clip_vision=clip_vision_config(visual))
+                self.backbone_init = "CLIP image tower"
+            elif config.clip_vision is not None:
+                visual = build_modified_resnet(config.clip_vision)
+                self.backbone_init = "random init (CLIP image tower shape)"
+            else:
+                raise ValueError("the 'clip' student backbone needs the CLIP's image tower (clip_visual) or its "
+                                 "recorded shape (StudentConfig.clip_vision)")
+            self.backbone = CLIPTrunk(visual, config.output_stride)
+            if config.head == MASKCLIP_HEAD:
+                self.head = MaskCLIPHead(self.backbone.out_channels, config.embed_dim, config.head_context)
+                if clip_visual is not None:
+                    self.head.from_attnpool(visual.attnpool)
+            else:
+                self.head = make_head(config.head, self.backbone, config.embed_dim, config.dilations,
+                                      config.low_level_channels)
+        else:
+            net = make_resnet(config.backbone)
+            self.backbone_init = load_backbone_weights(net, config.backbone, backbone_weights, require_pretrained)
+            self.backbone = ResNetBackbone(net, config.output_stride)
+            self.head = make_head(config.head, self.backbone, config.embed_dim, config.dilations,
+                                  config.low_level_channels)
+        if config.frozen_backbone:
+            self.backbone.requires_grad_(False)
         self.config = config
-        net = make_resnet(config.backbone)
-        self.backbone_init = load_backbone_weights(net, config.backbone, backbone_weights, require_pretrained)
-        self.backbone = ResNetBackbone(net, config.output_stride)
-        self.head = make_head(config.head, self.backbone, config.embed_dim, config.dilations,
-                              config.low_level_channels)
         # MaskCLIP+ initialises the background embedding from N(0, 1) and normalises it on use.
         self.bg_embedding = nn.Parameter(torch.randn(1, config.embed_dim)) if config.background else None
+        # normalised features, learned scale (log space): bounded logits from the first step, as the teacher's
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0))) if config.normalize_features else None
         mean, std = NORMALIZATIONS[config.normalization]
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -119,9 +168,20 @@ class StudentNet(nn.Module):
         return (images - self.pixel_mean) / self.pixel_std
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images B×3×H×W → unnormalised pixel embeddings B×D×h×w."""
+        """Normalised images B×3×H×W → pixel embeddings B×D×h×w: unnormalised (MaskCLIP+), or with
+        ``config.normalize_features`` unit norm times the learned scale s (the teacher's τ1·K, Eq. 4)."""
         low, high = self.backbone(images)
-        return self.head(low, high)
+        f = self.head(low, high)
+        if self.log_scale is None:
+            return f
+        return F.normalize(f, dim=1) * self.log_scale.exp().to(f.dtype)
+
+    @torch.no_grad()
+    def set_logit_scale(self, scale: float) -> None:
+        """s of the normalised features: with s = τ1·K of the teacher, f·w_c is Eq. 4's fused score exactly."""
+        if self.log_scale is None:
+            raise ValueError("this student's features are not normalised (StudentConfig.normalize_features)")
+        self.log_scale.fill_(math.log(scale))
 
     def classifier(self, class_embeddings: torch.Tensor, background_index: int | None = None) -> torch.Tensor:
         """C×D text embeddings → C×D classifier; row ``background_index`` becomes the learned background."""
@@ -186,7 +246,7 @@ def _prompt_record(prompts: PromptSet, clip: FrozenCLIP,
         meta = getattr(prompts, "meta", None) or PromptMeta(
             clip.spec.model_name, clip.spec.pretrained, clip.fingerprint, clip.text_width, clip.embed_dim,
             prompts.n_seg, prompts.n_ctx, prompts.use_global, normalization=clip.normalization,
-            dense_mode=None if dense is None else dense.mode)
+            dense_mode=None if dense is None else dense.mode, residual_prior=residual_prior_name(prompts))
         tensors = {f"prompts.{k}": v for k, v in prompts.checkpoint_tensors().items()}
         record = asdict(meta)
         record["training_classes"] = list(record["training_classes"])
@@ -271,9 +331,13 @@ def _rebuild_prompts(meta: StudentMeta, tensors: dict[str, torch.Tensor], st: Pa
     if kind == "learned":
         pm = _prompt_meta(meta)
         prompts = LearnedPrompts(pm.text_width, pm.n_seg, pm.n_ctx, pm.use_global, name="mvp-seg")
-        try:
-            # load_student has checked that exactly these three keys are present
-            prompts.load_checkpoint_tensors({k: tensors[f"prompts.{k}"] for k in ("ctx", "tau1", "tau2")})
+        own = {k.removeprefix("prompts."): v for k, v in tensors.items() if k.startswith("prompts.")}
+        if ("ctx0" in own) != (pm.residual_prior is not None):
+            raise CheckpointError(f"{st}: the prompt tensors and the metadata disagree on the residual form")
+        try:  # load_student has checked the key set; residual sets read their handcrafted prior by name
+            prompts.load_checkpoint_tensors(own)
+            if pm.residual_prior is not None:
+                prompts.set_prior(handcrafted_set(pm.residual_prior), rebase=False)
         except ValueError as e:
             raise CheckpointError(f"{st}: prompts: {e}") from e
         prompts.meta = pm
@@ -307,8 +371,10 @@ def load_student(path: str | os.PathLike, clip: FrozenCLIP | None = None,
     net = StudentNet(config, backbone_weights=None)
     own = net.state_dict()
     state = {k.removeprefix("student."): v for k, v in tensors.items() if k.startswith("student.")}
-    prompt_keys = {"prompts.ctx", "prompts.tau1", "prompts.tau2"} if meta.prompts.get("kind") == "learned" else set()
-    extra = set(tensors) - {f"student.{k}" for k in own} - prompt_keys
+    learned = meta.prompts.get("kind") == "learned"
+    prompt_keys = {"prompts.ctx", "prompts.tau1", "prompts.tau2"} if learned else set()
+    optional = {"prompts.ctx0", "prompts.gpr_bias"} if learned else set()  # residual / calibrated-GPR sets
+    extra = set(tensors) - {f"student.{k}" for k in own} - prompt_keys - optional
     missing = (set(own) - set(state)) | {k for k in prompt_keys if k not in tensors}
     if missing or extra:
         raise CheckpointError(f"{st} does not match its metadata: missing {sorted(missing)[:6]}, "

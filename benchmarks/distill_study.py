@@ -1,0 +1,196 @@
+"""MVP-SEG+ judged across toy CLIPs × layouts × seeds (issue #24; docs/history/distill-study.md).
+
+Per CLIP × layout × seed: the teacher prompts (``training.train_prompts``, default recipe), then two students with
+``training.distill`` and no student or schedule flag (the defaults under test): MVP-SEG+ (the learned prompts as
+teacher) and MaskCLIP+ (``--prompts maskclip-85``), each scored beside its teacher on the same 150 images with
+per-image confusions. This script adds the statistics: Δ = student − teacher per run with a 90 % paired
+bootstrap interval over images, MVP-SEG+ − MaskCLIP+ per run, and means over runs with intervals over runs.
+
+    python benchmarks/distill_study.py --clips fam-b --threads 1 --out runs/distill-study &
+    python benchmarks/distill_study.py --clips fam-d --threads 1 --out runs/distill-study &   # 2 cores
+    python benchmarks/distill_study.py --summary-only --out runs/distill-study
+
+Writes ``<out>/study.md`` and ``<out>/study.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import family_study as fs  # noqa: E402
+import recipe_ablation as ra  # noqa: E402
+
+LAYOUTS = ("voc", "sparse-c", "medium-b")
+TRAIN_IMAGES, EVAL_IMAGES = 300, 150
+STUDENTS = {"mvp-seg+": None, "maskclip+": "maskclip-85"}  # arm → --prompts (None: the learned teacher)
+
+
+def clip_args(clip: str, threads: int) -> list[str]:
+    config, weights = fs.clip_files(clip)
+    return ["--clip", clip, "--model-config", str(config), "--pretrained", str(weights), "--device", "cpu",
+            "--num-workers", "0", "--cpu-threads", str(threads), "--no-progress"]
+
+
+def world(layout: str, seed: int) -> str:
+    return f"{ra.WORLDS[layout]},seed={seed},length={TRAIN_IMAGES}"
+
+
+def teacher_prompts(out: Path, clip: str, layout: str, seed: int, threads: int) -> Path:
+    from training.train_prompts import main as train_main
+
+    folder = out / clip / layout / f"seed{seed}" / "prompts"
+    final = folder / "prompts.safetensors"
+    if not final.is_file():
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)  # an interrupted run: start again
+        train_main(["--dataset", "toyworld", "--data-root", f"{ra.WORLDS[layout]},seed={seed}", "--out",
+                    str(folder), "--seed", str(seed), "--ckpt-every", "1000000", *clip_args(clip, threads)])
+    return final
+
+
+def student(out: Path, clip: str, layout: str, seed: int, arm: str, prompts: Path, threads: int) -> Path:
+    from training.distill import main as distill_main
+
+    folder = out / clip / layout / f"seed{seed}" / arm
+    if not (folder / "eval.json").is_file():
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        distill_main(["--dataset", "toyworld", "--data-root", world(layout, seed), "--out", str(folder),
+                      "--prompts", STUDENTS[arm] or str(prompts), "--seed", str(seed), "--eval-limit",
+                      str(EVAL_IMAGES), "--cache-samples", "--ckpt-every", "100000", "--save-confusions",
+                      *clip_args(clip, threads)])
+    return folder
+
+
+def _boot(mats: np.ndarray, unseen: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    u, s = fs.miou_unseen_seen(np.stack([mats[i].sum(0) for i in idx]), unseen)
+    return u, fs.hiou(u, s)
+
+
+def run_stats(seed_dir: Path, draws: int = 1000) -> dict | None:
+    """Both students of one CLIP × layout × seed: scores, Δ vs teacher with 90 % bootstrap intervals, and
+    MVP-SEG+ − MaskCLIP+."""
+    arms = {}
+    for arm in STUDENTS:
+        f = seed_dir / arm / "eval.json"
+        if not f.is_file():
+            return None
+        rows = json.loads(f.read_text())["results"]
+        with np.load(seed_dir / arm / "confusions.npz") as z:
+            mats = {k: z[k] for k in z.files}
+        arms[arm] = (rows, mats)
+    rows0 = next(iter(arms.values()))[0]
+    unseen = np.array([c["unseen"] for c in next(iter(rows0.values()))["per_class"]])
+    n = next(iter(next(iter(arms.values()))[1].values())).shape[0]
+    idx = np.random.default_rng(0).integers(0, n, (draws, n))
+    out: dict = {}
+    boots = {}
+    for arm, (rows, mats) in arms.items():
+        s_key = next(k for k in rows if "student" in k)
+        t_key = next(k for k in rows if "teacher" in k)
+        su, sh = _boot(mats[s_key], unseen, idx)
+        tu, th = _boot(mats[t_key], unseen, idx)
+        boots[arm] = su
+        out[arm] = {"student": {k: rows[s_key][k] for k in ("miou_unseen", "miou_seen", "hiou")},
+                    "teacher": {k: rows[t_key][k] for k in ("miou_unseen", "miou_seen", "hiou")},
+                    "d_unseen": rows[s_key]["miou_unseen"] - rows[t_key]["miou_unseen"],
+                    "d_hiou": rows[s_key]["hiou"] - rows[t_key]["hiou"],
+                    "d_unseen_ci": [float(x) for x in np.nanpercentile(su - tu, [5, 95])],
+                    "d_hiou_ci": [float(x) for x in np.nanpercentile(sh - th, [5, 95])]}
+    gap = out["mvp-seg+"]["student"]["miou_unseen"] - out["maskclip+"]["student"]["miou_unseen"]
+    out["plus_vs_maskclip_plus"] = {"d_unseen": gap,
+                                    "ci": [float(x) for x in np.nanpercentile(boots["mvp-seg+"] - boots["maskclip+"],
+                                                                               [5, 95])]}
+    return out
+
+
+def _mean_ci(x: np.ndarray, rng) -> str:
+    ci = np.percentile(x[rng.integers(0, x.size, (2000, x.size))].mean(1), [5, 95])
+    return f"{x.mean():+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def summarise(out: Path) -> dict:
+    runs = []
+    for clip_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+        for layout in LAYOUTS:
+            for seed_dir in sorted((clip_dir / layout).glob("seed*")):
+                stats = run_stats(seed_dir)
+                if stats:
+                    runs.append({"clip": clip_dir.name, "layout": layout, "seed": int(seed_dir.name[4:]), **stats})
+    md = ["| CLIP | layout | seed | MVP-SEG teacher U / S | MVP-SEG+ U / S | Δ mIoU(U) [90 % CI] | Δ hIoU | "
+          "MaskCLIP teacher U | MaskCLIP+ U | Δ mIoU(U) | MVP-SEG+ − MaskCLIP+ (U) [90 % CI] |",
+          "|---|---|---|---|---|---|---:|---:|---:|---:|---|"]
+    for r in runs:
+        p, m, g = r["mvp-seg+"], r["maskclip+"], r["plus_vs_maskclip_plus"]
+        md.append(f"| {r['clip']} | {r['layout']} | {r['seed']} | {p['teacher']['miou_unseen']:.1f} / "
+                  f"{p['teacher']['miou_seen']:.1f} | {p['student']['miou_unseen']:.1f} / {p['student']['miou_seen']:.1f} | "
+                  f"{p['d_unseen']:+.1f} [{p['d_unseen_ci'][0]:+.1f}, {p['d_unseen_ci'][1]:+.1f}] | {p['d_hiou']:+.1f} | "
+                  f"{m['teacher']['miou_unseen']:.1f} | {m['student']['miou_unseen']:.1f} | {m['d_unseen']:+.1f} | "
+                  f"{g['d_unseen']:+.1f} [{g['ci'][0]:+.1f}, {g['ci'][1]:+.1f}] |")
+    rng = np.random.default_rng(1)
+    if runs:
+        d = np.array([r["mvp-seg+"]["d_unseen"] for r in runs])
+        h = np.array([r["mvp-seg+"]["d_hiou"] for r in runs])
+        dm = np.array([r["maskclip+"]["d_unseen"] for r in runs])
+        g = np.array([r["plus_vs_maskclip_plus"]["d_unseen"] for r in runs])
+        md += ["", f"Over {len(runs)} runs: MVP-SEG+ − its teacher, mIoU(U) {_mean_ci(d, rng)} (worst {d.min():+.1f}; "
+               f"{int((d >= 3.0).sum())} of them ≥ +3.0), hIoU {_mean_ci(h, rng)} ({int((h > 0).sum())} > 0); "
+               f"MaskCLIP+ − its teacher, mIoU(U) {_mean_ci(dm, rng)}; MVP-SEG+ − MaskCLIP+, mIoU(U) "
+               f"{_mean_ci(g, rng)} ({int((g > 0).sum())} > 0).",
+               "", "Mean over seeds per CLIP × layout (MVP-SEG+ − teacher / MVP-SEG+ − MaskCLIP+, mIoU(U); runs):", "",
+               "| CLIP | " + " | ".join(LAYOUTS) + " |", "|---|" + "---|" * len(LAYOUTS)]
+        for clip in sorted({r["clip"] for r in runs}):
+            cells = []
+            for layout in LAYOUTS:
+                sel = [r for r in runs if (r["clip"], r["layout"]) == (clip, layout)]
+                cells.append(f"{np.mean([r['mvp-seg+']['d_unseen'] for r in sel]):+.1f} / "
+                             f"{np.mean([r['plus_vs_maskclip_plus']['d_unseen'] for r in sel]):+.1f} ({len(sel)})"
+                             if sel else "")
+            md.append(f"| {clip} | " + " | ".join(cells) + " |")
+    text = "\n".join(md) + "\n"
+    for name, body in (("study.md", text), ("study.json", json.dumps(runs, indent=1) + "\n")):
+        tmp = out / f".{name}.{os.getpid()}"
+        tmp.write_text(body)
+        os.replace(tmp, out / name)
+    return {"runs": runs, "markdown": text}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/distill-study")
+    p.add_argument("--clips", nargs="+", default=["fam-b", "fam-d"])
+    p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--arms", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--summary-only", action="store_true")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not a.summary_only:
+        for clip in a.clips:
+            for layout in a.layouts:
+                for seed in a.seeds:
+                    prompts = teacher_prompts(out, clip, layout, seed, a.threads)
+                    for arm in a.arms:
+                        student(out, clip, layout, seed, arm, prompts, a.threads)
+    result = summarise(out)
+    print(result["markdown"])
+    return result
+
+
+if __name__ == "__main__":
+    main()
