@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -161,10 +160,7 @@ def summarise(out: Path) -> dict:
                              if sel else "")
             md.append(f"| {clip} | " + " | ".join(cells) + " |")
     text = "\n".join(md) + "\n"
-    for name, body in (("study.md", text), ("study.json", json.dumps(runs, indent=1) + "\n")):
-        tmp = out / f".{name}.{os.getpid()}"
-        tmp.write_text(body)
-        os.replace(tmp, out / name)
+    fs.write_summary(out, "study", text, runs)
     return {"runs": runs, "markdown": text}
 
 

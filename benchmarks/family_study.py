@@ -144,11 +144,16 @@ def summarise(out: Path, arms: list[str]) -> dict:
                 cells.append(f"{np.mean(d):+.1f} ({len(d)})" if d else "")
             md.append(f"| {arm} | {clip} | " + " | ".join(cells) + " |")
     text = "\n".join(md) + "\n"
-    for name, body in (("family.md", text), ("family.json", json.dumps(runs, indent=1) + "\n")):
+    write_summary(out, "family", text, runs)
+    return {"runs": runs, "markdown": text}
+
+
+def write_summary(out: Path, stem: str, markdown: str, runs: list) -> None:
+    """``<out>/<stem>.md`` and ``.json``, each replaced atomically (another study process may read them)."""
+    for name, body in ((f"{stem}.md", markdown), (f"{stem}.json", json.dumps(runs, indent=1) + "\n")):
         tmp = out / f".{name}.{os.getpid()}"
         tmp.write_text(body)
         os.replace(tmp, out / name)
-    return {"runs": runs, "markdown": text}
 
 
 def main(argv: list[str] | None = None) -> dict:

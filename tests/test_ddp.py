@@ -63,7 +63,9 @@ def test_two_process_training_matches_single_process(env):
     single = load_file(str(train_prompts.main(train_args(root, clip_args, "single"))))
     ddp = load_file(str(root / "ddp" / "prompts.safetensors"))
     other = load_file(str(train_prompts.main(train_args(root, clip_args, "b1", batch=1))))
-    tol = {k: 1e-5 * max(1.0, float(single[k].abs().max())) for k in single}
+    # float32 reductions in another order (two processes): up to ~1e-5 (measured 1.1e-5 with torch 2.14; the
+    # batch-1 run differs by 0.25)
+    tol = {k: 3e-5 * max(1.0, float(single[k].abs().max())) for k in single}
     for k in ("ctx", "tau1", "tau2"):
         assert float((ddp[k] - single[k]).abs().max()) <= tol[k], k
     # the tolerance is far below what changes between genuinely different runs (global batch 1)

@@ -194,3 +194,31 @@ def test_resolve_schedule_sizes_new_runs_and_keeps_a_resumed_runs(tmp_path):
     with pytest.raises(SystemExit, match="switch-iter"):
         resolve_schedule(DistillConfig("toyworld", "", "", "x", max_iters=None, switch_iter=5000,
                                        global_batch=None), 300, ctx, None, lambda b: 0.1)
+
+
+def test_resolve_student_defaults_and_clear_refusals(tiny):
+    """Off the benchmarks: the CLIP tower for a ResNet CLIP, a ResNet-101 for a ViT or when another head is
+    asked for; a clip backbone for a ViT CLIP or a mismatched head is refused with a message, not a traceback."""
+    from mvpseg.testing import tiny_vit_clip
+    from training.distill_config import DistillConfig, build_parser, config_from_args
+    from training.distill_schedule import CLIP_TOWER_CONTEXT, CLIP_TOWER_LR, CLIP_TOWER_STRIDE, resolve_student
+
+    base = DistillConfig("toyworld", "", "", "x", backbone=None, head=None, lr=None, output_stride=None,
+                         head_context=None)
+    got = resolve_student(base, tiny)
+    assert (got.backbone, got.head, got.lr, got.output_stride, got.head_context) == (
+        CLIP_BACKBONE, MASKCLIP_HEAD, CLIP_TOWER_LR, CLIP_TOWER_STRIDE, CLIP_TOWER_CONTEXT)
+    vit = resolve_student(base, tiny_vit_clip())
+    assert (vit.backbone, vit.head, vit.lr, vit.output_stride, vit.head_context) == ("resnet101", "deeplabv2", 0.01, 8, 0)
+    from dataclasses import replace
+
+    assert resolve_student(replace(base, head="deeplabv3plus"), tiny).backbone == "resnet101"
+    with pytest.raises(SystemExit, match="ResNet CLIP"):
+        resolve_student(replace(base, backbone=CLIP_BACKBONE), tiny_vit_clip())
+    parse = build_parser().parse_args
+    with pytest.raises(SystemExit, match="go together"):
+        config_from_args(parse(["--dataset", "toyworld", "--data-root", "-", "--out", "o", "--prompts", "x",
+                                "--backbone", "clip", "--head", "deeplabv2"]))
+    voc = config_from_args(parse(["--dataset", "voc", "--data-root", "d", "--out", "o", "--prompts", "x"]))
+    assert (voc.backbone, voc.head, voc.max_iters, voc.switch_iter, voc.global_batch, voc.lr) == (
+        "resnet101", "deeplabv2", 20000, 2000, 16, 0.01)  # the benchmarks keep MaskCLIP+'s settings

@@ -157,6 +157,10 @@ def config_from_args(a: argparse.Namespace) -> DistillConfig:
         switch = default_switch_iter(max_iters)
     if switch is not None and max_iters is not None and not 0 <= switch <= max_iters:
         raise SystemExit(f"--switch-iter {switch} must lie in [0, --max-iters {max_iters}]")
+    if (a.head == MASKCLIP_HEAD and a.backbone not in (None, CLIP_BACKBONE)) or (
+            a.backbone == CLIP_BACKBONE and a.head not in (None, MASKCLIP_HEAD)):
+        raise SystemExit(f"--head {MASKCLIP_HEAD} and --backbone {CLIP_BACKBONE} go together (MaskCLIP's projection is "
+                         f"the CLIP tower's own), got --backbone {a.backbone} --head {a.head}")
     backbone = a.backbone or ("resnet101" if d else None)
     head = a.head or (MASKCLIP_HEAD if backbone == CLIP_BACKBONE else d["head"] if d else None)
     weights = None if str(a.backbone_weights).lower() in ("none", "random") else a.backbone_weights

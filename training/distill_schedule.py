@@ -76,7 +76,7 @@ def size_schedule(n_images: int, device_type: str, step_seconds: float | None = 
         if cap < iters:
             iters, why = cap, f"{why}, capped to {cpu_budget_s / 60:.0f} CPU-minutes at {step_seconds:.2f} s a step"
         else:
-            why = f"{why} (≈ {iters * step_seconds / 60:.1f} CPU-minutes at {step_seconds:.2f} s a step)"
+            why = f"{why}; ≈ {iters * step_seconds / 60:.1f} CPU-minutes at {step_seconds:.2f} s a step"
     switch = max(1, round(TEACHER_FRACTION * iters))
     return SizedSchedule(iters, switch, batch, why)
 
@@ -105,7 +105,12 @@ def measure_step(student: torch.nn.Module, class_emb: torch.Tensor, bg_index: in
 def resolve_student(cfg, clip: FrozenCLIP):
     """Backbone, head and lr left open by the command line: the CLIP's own ResNet tower (a ViT CLIP: the dilated
     ResNet-101 of MaskCLIP+), MaskCLIP's projection as its head, and the lr of that kind of student."""
-    backbone = cfg.backbone or (CLIP_BACKBONE if is_modified_resnet(clip.model.visual) else "resnet101")
+    resnet_tower = is_modified_resnet(clip.model.visual)
+    if cfg.backbone == CLIP_BACKBONE and not resnet_tower:
+        raise SystemExit(f"--backbone {CLIP_BACKBONE} needs a ResNet CLIP; this CLIP's image tower is a "
+                         f"{type(clip.model.visual).__name__}: use --backbone resnet101 (or another ResNet)")
+    tower_ok = resnet_tower and cfg.head in (None, MASKCLIP_HEAD)  # another head asked for: a torchvision ResNet
+    backbone = cfg.backbone or (CLIP_BACKBONE if tower_ok else "resnet101")
     head = cfg.head or (MASKCLIP_HEAD if backbone == CLIP_BACKBONE else "deeplabv2")
     tower = backbone == CLIP_BACKBONE
     lr = cfg.lr if cfg.lr is not None else (CLIP_TOWER_LR if tower else RESNET_LR)

@@ -131,13 +131,9 @@ class StudentNet(nn.Module):
                 raise ValueError("the 'clip' student backbone needs the CLIP's image tower (clip_visual) or its "
                                  "recorded shape (StudentConfig.clip_vision)")
             self.backbone = CLIPTrunk(visual, config.output_stride)
-            if config.head == MASKCLIP_HEAD:
-                self.head = MaskCLIPHead(self.backbone.out_channels, config.embed_dim, config.head_context)
-                if clip_visual is not None:
-                    self.head.from_attnpool(visual.attnpool)
-            else:
-                self.head = make_head(config.head, self.backbone, config.embed_dim, config.dilations,
-                                      config.low_level_channels)
+            self.head = MaskCLIPHead(self.backbone.out_channels, config.embed_dim, config.head_context)
+            if clip_visual is not None:
+                self.head.from_attnpool(visual.attnpool)
         else:
             net = make_resnet(config.backbone)
             self.backbone_init = load_backbone_weights(net, config.backbone, backbone_weights, require_pretrained)
