@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 import mvpseg
+from mvpseg.student import FORMAT as STUDENT_FORMAT
+from mvpseg.student import read_student_meta
 
 log = logging.getLogger("mvpseg.demo")
 
@@ -249,12 +251,12 @@ def discover_student(clip: mvpseg.FrozenCLIP, root: Path = ASSETS_DIR) -> str | 
     for js in sorted(root.rglob("*.json")) if root.is_dir() else []:
         st = js.with_suffix(".safetensors")
         try:
-            meta = json.loads(js.read_text())
-            if meta.get("format") != "mvpseg-student" or not st.is_file():
-                continue
-        except (OSError, ValueError, AttributeError):
+            if json.loads(js.read_text()).get("format") != STUDENT_FORMAT or not st.is_file():
+                continue  # prompt checkpoints, configs, other JSON
+            meta = read_student_meta(st)
+        except (OSError, ValueError, AttributeError, mvpseg.CheckpointError):
             continue
-        if meta.get("clip_fingerprint") == clip.fingerprint and meta.get("embed_dim") == clip.embed_dim:
+        if meta.clip_fingerprint == clip.fingerprint and meta.embed_dim == clip.embed_dim:
             return str(st)
     return None
 

@@ -123,6 +123,26 @@ def save_prompts(path: str | os.PathLike, prompts: LearnedPrompts, clip: FrozenC
     return st
 
 
+def prompts_from_tensors(meta: PromptMeta, tensors: dict[str, torch.Tensor], name: str,
+                         origin: str) -> LearnedPrompts:
+    """A learned prompt set from its metadata and checkpoint tensors (``ctx``, ``tau1``, ``tau2``; ``ctx0`` for
+    residual sets, whose handcrafted prior is read by name; ``gpr_bias`` for calibrated ones), strictly: what
+    prompt checkpoints and student checkpoints (which embed their teacher's prompts) both store."""
+    prompts = LearnedPrompts(meta.text_width, meta.n_seg, meta.n_ctx, meta.use_global, name=name)
+    if ("ctx0" in tensors) != (meta.residual_prior is not None):
+        raise CheckpointError(f"{origin}: the tensors and the metadata disagree on the residual form (tensor 'ctx0' "
+                              f"{'present' if 'ctx0' in tensors else 'absent'}, residual_prior "
+                              f"{meta.residual_prior!r})")
+    try:
+        prompts.load_checkpoint_tensors(tensors)
+        if meta.residual_prior is not None:
+            prompts.set_prior(handcrafted_set(meta.residual_prior), rebase=False)
+    except ValueError as e:
+        raise CheckpointError(f"{origin}: {e}") from e
+    prompts.meta = meta
+    return prompts
+
+
 def residual_prior_name(prompts: LearnedPrompts) -> str | None:
     if not prompts.residual:
         return None
@@ -209,19 +229,7 @@ def load_prompts(path: str | os.PathLike, clip: FrozenCLIP | None = None, name: 
     meta = read_meta(path)
     if clip is not None:
         check_compatible(meta, clip, dense_mode, check_dense)
-    tensors = load_safetensors(st, "prompt")
-    prompts = LearnedPrompts(meta.text_width, meta.n_seg, meta.n_ctx, meta.use_global, name=name or st.stem)
-    if ("ctx0" in tensors) != (meta.residual_prior is not None):
-        raise CheckpointError(f"{st}: the tensors and the metadata disagree on the residual form (tensor 'ctx0' "
-                              f"{'present' if 'ctx0' in tensors else 'absent'}, residual_prior "
-                              f"{meta.residual_prior!r})")
-    try:
-        prompts.load_checkpoint_tensors(tensors)
-        if meta.residual_prior is not None:
-            prompts.set_prior(handcrafted_set(meta.residual_prior), rebase=False)
-    except ValueError as e:
-        raise CheckpointError(f"{st}: {e}") from e
-    prompts.meta = meta
+    prompts = prompts_from_tensors(meta, load_safetensors(st, "prompt"), name or st.stem, str(st))
     if clip is not None:
         prompts.to(clip.device)
     return prompts

@@ -40,7 +40,7 @@ from mvpseg.builder import baseline_prompt_sets
 from mvpseg.clip_backbone import load_clip
 from mvpseg.dense import default_dense_mode
 from mvpseg.model import MVPSeg
-from mvpseg.student import CLIP_BACKBONE, MASKCLIP_HEAD, StudentConfig, StudentNet, fuse_views, save_student
+from mvpseg.student import CLIP_BACKBONE, StudentConfig, StudentNet, fuse_views, save_student
 
 from .checkpointing import CheckpointManager, atomic_write_text, restore_state
 from .cli import amp_dtype, apply_runtime, clip_spec, command_line
@@ -95,10 +95,10 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
                                        normalization=clip.normalization if own_tower else "imagenet",
                                        normalize_features=own_tower and cfg.normalize_features,
                                        frozen_backbone=own_tower and cfg.freeze_backbone,
-                                       head_context=cfg.head_context if cfg.head == MASKCLIP_HEAD else 0),
+                                       head_context=cfg.head_context),
                          cfg.backbone_weights, cfg.require_pretrained,
                          clip_visual=clip.model.visual if own_tower else None).to(ctx.device).train()
-    if own_tower and cfg.head == MASKCLIP_HEAD and not resume_path:  # start at the teacher's Eq. 4 scores:
+    if own_tower and not resume_path:  # start at the teacher's Eq. 4 scores (the head is MaskCLIP's projection):
         tau1 = torch.as_tensor(prompts.tau1()).detach()
         student.set_logit_scale(float(tau1) * n_views)  # τ1 Σ_i f̂·t_c^i = τ1·K f̂·w_c
         if background:  # and "background" as the prompts encode it

@@ -10,7 +10,8 @@ your own images, the toy world — is sized here, because 20k iterations of 16 c
   the dilated ResNet-101;
 * **schedule**: ``EPOCHS`` passes over the training images at ``CPU_BATCH`` (CPU) or 16 (GPU) images a step,
   capped on a CPU so that the training steps take at most ``CPU_BUDGET_S`` at the step time measured on this
-  machine before training (``measure_step``); MVP-SEG guides the first tenth (MaskCLIP+'s rule).
+  machine before training (``measure_step``); MVP-SEG guides the first tenth (MaskCLIP+'s rule,
+  ``pseudo_labels.default_switch_iter``).
 
 Measured in docs/history/distill-study.md; what holds now in docs/distill.md. Every resolved value is written
 to the run's log and config, so ``--resume`` continues the same schedule.
@@ -44,7 +45,6 @@ EPOCHS = 30  # passes over the training images (docs/history/distill-study.md: 1
 CPU_BATCH = 8  # images a step on a CPU (the toy study's; 16 on a GPU, MaskCLIP+'s)
 CPU_BUDGET_S = 20 * 60  # training steps on a CPU: with data, rendering and evaluation a run stays under 30 min
 MIN_ITERS, MAX_ITERS = 100, 20000
-TEACHER_FRACTION = 0.1  # MaskCLIP+: MVP-SEG's pseudo labels for the first tenth, then self-training
 CLIP_TOWER_LR = 0.2  # SGD lr of the CLIP-tower student (toy pilots: 0.01 barely moves it, 0.2–0.5 alike)
 RESNET_LR = 0.01  # MaskCLIP+'s, for a torchvision ResNet student
 CLIP_TOWER_STRIDE = 16  # dilating a CLIP tower to 8 hurt the weaker toy CLIPs (fam-b: 23.5 vs 29.1 untrained)
@@ -77,8 +77,7 @@ def size_schedule(n_images: int, device_type: str, step_seconds: float | None = 
             iters, why = cap, f"{why}, capped to {cpu_budget_s / 60:.0f} CPU-minutes at {step_seconds:.2f} s a step"
         else:
             why = f"{why}; ≈ {iters * step_seconds / 60:.1f} CPU-minutes at {step_seconds:.2f} s a step"
-    switch = max(1, round(TEACHER_FRACTION * iters))
-    return SizedSchedule(iters, switch, batch, why)
+    return SizedSchedule(iters, default_switch_iter(iters), batch, why)
 
 
 def measure_step(student: torch.nn.Module, class_emb: torch.Tensor, bg_index: int | None, batch: int,
@@ -128,14 +127,12 @@ def resolve_schedule(cfg, n_images: int, ctx: DistContext, resume_path: Path | N
         saved = load_state(resume_path)["config"]
         return replace(cfg, **{k: saved[k] if getattr(cfg, k) is None else getattr(cfg, k)
                                for k in ("max_iters", "switch_iter", "global_batch")}), "as the resumed run"
-    batch = cfg.global_batch
     step = None
     if cfg.max_iters is None and ctx.device.type == "cpu":
-        step = probe(max(1, (batch or size_schedule(1, "cpu").global_batch) // ctx.world_size))
-    sized: SizedSchedule = size_schedule(n_images, ctx.device.type, step, batch)
+        step = probe(max(1, (cfg.global_batch or CPU_BATCH) // ctx.world_size))
+    sized = size_schedule(n_images, ctx.device.type, step, cfg.global_batch)
     max_iters = cfg.max_iters if cfg.max_iters is not None else sized.max_iters
-    switch = cfg.switch_iter if cfg.switch_iter is not None else (
-        sized.switch_iter if cfg.max_iters is None else default_switch_iter(max_iters))
+    switch = cfg.switch_iter if cfg.switch_iter is not None else default_switch_iter(max_iters)
     if not 0 <= switch <= max_iters:
         raise SystemExit(f"--switch-iter {switch} must lie in [0, the {max_iters} iterations sized for this run]")
     return replace(cfg, max_iters=max_iters, switch_iter=switch, global_batch=sized.global_batch), sized.reason

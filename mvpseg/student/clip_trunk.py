@@ -24,21 +24,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..dense.resnet import is_modified_resnet
+
 CLIP_BACKBONE = "clip"  # StudentConfig.backbone: the CLIP's ModifiedResNet
 MASKCLIP_HEAD = "maskclip"  # StudentConfig.head: the folded MaskCLIP projection (needs the CLIP backbone)
 
 
 def clip_vision_config(visual: nn.Module) -> dict[str, Any]:
     """The constructor arguments of an open_clip ``ModifiedResNet`` (what rebuilding it needs)."""
-    if not (hasattr(visual, "attnpool") and hasattr(visual, "layer4")):
+    if not is_modified_resnet(visual):
         raise ValueError("the student's 'clip' backbone needs a ResNet CLIP (open_clip ModifiedResNet); this CLIP's "
                          f"image tower is a {type(visual).__name__}: use --backbone resnet50 (or another ResNet)")
     pool = visual.attnpool
     return {"layers": [len(getattr(visual, f"layer{i}")) for i in range(1, 5)],
             "width": int(visual.conv3.out_channels), "heads": int(pool.num_heads),
-            "output_dim": int(pool.c_proj.out_features), "image_size": int(visual.image_size)
-            if isinstance(getattr(visual, "image_size", None), int) else int(round(
-                (pool.positional_embedding.shape[0] - 1) ** 0.5)) * 32}
+            "output_dim": int(pool.c_proj.out_features), "image_size": int(visual.image_size)}
 
 
 def build_modified_resnet(cfg: dict[str, Any]) -> nn.Module:

@@ -30,11 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import (CheckpointError, PromptMeta, check_compatible, load_safetensors, read_sidecar,
-                          residual_prior_name, save_safetensors, sidecar_paths)
+                          prompts_from_tensors, residual_prior_name, save_safetensors, sidecar_paths)
 from ..clip_backbone import NORMALIZATIONS, FrozenCLIP
 from ..dense import default_dense_mode
 from ..dense_settings import DenseSettings
-from ..handcrafted import handcrafted_set
 from ..prompts import LearnedPrompts, PromptSet, TextViews
 from ..util import atomic_write
 from .clip_trunk import (CLIP_BACKBONE, MASKCLIP_HEAD, CLIPTrunk, MaskCLIPHead, build_modified_resnet,
@@ -85,7 +84,7 @@ class StudentConfig:
             raise ValueError(f"unknown student input normalization {self.normalization!r}; choose from "
                              f"{', '.join(sorted(NORMALIZATIONS))}")
         if self.head not in HEADS + (MASKCLIP_HEAD,):
-            raise ValueError(f"unknown student head '{self.head}'; choose from {', '.join(HEADS)}")
+            raise ValueError(f"unknown student head '{self.head}'; choose from {', '.join(HEADS + (MASKCLIP_HEAD,))}")
         if self.embed_dim < 1:
             raise ValueError(f"embed_dim must be positive, got {self.embed_dim}")
 
@@ -325,19 +324,8 @@ def _prompt_meta(meta: StudentMeta) -> PromptMeta:
 def _rebuild_prompts(meta: StudentMeta, tensors: dict[str, torch.Tensor], st: Path) -> PromptSet:
     kind = meta.prompts.get("kind")
     if kind == "learned":
-        pm = _prompt_meta(meta)
-        prompts = LearnedPrompts(pm.text_width, pm.n_seg, pm.n_ctx, pm.use_global, name="mvp-seg")
         own = {k.removeprefix("prompts."): v for k, v in tensors.items() if k.startswith("prompts.")}
-        if ("ctx0" in own) != (pm.residual_prior is not None):
-            raise CheckpointError(f"{st}: the prompt tensors and the metadata disagree on the residual form")
-        try:  # load_student has checked the key set; residual sets read their handcrafted prior by name
-            prompts.load_checkpoint_tensors(own)
-            if pm.residual_prior is not None:
-                prompts.set_prior(handcrafted_set(pm.residual_prior), rebase=False)
-        except ValueError as e:
-            raise CheckpointError(f"{st}: prompts: {e}") from e
-        prompts.meta = pm
-        return prompts
+        return prompts_from_tensors(_prompt_meta(meta), own, "mvp-seg", f"{st}: prompts")
     if kind == "handcrafted":
         from ..builder import baseline_prompt_sets  # lazy: the builder imports the predictor
 
