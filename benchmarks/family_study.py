@@ -65,8 +65,9 @@ def load_confusions(root: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def run_stats(root: Path, arms: list[str], draws: int = 1000) -> dict:
-    """Per arm: Δ mIoU(U), Δ hIoU vs the best handcrafted set, 90 % paired bootstrap intervals over images."""
+def run_stats(root: Path, arms: list[str], draws: int = 1000, ref: str | None = None) -> dict:
+    """Per arm: Δ mIoU(U), Δ hIoU vs the best handcrafted set, 90 % paired bootstrap intervals over images;
+    with ``ref`` (an arm) also ``d_ref``: Δ mIoU(U) vs that arm, with its interval (Table 1 row 5 − row 4)."""
     rows = json.loads((root / "eval.json").read_text())
     mats = load_confusions(root)
     any_row = next(iter(rows.values()))
@@ -78,7 +79,7 @@ def run_stats(root: Path, arms: list[str], draws: int = 1000) -> dict:
     best_h = max(rows[b]["hiou"] for b in ra.BASELINES)
     boot = {}
     if n and all(b in mats for b in ra.BASELINES):
-        for name in [*ra.BASELINES, *arms]:
+        for name in dict.fromkeys([*ra.BASELINES, *arms, *([ref] if ref else [])]):
             if name in mats:
                 summed = np.stack([mats[name][i].sum(0) for i in idx])
                 u, s = miou_unseen_seen(summed, unseen)
@@ -95,6 +96,10 @@ def run_stats(root: Path, arms: list[str], draws: int = 1000) -> dict:
             bh = np.max([boot[b][1] for b in ra.BASELINES], 0)
             r["d_unseen_ci"] = [float(x) for x in np.nanpercentile(boot[arm][0] - bu, [5, 95])]
             r["d_hiou_ci"] = [float(x) for x in np.nanpercentile(boot[arm][1] - bh, [5, 95])]
+        if ref is not None and ref in rows and arm != ref:
+            r["d_ref"] = rows[arm]["miou_unseen"] - rows[ref]["miou_unseen"]
+            if arm in boot and ref in boot:
+                r["d_ref_ci"] = [float(x) for x in np.nanpercentile(boot[arm][0] - boot[ref][0], [5, 95])]
         meta = root / arm / "prompts.json"
         if meta.is_file():
             sel = (json.loads(meta.read_text()).get("extra") or {}).get("selection") or {}
@@ -103,14 +108,14 @@ def run_stats(root: Path, arms: list[str], draws: int = 1000) -> dict:
     return out
 
 
-def summarise(out: Path, arms: list[str]) -> dict:
-    """Every finished run under ``out`` → family.md / family.json."""
+def summarise(out: Path, arms: list[str], ref: str | None = None) -> dict:
+    """Every finished run under ``out`` → family.md / family.json (with ``ref``: each arm against that arm)."""
     runs = []
     for clip_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         for world_dir in sorted(p for p in clip_dir.iterdir() if p.is_dir() and p.name in ra.WORLDS):
             for seed_dir in sorted(world_dir.glob("seed*")):
                 if (seed_dir / "eval.json").is_file():
-                    stats = run_stats(seed_dir, arms)
+                    stats = run_stats(seed_dir, arms, ref=ref)
                     runs += [{"clip": clip_dir.name, "layout": world_dir.name, "seed": int(seed_dir.name[4:]),
                               "arm": arm, **r} for arm, r in stats.items()]
     md = ["| CLIP | layout | seed | arm | mIoU(U) | Δ mIoU(U) [90 % CI over images] | Δ hIoU | kept iter. | "
@@ -143,6 +148,17 @@ def summarise(out: Path, arms: list[str]) -> dict:
                 d = [r["d_unseen"] for r in runs if (r["arm"], r["clip"], r["layout"]) == (arm, clip, layout)]
                 cells.append(f"{np.mean(d):+.1f} ({len(d)})" if d else "")
             md.append(f"| {arm} | {clip} | " + " | ".join(cells) + " |")
+    if ref is not None:
+        md += ["", f"Each arm against `{ref}` (mIoU(U), 90 % paired bootstrap interval over images):", "",
+               "| CLIP | layout | seed | arm | Δ mIoU(U) vs " + ref + " | GPR AUC(U) | sep.(U) |",
+               "|---|---|---|---|---|---:|---:|"]
+        for r in runs:
+            if "d_ref" in r:
+                ci = r.get("d_ref_ci")
+                g = (r.get("gpr") or {}).get("unseen") or {}
+                md.append(f"| {r['clip']} | {r['layout']} | {r['seed']} | {r['arm']} | {r['d_ref']:+.1f}"
+                          + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+                          + f" | {g.get('auc', float('nan')):.3f} | {g.get('separation', float('nan')):.3f} |")
     text = "\n".join(md) + "\n"
     write_summary(out, "family", text, runs)
     return {"runs": runs, "markdown": text}
@@ -165,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--arms", nargs="+", default=["default", "plain"], choices=list(ra.ARMS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--ref", default=None, choices=list(ra.ARMS),
+                   help="also compare every arm with this one per run (e.g. no-gpr: Table 1 row 5 − row 4)")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
             ra.main(["--out", str(out / clip), "--worlds", *a.layouts, "--seeds", *map(str, a.seeds),
                      "--arms", *a.arms, "--threads", str(a.threads), "--workers", "0",
                      "--model-config", str(config), "--weights", str(weights)])
-    result = summarise(out, list(ra.ARMS))  # every arm that has runs under ``out``, in ARMS order
+    result = summarise(out, list(ra.ARMS), ref=a.ref)  # every arm that has runs under ``out``, in ARMS order
     print(result["markdown"])
     return result
 

@@ -68,6 +68,8 @@ ARMS: dict[str, list[str]] = {
     "cls-paper": ["--cls-loss", "paper"],  # Eq. 7 as printed (present classes only): the default since addendum 9
     "cls-bce": ["--cls-loss", "bce"],  # the full BCE over all classes: the default before the ninth addendum
     "gpr-bias": ["--cls-loss", "bce", "--gpr-bias", "on"],  # calibrated GPR (H-GPR1, docs/history/gpr-study.md)
+    # calibrated GPR whose global prompt comes from the last iterate (H-GPR3, docs/history/gpr-study.md)
+    "gpr-last": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "last"],
     # third addendum: AdamW steps a quarter of the default's (fixed at 5e-4 = 0.025 × the toy CLIPs'
     # token-embedding RMS), with 2× the iterations and validations half as often (the same number of checks)
     "lr-rel": ["--lr", "5e-4", "--max-iters", "1000", "--val-every", "100"],

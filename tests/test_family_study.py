@@ -57,3 +57,13 @@ def test_run_stats_against_the_best_handcrafted_set(tmp_path):
     assert got["d_unseen"] == pytest.approx(rows["default"]["miou_unseen"] - best)
     lo, hi = got["d_unseen_ci"]
     assert lo < got["d_unseen"] < hi and lo > 0  # far better on every resample
+    # against another arm (Table 1 row 5 − row 4): the difference of the two rows, a paired interval around it
+    mats["no-gpr"] = _mats(rng, 30, c, 0.6)
+    s = summarize(mats["no-gpr"].sum(0), names, unseen)
+    rows["no-gpr"] = {**rows["default"], "miou_unseen": s.miou_unseen, "miou_seen": s.miou_seen, "hiou": s.hiou}
+    np.savez(tmp_path / "eval-0" / "confusions-toyworld.npz", **mats)
+    (tmp_path / "eval.json").write_text(json.dumps(rows))
+    both = fs.run_stats(tmp_path, ["default", "no-gpr"], ref="no-gpr")
+    assert both["default"]["d_ref"] == pytest.approx(rows["default"]["miou_unseen"] - s.miou_unseen)
+    lo, hi = both["default"]["d_ref_ci"]
+    assert 0 < lo < both["default"]["d_ref"] < hi and "d_ref" not in both["no-gpr"]

@@ -13,7 +13,8 @@ from mvpseg.checkpoint import read_meta
 from training import train_prompts
 from training.data import TrainStream
 from training.runlog import read_jsonl
-from training.selection import (FRESH_VALIDATION_OFFSET, BestTracker, choose_holdout, validation_indices)
+from training.selection import (FRESH_VALIDATION_OFFSET, BestTracker, choose_holdout, splice_global,
+                               validation_indices)
 
 
 def test_choose_holdout_fraction_keeps_background_and_depends_on_seed():
@@ -151,6 +152,49 @@ def test_early_stopping_and_no_selection(voc):
     start = read_jsonl(root / "nosel" / "log.jsonl")[0]
     assert start["calibrated_tau"][0] != pytest.approx(100 / 3, rel=1e-4)  # calibration ran before iteration 1
     assert len(plain.training_classes) == 15  # every seen class is trained on without selection
+
+
+def test_splice_global_takes_only_the_global_prompt_from_the_last_state():
+    from mvpseg.prompts import LearnedPrompts
+
+    torch.manual_seed(0)
+    best, last = (LearnedPrompts(16, n_seg=3, n_ctx=4, gpr_bias=True, residual=True) for _ in range(2))
+    with torch.no_grad():
+        last.log_tau1.fill_(1.0), last.log_tau2.fill_(-2.0), last.bias.fill_(0.7)
+    b, la = best.state_dict(), last.state_dict()
+    out = splice_global(b, la)
+    assert set(out) == set(b)
+    assert torch.equal(out["ctx"][0], la["ctx"][0]) and torch.equal(out["ctx"][1:], b["ctx"][1:])
+    assert torch.equal(out["log_tau2"], la["log_tau2"]) and torch.equal(out["bias"], la["bias"])
+    assert torch.equal(out["log_tau1"], b["log_tau1"]) and torch.equal(out["ctx0"], b["ctx0"])
+    assert not torch.equal(b["ctx"][0], la["ctx"][0])  # the inputs differ where it matters, and are untouched
+    assert torch.equal(best.state_dict()["ctx"], b["ctx"])
+    best.load_state_dict(out)  # a valid state of the same set
+
+
+def test_gpr_select_last_ships_the_selected_views_with_the_last_global_prompt(voc):
+    """--gpr-select last: no early stop (patience 1 would stop this run, test above), the segmentation views
+    and τ1 of the selected iterate, the global prompt, τ2 and β of the final one (its training state)."""
+    from mvpseg.checkpoint import load_prompts
+    from training.checkpointing import load_state
+
+    root, clip_args = voc
+    out = _run(root, clip_args, "glast", "--max-iters", "12", "--val-every", "1", "--patience", "1",
+               "--init-fit", "30", "--val-images", "4", "--lr", "0.5", "--cls-loss", "bce", "--gpr-bias", "on",
+               "--gpr-select", "last", "--ckpt-every", "1000")
+    meta = read_meta(out)
+    sel = meta.extra["selection"]
+    assert meta.extra["iterations"] == 12 and sel["stopped_early_at"] is None
+    assert meta.extra["train_config"]["gpr_select"] == "last"
+    assert sel["best_iter"] < 12
+    state = load_state(root / "glast" / "checkpoints" / "state_00000012.pt")
+    last, best = state["prompts"], state["selection"]["best_state"]
+    assert not torch.allclose(last["ctx"][1:], best["ctx"][1:])  # the views moved after the selected iterate
+    shipped = load_prompts(out, _clip(clip_args)).state_dict()
+    assert torch.allclose(shipped["ctx"][1:], best["ctx"][1:]) and torch.allclose(shipped["ctx"][0], last["ctx"][0])
+    assert torch.allclose(shipped["log_tau1"], best["log_tau1"], atol=1e-6)
+    assert torch.allclose(shipped["log_tau2"], last["log_tau2"], atol=1e-6)
+    assert torch.allclose(shipped["bias"], last["bias"]) and not torch.allclose(last["bias"], best["bias"])
 
 
 def test_warm_start_fits_the_template_embeddings(voc):

@@ -19,7 +19,7 @@ from mvpseg.losses import LossWeights
 from .cli import add_clip_args, add_data_args, add_runtime_args
 from .datasets import get_profile
 from .schedule import LRSchedule
-from .selection import SELECT_MODES
+from .selection import GPR_SELECT_MODES, SELECT_MODES
 from .tensorboard_log import add_tensorboard_args
 
 # Table 1 rows: (k segmentation prompts, global prompt / GPR, OCLoss on).  λ_cls only acts with GPR;
@@ -36,11 +36,11 @@ RECIPES = {
     "default": dict(optimizer="adamw", lr=2e-3, lr_policy="constant", warmup_iters=0, max_iters=500,
                     global_batch=4, weight_decay=5e-4, lambda_oc=1.0, select="holdout", fresh="auto",
                     seg_reduction="pixel", init_fit=200, lambda_prior=8.0, init_fit_oc=False,
-                    calib_steps=50, cls_mode="paper", residual=True, gpr_bias=False),
+                    calib_steps=50, cls_mode="paper", residual=True, gpr_bias=False, gpr_select="joint"),
     "paper": dict(optimizer="sgd", lr=2e-4, lr_policy="poly", warmup_iters=1000, max_iters=8000,
                   global_batch=8, weight_decay=5e-4, lambda_oc="paper", select="none", fresh="off",
                   seg_reduction="pixel", init_fit=0, lambda_prior=0.0, init_fit_oc=False,
-                  calib_steps=0, cls_mode="bce", residual=False, gpr_bias=False),
+                  calib_steps=0, cls_mode="bce", residual=False, gpr_bias=False, gpr_select="joint"),
 }
 # Handcrafted sets the warm start and anchor can use (names of mvpseg.baseline_prompt_sets(); the first is the
 # fallback), or "auto": the best of them on the validation images (train_prompts.choose_prior).
@@ -52,7 +52,8 @@ RESUME_KEYS = ("dataset", "split", "n_seg", "n_ctx", "use_global", "gamma", "lam
                "warmup_iters", "warmup_ratio", "lr_policy", "max_iters", "global_batch", "seed",
                "crop_size", "train_scale", "clip", "pretrained", "select", "holdout_frac", "val_images",
                "val_every", "patience", "select_confidence", "fresh", "lambda_prior", "tau1_init",
-               "seg_reduction", "init_fit", "prior_prompts", "dense", "sliding", "gpr_bias", "residual")
+               "seg_reduction", "init_fit", "prior_prompts", "dense", "sliding", "gpr_bias", "residual",
+               "gpr_select")
 # Settings that only matter while selecting a model: a run with --select none ignores them, so they are not
 # compared on resume (a state written before they existed resumes under any of their values).
 SELECTION_KEYS = ("holdout_frac", "val_images", "val_every", "patience", "select_confidence")
@@ -72,7 +73,7 @@ LEGACY_DEFAULTS = {"optimizer": "sgd", "select": "none", "holdout_frac": 0.25, "
                    "val_every": 50, "patience": 4, "select_confidence": 0.0, "fresh": "off",
                    "lambda_prior": 0.0, "tau1_init": None,
                    "seg_reduction": "pixel", "init_fit": 0, "prior_prompts": "maskclip-85", "sliding": None,
-                   "gpr_bias": False, "residual": False}
+                   "gpr_bias": False, "residual": False, "gpr_select": "joint"}
 # (a state written before "dense" existed used the tower's default mode: train_prompts adds it per tower)
 
 
@@ -118,6 +119,9 @@ class TrainConfig:
     calib_steps: int = 50  # Adam steps fitting log τ1/log τ2 alone before learning (context frozen)
     calib_lr: float = 0.05
     gpr_bias: bool = False  # calibrated GPR: a learned logit offset in Eq. 6 (LearnedPrompts.enable_gpr_bias)
+    # which iterate the global prompt (its context, τ2, β) comes from: "joint" = the selected one, as the
+    # segmentation views; "last" = the final one (GPR_SELECT_MODES, training/selection.py)
+    gpr_select: str = "joint"
     prior_prompts: str = "auto"  # handcrafted set behind the warm start, the anchor and the residual form
     residual: bool = True  # t = norm(h + e − e0): exactly handcrafted at the start (LearnedPrompts.set_prior)
     crop_size: int | None = None
@@ -198,6 +202,11 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--gpr-bias", default=None, choices=["on", "off"],
                    help="calibrated GPR: learn a logit offset β in Eq. 6, g_c = σ(s_c/τ2 − β) (with a global prompt "
                         "only; docs/history/gpr-study.md). Off: the paper's Eq. 6")
+    p.add_argument("--gpr-select", default=None, choices=list(GPR_SELECT_MODES),
+                   help="which iterate the global prompt, τ2 and the GPR bias come from: joint = the one selected "
+                        "on the segmentation views' validation (default); last = the final one, trained for all "
+                        "--max-iters (no early stop), while the segmentation views keep the selected iterate "
+                        "(docs/history/gpr-study.md)")
     p.add_argument("--residual", default=None, choices=["on", "off"],
                    help="residual prompts: every class embedding is the handcrafted prior's plus the change of the "
                         "learned context's embedding since the warm start, so learning starts from the handcrafted "
@@ -283,7 +292,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         calib_steps=pick("calib_steps"), calib_lr=a.calib_lr,
         gpr_bias=pick("gpr_bias") in (True, "on") and v["use_global"] and not a.no_global,
         prior_prompts=a.prior_prompts, dense=getattr(a, "dense", None),
-        residual=pick("residual") in (True, "on"),
+        residual=pick("residual") in (True, "on"), gpr_select=pick("gpr_select"),
         sliding=tuple(a.sliding) if getattr(a, "sliding", None) else None,
     )
 

@@ -31,6 +31,11 @@ from .metrics import ConfusionMatrix, harmonic_iou, iou_per_class
 
 log = logging.getLogger("mvpseg.train")
 SELECT_MODES = ("holdout", "seen", "none")
+# Which iterate the global prompt comes from (TrainConfig.gpr_select): selection scores the segmentation views,
+# and the warm start it usually keeps on VOC-like layouts leaves the global prompt untrained (ranking AUC 0.88
+# against 0.92 after 500 iterations on the development CLIP; docs/history/gpr-study.md).
+GPR_SELECT_MODES = ("joint", "last")
+GLOBAL_STATE_KEYS = ("log_tau2", "bias")  # with row 0 of "ctx": the global prompt's part of a prompt state
 # Validation images for a procedural (fresh-sample) dataset come from this index range, far beyond
 # any training position (max_iters × global batch), so they are scenes the run never trains on.
 FRESH_VALIDATION_OFFSET = 1 << 40
@@ -194,6 +199,20 @@ def prob_better(new: np.ndarray, best: np.ndarray, holdout: ClassHoldout, mode: 
 def _nanmean(x: np.ndarray) -> float:
     x = x[~np.isnan(x)]
     return float(x.mean()) if x.size else float("nan")
+
+
+def splice_global(best: dict, last: dict) -> dict:
+    """A prompt state (``LearnedPrompts.state_dict()``) with ``best``'s segmentation views and τ1 and ``last``'s
+    global prompt: row 0 of ``ctx`` (the global prompt's context; LearnedPrompts puts it first), log τ2 and the
+    GPR bias. ``ctx0`` is fixed at the warm start, so both states share it."""
+    out = dict(best)
+    ctx = best["ctx"].detach().clone()
+    ctx[0] = last["ctx"][0].to(ctx)
+    out["ctx"] = ctx
+    for key in GLOBAL_STATE_KEYS:
+        if key in last:
+            out[key] = last[key].detach().clone().to(best[key])
+    return out
 
 
 @dataclass

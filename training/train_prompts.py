@@ -56,8 +56,8 @@ from .recipe import (HANDCRAFTED, LEGACY_DEFAULTS, OPTIMIZERS, RECIPES, RESUME_K
                      VARIANTS, TrainConfig, _config_record, config_from_args, resume_keys)
 from .recipe import build_parser as _build_parser
 from .runlog import JsonlLogger, Progress
-from .selection import (BestTracker, IndexView, ValidationSet, choose_holdout, prob_better, summarise,
-                        validation_indices)
+from .selection import (BestTracker, IndexView, ValidationSet, choose_holdout, prob_better, splice_global,
+                        summarise, validation_indices)
 from .shared_prefix import SharedPrefixEncoder, supports_shared_prefix
 from .tensorboard_log import MaskSnapshot, open_tensorboard, prompt_view_rows
 from .warm_start import CALIBRATION_SEED_OFFSET
@@ -160,7 +160,9 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                             reduce_grads=lambda ps: average_gradients(ps, ctx),
                             seg_weight=lambda y: seg_loss_weight(y, ctx))
     opt = learner.opt
-    tracker = BestTracker(patience=cfg.patience, confidence=cfg.select_confidence)
+    global_last = cfg.use_global and cfg.gpr_select == "last"
+    # the global prompt then trains for all max_iters: early stopping follows the segmentation views' validation
+    tracker = BestTracker(patience=0 if global_last else cfg.patience, confidence=cfg.select_confidence)
 
     start = 0 if resume_path is None else restore_state(
         resume_path, _config_record(cfg), resume_keys(cfg), {"prompts": prompts}, opt, scaler,
@@ -307,7 +309,10 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     bar.close()
 
     if tracker.best_state is not None:  # the validated best, not the last iterate
-        prompts.load_state_dict(tracker.best_state)
+        best = tracker.best_state
+        if global_last:  # ... but the global prompt of the last one
+            best = splice_global(best, prompts.state_dict())
+        prompts.load_state_dict(best)
     final = out / "prompts.safetensors"
     if ctx.is_main:
         selection = None if validation is None else {

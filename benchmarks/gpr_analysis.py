@@ -1,0 +1,166 @@
+"""Two analyses of GPR (issue #28, docs/history/gpr-study.md) on finished ``benchmarks/family_study.py`` runs.
+
+``inference``: each run's ``gpr-last`` prompts with Eq. 8 applied as log m + α log g for α ∈ {0, ¼, ½, 1}
+  (α = 0: the same views without GPR, α = 1: Eq. 8), on the run's 150 evaluation scenes and on its own 64
+  validation scenes (held-out seen classes, as selection scores them): GPR's effect *within* one model, apart
+  from how its views trained, and whether validation could choose α.
+``oracle``: a ceiling for the ranking. A presence probe of Eq. 6's form (one unit vector per class, a scale and a
+  bias, γ = 10 soft-max pooling of the cosine map over the frozen dense features) trained with BCE on ``--ntrain``
+  scenes *with the unseen classes' labels* — no text tower — and its ROC-AUC on the evaluation scenes.
+
+    python benchmarks/gpr_analysis.py inference --out runs/gpr3 --clips fam-a fam-b fam-d
+    python benchmarks/gpr_analysis.py oracle --clips fam-a fam-b fam-d --ntrain 2000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import family_study as fs  # noqa: E402
+import recipe_ablation as ra  # noqa: E402
+from mvpseg.checkpoint import load_prompts  # noqa: E402
+from mvpseg.clip_backbone import load_clip  # noqa: E402
+from mvpseg.heads import segment  # noqa: E402
+from training.cli import clip_spec  # noqa: E402
+from training.data import EvalShard, eval_loader  # noqa: E402
+from training.datasets import build_dataset, get_profile  # noqa: E402
+from training.evaluate import build_parser as eval_parser  # noqa: E402
+from training.gpr_metrics import GPRStats  # noqa: E402
+from training.metrics import ConfusionMatrix, summarize  # noqa: E402
+from training.selection import ValidationSet, choose_holdout, summarise, validation_indices  # noqa: E402
+
+ALPHAS = (0.0, 0.25, 0.5, 1.0)
+
+
+def _clip(name: str):
+    config, weights = fs.clip_files(name)
+    args = eval_parser().parse_args(["--clip", name, "--model-config", str(config), "--pretrained", str(weights),
+                                     "--data", "toyworld=x"])
+    return load_clip(clip_spec(args), torch.device("cpu"))
+
+
+def _eval_scenes(world: str, n: int):
+    ds = build_dataset("toyworld", f"{ra.WORLDS[world]},seed=0,length={n}", "val", label_space="full")
+    return ds, eval_loader(EvalShard(ds, get_profile("toyworld").eval_transform(), 0, 1, n), 0)
+
+
+def _predict(out, size, alpha: float) -> torch.Tensor:
+    """argmax of log m + α log g at ``size`` (Eq. 8 for α = 1): H×W."""
+    lg = F.interpolate(out.fused_logits, size=size, mode="bilinear", align_corners=False).log_softmax(1)
+    return (lg + alpha * F.logsigmoid(out.gpr_logits)[:, :, None, None]).argmax(1)[0]
+
+
+def inference(a) -> list[dict]:
+    results = []
+    for name in a.clips:
+        clip = _clip(name)
+        for run in sorted(Path(a.out, name).glob(f"*/seed*/{a.arm}/prompts.safetensors")):
+            world, seed = run.parts[-4], int(run.parts[-3][4:])
+            ps = load_prompts(str(run), clip, name=a.arm).eval()
+            data = build_dataset("toyworld", f"{ra.WORLDS[world]},seed={seed}", None, label_space="seen",
+                                 train=True).unbounded()  # train_prompts' validation scenes and held-out classes
+            val_idx, _ = validation_indices(data, a.val_images, seed, True)
+            vs = ValidationSet.build(clip, data, val_idx, get_profile("toyworld").eval_transform(), torch.device("cpu"))
+            vocab, holdout = tuple(data.prompt_names), choose_holdout(tuple(data.prompt_names), 0.25, seed)
+            text, val = ps.encode(clip, vocab).detach(), {}
+            for alpha in ALPHAS:
+                cm = ConfusionMatrix(len(vocab))
+                for feats, label in zip(vs.features, vs.labels):
+                    out = segment(feats, text, ps.tau1(), ps.tau2(), 10.0, ps.gpr_bias())
+                    cm.update(_predict(out, tuple(label.shape), alpha), label)
+                val[alpha] = summarise(cm.mat.numpy(), holdout, "holdout")["score"]
+            ds, loader = _eval_scenes(world, a.eval_images)
+            text = ps.encode(clip, tuple(ds.prompt_names)).detach()
+            cms = {alpha: ConfusionMatrix(len(ds.prompt_names), ds.ignore_index) for alpha in ALPHAS}
+            with torch.no_grad():
+                for image, label, _ in loader:
+                    out = segment(clip.dense_features(clip.normalize(image[None])).float(), text, ps.tau1(),
+                                  ps.tau2(), 10.0, ps.gpr_bias())
+                    for alpha in ALPHAS:
+                        cms[alpha].update(_predict(out, tuple(label.shape), alpha), label)
+            test = {alpha: summarize(cm.mat.numpy(), tuple(ds.class_names), tuple(ds.unseen_indices)).miou_unseen
+                    for alpha, cm in cms.items()}
+            chosen = max(ALPHAS, key=lambda x: (round(val[x], 6), x))
+            results.append({"clip": name, "layout": world, "seed": seed, "val_held_out": val, "test_unseen": test,
+                            "chosen_alpha": chosen})
+            print(f"{name} {world} seed {seed}: mIoU(U) α=0 {test[0.0]:.1f} → α=1 {test[1.0]:.1f} "
+                  f"({test[1.0] - test[0.0]:+.1f}); validation picks α={chosen}", flush=True)
+    Path(a.out, "gpr-inference.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def oracle(a) -> list[dict]:
+    results = []
+    for name in a.clips:
+        clip, torch_rng = _clip(name), torch.manual_seed(0)
+
+        def features(seed: int, n: int):
+            ds = build_dataset("toyworld", f"{ra.WORLDS[a.world]},seed={seed},length={n}", "val", label_space="full")
+            xs, ys = [], []
+            with torch.no_grad():
+                for image, label, _ in eval_loader(EvalShard(ds, get_profile("toyworld").eval_transform(), 0, 1, n), 0):
+                    xs.append(clip.dense_features(clip.normalize(image[None])).float()[0].flatten(1))  # D×N
+                    lab = label.reshape(-1)
+                    lab = lab[lab != ds.ignore_index].long()
+                    ys.append((torch.bincount(lab, minlength=len(ds.prompt_names))[:len(ds.prompt_names)] > 0).float())
+            return torch.stack(xs), torch.stack(ys), ds
+
+        x_tr, y_tr, _ = features(7, a.ntrain)  # another seed's scenes: never the evaluation scenes
+        x_te, y_te, ds = features(0, a.eval_images)
+        w = torch.nn.Parameter(torch.randn(y_tr.shape[1], x_tr.shape[1], generator=torch_rng) * 0.01)
+        bias, log_scale = torch.nn.Parameter(torch.zeros(y_tr.shape[1])), torch.nn.Parameter(torch.tensor(3.0))
+
+        def logits(x):  # Eq. 6's form with a free class vector in place of the global prompt's embedding
+            cos = torch.einsum("cd,bdn->bcn", F.normalize(w, dim=-1), x)
+            return (cos * (10 * cos).softmax(-1)).sum(-1) * log_scale.exp() - bias
+
+        opt = torch.optim.Adam([w, bias, log_scale], lr=0.01)
+        for _ in range(a.steps):
+            loss = F.binary_cross_entropy_with_logits(logits(x_tr), y_tr)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        stats = GPRStats(y_te.shape[1], tuple(ds.unseen_indices))
+        with torch.no_grad():
+            pred = logits(x_te)
+        for p, y in zip(pred, y_te):  # one image at a time: labels as a 1×C "image" of present classes
+            stats.update(p, torch.nonzero(y).flatten().reshape(1, -1) if y.any() else torch.full((1, 1), 255))
+        summary = stats.summary()
+        results.append({"clip": name, "layout": a.world, "train_scenes": a.ntrain,
+                        "auc_seen": summary["seen"]["auc"], "auc_unseen": summary["unseen"]["auc"]})
+        print(f"{name} {a.world}: oracle probe AUC seen {summary['seen']['auc']:.3f}, unseen "
+              f"{summary['unseen']['auc']:.3f} ({a.ntrain} training scenes with unseen labels)", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    i = sub.add_parser("inference")
+    i.add_argument("--out", default="runs/gpr3")
+    i.add_argument("--arm", default="gpr-last")
+    i.add_argument("--val-images", type=int, default=64)
+    o = sub.add_parser("oracle")
+    o.add_argument("--world", default="voc", choices=list(ra.WORLDS))
+    o.add_argument("--ntrain", type=int, default=2000)
+    o.add_argument("--steps", type=int, default=1500)
+    for q in (i, o):
+        q.add_argument("--clips", nargs="+", default=["fam-a", "fam-b", "fam-d"])
+        q.add_argument("--eval-images", type=int, default=150)
+        q.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    return inference(a) if a.cmd == "inference" else oracle(a)
+
+
+if __name__ == "__main__":
+    main()
