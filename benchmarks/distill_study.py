@@ -9,8 +9,10 @@ bootstrap interval over images, MVP-SEG+ − MaskCLIP+ per run, and means over r
     python benchmarks/distill_study.py --clips fam-b --threads 1 --out runs/distill-study &
     python benchmarks/distill_study.py --clips fam-d --threads 1 --out runs/distill-study &   # 2 cores
     python benchmarks/distill_study.py --summary-only --out runs/distill-study
+    python benchmarks/distill_study.py --rescore 600 --layouts voc --out runs/distill-study  # more scenes
 
-Writes ``<out>/study.md`` and ``<out>/study.json``.
+Writes ``<out>/study.md`` and ``<out>/study.json``; ``--rescore N`` scores the finished students and teachers
+again on N evaluation scenes (the first 150 are the study's) and writes ``<out>/study-N.{md,json}``.
 """
 from __future__ import annotations
 
@@ -37,6 +39,17 @@ def clip_args(clip: str, threads: int) -> list[str]:
     config, weights = fs.clip_files(clip)
     return ["--clip", clip, "--model-config", str(config), "--pretrained", str(weights), "--device", "cpu",
             "--num-workers", "0", "--cpu-threads", str(threads), "--no-progress"]
+
+
+def _load_clip(name: str):
+    import torch
+
+    from mvpseg.clip_backbone import load_clip
+    from training.cli import clip_spec
+    from training.evaluate import build_parser
+
+    return load_clip(clip_spec(build_parser().parse_args([*clip_args(name, 1), "--data", "toyworld=x"])),
+                     torch.device("cpu"))
 
 
 def world(layout: str, seed: int) -> str:
@@ -79,16 +92,49 @@ def _boot(mats: np.ndarray, unseen: np.ndarray, idx: np.ndarray) -> tuple[np.nda
     return u, fs.hiou(u, s)
 
 
-def run_stats(seed_dir: Path, draws: int = 1000) -> dict | None:
+def rescore(seed_dir: Path, clip, layout: str, seed: int, n: int) -> None:
+    """Both students and their teachers of one finished run, scored on ``n`` evaluation scenes with per-image
+    confusions: ``<arm>/eval-<n>.json`` and ``<arm>/confusions-<n>.npz`` beside the study's own files."""
+    import torch
+
+    from mvpseg.builder import baseline_prompt_sets
+    from mvpseg.checkpoint import load_prompts
+    from mvpseg.student.net import fuse_views, load_student
+    from training.datasets import build_dataset, get_profile
+    from training.distributed import DistContext
+    from training.evaluate import evaluate_dataset
+    from training.student_eval import evaluate_student
+
+    data = build_dataset("toyworld", f"{ra.WORLDS[layout]},seed={seed},length={n}", None, label_space="full")
+    tf, ctx = get_profile("toyworld").eval_transform(), DistContext()
+    for arm, teacher in STUDENTS.items():
+        if (seed_dir / arm / f"eval-{n}.json").is_file():
+            continue
+        loaded = load_student(seed_dir / arm / "student.safetensors", clip, check_dense=False)
+        with torch.no_grad():
+            emb = fuse_views(loaded.prompts.encode(clip, tuple(data.prompt_names)))
+        bg = 0 if loaded.net.config.background else None
+        per: dict[str, list] = {"student": []}
+        rows = {"student": evaluate_student(loaded.net, emb, bg, data, tf, ctx, n, None, False, per["student"])}
+        prompts = (baseline_prompt_sets()[teacher] if teacher else
+                   load_prompts(str(seed_dir / "prompts" / "prompts.safetensors"), clip, name="teacher").eval())
+        gamma = 10.0 if teacher else float(prompts.meta.gamma)
+        rows.update(evaluate_dataset(clip, {"teacher": (prompts, gamma)}, data, tf, ctx, n, 0, None, False,
+                                     per_image=per))
+        np.savez_compressed(seed_dir / arm / f"confusions-{n}.npz", **{k: np.stack(v) for k, v in per.items()})
+        (seed_dir / arm / f"eval-{n}.json").write_text(json.dumps({"results": {k: v.as_dict() for k, v in rows.items()}}))
+
+
+def run_stats(seed_dir: Path, draws: int = 1000, suffix: str = "") -> dict | None:
     """Both students of one CLIP × layout × seed: scores, Δ vs teacher with 90 % bootstrap intervals, and
-    MVP-SEG+ − MaskCLIP+."""
+    MVP-SEG+ − MaskCLIP+ (``suffix`` "-N": the scores of ``--rescore N``)."""
     arms = {}
     for arm in STUDENTS:
-        f = seed_dir / arm / "eval.json"
+        f = seed_dir / arm / f"eval{suffix}.json"
         if not f.is_file():
             return None
         rows = json.loads(f.read_text())["results"]
-        with np.load(seed_dir / arm / "confusions.npz") as z:
+        with np.load(seed_dir / arm / f"confusions{suffix}.npz") as z:
             mats = {k: z[k] for k in z.files}
         arms[arm] = (rows, mats)
     rows0 = next(iter(arms.values()))[0]
@@ -121,12 +167,12 @@ def _mean_ci(x: np.ndarray, rng) -> str:
     return f"{x.mean():+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
-def summarise(out: Path) -> dict:
+def summarise(out: Path, suffix: str = "") -> dict:
     runs = []
     for clip_dir in sorted(p for p in out.iterdir() if p.is_dir()):
         for layout in LAYOUTS:
             for seed_dir in sorted((clip_dir / layout).glob("seed*")):
-                stats = run_stats(seed_dir)
+                stats = run_stats(seed_dir, suffix=suffix)
                 if stats:
                     runs.append({"clip": clip_dir.name, "layout": layout, "seed": int(seed_dir.name[4:]), **stats})
     md = ["| CLIP | layout | seed | MVP-SEG teacher U / S | MVP-SEG+ U / S | Δ mIoU(U) [90 % CI] | Δ hIoU | "
@@ -160,7 +206,7 @@ def summarise(out: Path) -> dict:
                              if sel else "")
             md.append(f"| {clip} | " + " | ".join(cells) + " |")
     text = "\n".join(md) + "\n"
-    fs.write_summary(out, "study", text, runs)
+    fs.write_summary(out, f"study{suffix}", text, runs)
     return {"runs": runs, "markdown": text}
 
 
@@ -173,9 +219,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--arms", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--rescore", type=int, default=None, metavar="N",
+                   help="score the finished runs again on N evaluation scenes (nothing is trained)")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.rescore:
+        import torch
+
+        torch.set_num_threads(a.threads)
+        for clip_name in a.clips:
+            clip = _load_clip(clip_name)
+            for layout in a.layouts:
+                for seed_dir in sorted((out / clip_name / layout).glob("seed*")):
+                    if run_stats(seed_dir) is not None:
+                        rescore(seed_dir, clip, layout, int(seed_dir.name[4:]), a.rescore)
+        result = summarise(out, f"-{a.rescore}")
+        print(result["markdown"])
+        return result
     if not a.summary_only:
         for clip in a.clips:
             for layout in a.layouts:

@@ -59,3 +59,12 @@ def test_run_stats_and_summary(tmp_path):
     out = ds.summarise(tmp_path)
     assert len(out["runs"]) == 1 and "Over 1 runs" in out["markdown"] and "| fam-x | +" in out["markdown"]
     assert (tmp_path / "study.json").is_file()
+    # --rescore N's files (eval-N.json, confusions-N.npz beside the study's) are read and summarised apart
+    for arm in ("mvp-seg+", "maskclip+"):
+        for name in ("eval.json", "confusions.npz"):
+            stem, ext = name.split(".")
+            (seed_dir / arm / f"{stem}-600.{ext}").write_bytes((seed_dir / arm / name).read_bytes())
+    (seed_dir / "maskclip+" / "eval.json").unlink()  # the study's own files no longer complete
+    assert ds.run_stats(seed_dir) is None
+    assert ds.run_stats(seed_dir, suffix="-600")["mvp-seg+"]["d_unseen"] == pytest.approx(want)
+    assert len(ds.summarise(tmp_path, "-600")["runs"]) == 1 and (tmp_path / "study-600.json").is_file()
