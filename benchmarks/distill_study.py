@@ -125,6 +125,39 @@ def rescore(seed_dir: Path, clip, layout: str, seed: int, n: int) -> None:
         (seed_dir / arm / f"eval-{n}.json").write_text(json.dumps({"results": {k: v.as_dict() for k, v in rows.items()}}))
 
 
+def stacking(seed_dir: Path, clip, layout: str, seed: int, n: int, penalties: list[float]) -> dict:
+    """Exploratory: the MVP-SEG+ student of one finished run on ``n`` evaluation scenes with the seen classes'
+    logits lowered by each penalty (calibrated stacking, against the seen-class bias): penalty → mIoU(U), mIoU(S),
+    hIoU. Written to ``mvp-seg+/stacking-<n>.json``."""
+    import torch
+    import torch.nn.functional as F
+
+    from mvpseg.student.net import fuse_views, load_student
+    from training.data import EvalShard, eval_loader
+    from training.datasets import build_dataset, get_profile
+    from training.metrics import ConfusionMatrix, summarize
+
+    data = build_dataset("toyworld", f"{ra.WORLDS[layout]},seed={seed},length={n}", None, label_space="full")
+    loaded = load_student(seed_dir / "mvp-seg+" / "student.safetensors", clip, check_dense=False)
+    bg = 0 if loaded.net.config.background else None
+    seen = torch.ones(len(data.prompt_names))
+    seen[list(data.unseen_indices)] = 0.0
+    cms = {p: ConfusionMatrix(len(data.class_names), data.ignore_index) for p in penalties}
+    with torch.no_grad():
+        emb = fuse_views(loaded.prompts.encode(clip, tuple(data.prompt_names)))
+        for image, label, _ in eval_loader(EvalShard(data, get_profile("toyworld").eval_transform(), 0, 1, n)):
+            logits = loaded.net(loaded.net.normalize(image[None]), emb, bg)
+            logits = F.interpolate(logits.float(), size=tuple(label.shape), mode="bilinear", align_corners=False)
+            for p, cm in cms.items():
+                cm.update((logits - p * seen[None, :, None, None]).argmax(1)[0], label)
+    out = {}
+    for p, cm in cms.items():
+        sc = summarize(cm.mat.numpy(), tuple(data.class_names), tuple(data.unseen_indices))
+        out[p] = {"miou_unseen": sc.miou_unseen, "miou_seen": sc.miou_seen, "hiou": sc.hiou}
+    (seed_dir / "mvp-seg+" / f"stacking-{n}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def run_stats(seed_dir: Path, draws: int = 1000, suffix: str = "") -> dict | None:
     """Both students of one CLIP × layout × seed: scores, Δ vs teacher with 90 % bootstrap intervals, and
     MVP-SEG+ − MaskCLIP+ (``suffix`` "-N": the scores of ``--rescore N``)."""
@@ -221,6 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--summary-only", action="store_true")
     p.add_argument("--rescore", type=int, default=None, metavar="N",
                    help="score the finished runs again on N evaluation scenes (nothing is trained)")
+    p.add_argument("--stacking", type=float, nargs="+", default=None, metavar="PENALTY",
+                   help="with --rescore: also the MVP-SEG+ students with the seen logits lowered by each penalty "
+                        "(exploratory; docs/history/distill-study.md)")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,6 +270,10 @@ def main(argv: list[str] | None = None) -> dict:
                 for seed_dir in sorted((out / clip_name / layout).glob("seed*")):
                     if run_stats(seed_dir) is not None:
                         rescore(seed_dir, clip, layout, int(seed_dir.name[4:]), a.rescore)
+                        if a.stacking:
+                            res = stacking(seed_dir, clip, layout, int(seed_dir.name[4:]), a.rescore, a.stacking)
+                            print(f"{clip_name} {layout} {seed_dir.name}: " + " | ".join(
+                                f"penalty {p:g}: U {r['miou_unseen']:.1f} h {r['hiou']:.1f}" for p, r in res.items()))
         result = summarise(out, f"-{a.rescore}")
         print(result["markdown"])
         return result
