@@ -161,7 +161,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                             seg_weight=lambda y: seg_loss_weight(y, ctx))
     opt = learner.opt
     global_last = cfg.use_global and cfg.gpr_select == "last"
-    # the global prompt then trains for all max_iters: early stopping follows the segmentation views' validation
+    # the global prompt then trains for all max_iters: no early stop (validation still selects the views)
     tracker = BestTracker(patience=0 if global_last else cfg.patience, confidence=cfg.select_confidence)
 
     start = 0 if resume_path is None else restore_state(
