@@ -41,17 +41,6 @@ def clip_args(clip: str, threads: int) -> list[str]:
             "--num-workers", "0", "--cpu-threads", str(threads), "--no-progress"]
 
 
-def _load_clip(name: str):
-    import torch
-
-    from mvpseg.clip_backbone import load_clip
-    from training.cli import clip_spec
-    from training.evaluate import build_parser
-
-    return load_clip(clip_spec(build_parser().parse_args([*clip_args(name, 1), "--data", "toyworld=x"])),
-                     torch.device("cpu"))
-
-
 def world(layout: str, seed: int) -> str:
     return f"{ra.WORLDS[layout]},seed={seed},length={TRAIN_IMAGES}"
 
@@ -265,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         torch.set_num_threads(a.threads)
         for clip_name in a.clips:
-            clip = _load_clip(clip_name)
+            clip = fs.load_family_clip(clip_name)
             for layout in a.layouts:
                 for seed_dir in sorted((out / clip_name / layout).glob("seed*")):
                     if run_stats(seed_dir) is not None:

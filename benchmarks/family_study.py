@@ -41,6 +41,20 @@ def clip_files(name: str) -> tuple[Path, Path]:
     return config, weights
 
 
+def load_family_clip(name: str):
+    """A family member or bundled toy CLIP as ``FrozenCLIP`` on the CPU, through the scripts' own CLIP options."""
+    import torch
+
+    from mvpseg.clip_backbone import load_clip
+    from training.cli import clip_spec
+    from training.evaluate import build_parser
+
+    config, weights = clip_files(name)
+    args = build_parser().parse_args(["--clip", name, "--model-config", str(config), "--pretrained", str(weights),
+                                      "--data", "toyworld=x"])
+    return load_clip(clip_spec(args), torch.device("cpu"))
+
+
 def miou_unseen_seen(mats: np.ndarray, unseen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """mats R×C×C (summed confusions of R resamples) → (mIoU(U), mIoU(S)) per resample, classes with an empty
     union left out, as training.metrics does."""

@@ -28,24 +28,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import family_study as fs  # noqa: E402
 import recipe_ablation as ra  # noqa: E402
 from mvpseg.checkpoint import load_prompts  # noqa: E402
-from mvpseg.clip_backbone import load_clip  # noqa: E402
 from mvpseg.heads import segment  # noqa: E402
-from training.cli import clip_spec  # noqa: E402
 from training.data import EvalShard, eval_loader  # noqa: E402
 from training.datasets import build_dataset, get_profile  # noqa: E402
-from training.evaluate import build_parser as eval_parser  # noqa: E402
 from training.gpr_metrics import GPRStats  # noqa: E402
 from training.metrics import ConfusionMatrix, summarize  # noqa: E402
 from training.selection import ValidationSet, choose_holdout, summarise, validation_indices  # noqa: E402
 
 ALPHAS = (0.0, 0.25, 0.5, 1.0)
-
-
-def _clip(name: str):
-    config, weights = fs.clip_files(name)
-    args = eval_parser().parse_args(["--clip", name, "--model-config", str(config), "--pretrained", str(weights),
-                                     "--data", "toyworld=x"])
-    return load_clip(clip_spec(args), torch.device("cpu"))
 
 
 def _eval_scenes(world: str, n: int):
@@ -62,7 +52,7 @@ def _predict(out, size, alpha: float) -> torch.Tensor:
 def inference(a) -> list[dict]:
     results = []
     for name in a.clips:
-        clip = _clip(name)
+        clip = fs.load_family_clip(name)
         for run in sorted(Path(a.out, name).glob(f"*/seed*/{a.arm}/prompts.safetensors")):
             world, seed = run.parts[-4], int(run.parts[-3][4:])
             ps = load_prompts(str(run), clip, name=a.arm).eval()
@@ -101,7 +91,8 @@ def inference(a) -> list[dict]:
 def oracle(a) -> list[dict]:
     results = []
     for name in a.clips:
-        clip, torch_rng = _clip(name), torch.manual_seed(0)
+        clip = fs.load_family_clip(name)
+        torch.manual_seed(0)  # the probe's initialisation
 
         def features(seed: int, n: int):
             ds = build_dataset("toyworld", f"{ra.WORLDS[a.world]},seed={seed},length={n}", "val", label_space="full")
@@ -116,7 +107,7 @@ def oracle(a) -> list[dict]:
 
         x_tr, y_tr, _ = features(7, a.ntrain)  # another seed's scenes: never the evaluation scenes
         x_te, y_te, ds = features(0, a.eval_images)
-        w = torch.nn.Parameter(torch.randn(y_tr.shape[1], x_tr.shape[1], generator=torch_rng) * 0.01)
+        w = torch.nn.Parameter(torch.randn(y_tr.shape[1], x_tr.shape[1]) * 0.01)
         bias, log_scale = torch.nn.Parameter(torch.zeros(y_tr.shape[1])), torch.nn.Parameter(torch.tensor(3.0))
 
         def logits(x):  # Eq. 6's form with a free class vector in place of the global prompt's embedding

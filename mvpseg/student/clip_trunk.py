@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..dense.resnet import is_modified_resnet
+from .heads import dilate_to_stride
 
 CLIP_BACKBONE = "clip"  # StudentConfig.backbone: the CLIP's ModifiedResNet
 MASKCLIP_HEAD = "maskclip"  # StudentConfig.head: the folded MaskCLIP projection (needs the CLIP backbone)
@@ -70,16 +71,10 @@ class CLIPTrunk(nn.Module):
 
     def __init__(self, visual: nn.Module, output_stride: int = 8) -> None:
         super().__init__()
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         names = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3", "avgpool")
         self.stem = nn.Sequential(*(getattr(visual, n) for n in names))
         self.layer1, self.layer2, self.layer3, self.layer4 = visual.layer1, visual.layer2, visual.layer3, visual.layer4
-        if output_stride == 8:
-            _dilate_stage(self.layer3, 2, 1)
-            _dilate_stage(self.layer4, 4, 2)
-        elif output_stride == 16:
-            _dilate_stage(self.layer4, 2, 1)
+        dilate_to_stride(self.layer3, self.layer4, output_stride, _dilate_stage)
         self.output_stride = output_stride
         self.low_channels = int(self.layer1[-1].conv3.out_channels)
         self.out_channels = int(self.layer4[-1].conv3.out_channels)

@@ -76,6 +76,20 @@ def dilate_layer(layer: nn.Sequential, dilation: int, first_dilation: int) -> No
                 m[0].stride = (1, 1)
 
 
+def dilate_to_stride(layer3: nn.Sequential, layer4: nn.Sequential, output_stride: int,
+                     dilate=dilate_layer) -> None:
+    """Dilates the last two stages of a stride-32 ResNet in place so that it outputs at ``output_stride``: 8
+    (layer3 ×2, layer4 ×4), 16 (layer4 ×2) or 32 (as pretrained). ``dilate(stage, dilation, first_dilation)``
+    is the block type's in-place stage dilation (``dilate_layer`` for torchvision's blocks)."""
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    if output_stride == 8:
+        dilate(layer3, 2, 1)
+        dilate(layer4, 4, 2)
+    elif output_stride == 16:
+        dilate(layer4, 2, 1)
+
+
 class ResNetBackbone(nn.Module):
     """Stem + layer1..4 of a torchvision ResNet, dilated to ``output_stride`` 8 or 16 (32 = undilated).
 
@@ -84,15 +98,9 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, net: ResNet, output_stride: int = 8) -> None:
         super().__init__()
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        if output_stride == 8:
-            dilate_layer(self.layer3, 2, 1)
-            dilate_layer(self.layer4, 4, 2)
-        elif output_stride == 16:
-            dilate_layer(self.layer4, 2, 1)
+        dilate_to_stride(self.layer3, self.layer4, output_stride)
         self.output_stride = output_stride
         self.low_channels = _out_channels(self.layer1[-1])
         self.out_channels = _out_channels(self.layer4[-1])
