@@ -1,4 +1,4 @@
-"""MVP-SEG+ judged across toy CLIPs × layouts × seeds (issue #24; docs/history/distill-study.md).
+"""MVP-SEG+ judged across toy CLIPs × layouts × seeds (issue #24; docs/history/distill-study.md and its sequel).
 
 Per CLIP × layout × seed: the teacher prompts (``training.train_prompts``, default recipe), then two students with
 ``training.distill`` and no student or schedule flag (the defaults under test): MVP-SEG+ (the learned prompts as
@@ -10,9 +10,13 @@ bootstrap interval over images, MVP-SEG+ − MaskCLIP+ per run, and means over r
     python benchmarks/distill_study.py --clips fam-d --threads 1 --out runs/distill-study &   # 2 cores
     python benchmarks/distill_study.py --summary-only --out runs/distill-study
     python benchmarks/distill_study.py --rescore 600 --layouts voc --out runs/distill-study  # more scenes
+    python benchmarks/distill_study.py --calibrate --out runs/distill-study   # H24c: the seen-class penalty
 
 Writes ``<out>/study.md`` and ``<out>/study.json``; ``--rescore N`` scores the finished students and teachers
-again on N evaluation scenes (the first 150 are the study's) and writes ``<out>/study-N.{md,json}``.
+again on N evaluation scenes (the first 150 are the study's) and writes ``<out>/study-N.{md,json}``;
+``--calibrate`` (after ``--rescore 600 --layouts voc``) gives every finished student the seen-class penalty that
+``training.distill`` now chooses after training and writes ``<out>/study-cal.{md,json}`` and
+``<out>/calibration-gain.md``.
 """
 from __future__ import annotations
 
@@ -88,7 +92,7 @@ def rescore(seed_dir: Path, clip, layout: str, seed: int, n: int) -> None:
 
     from mvpseg.builder import baseline_prompt_sets
     from mvpseg.checkpoint import load_prompts
-    from mvpseg.student.net import fuse_views, load_student
+    from mvpseg.student import fuse_views, load_student
     from training.datasets import build_dataset, get_profile
     from training.distributed import DistContext
     from training.evaluate import evaluate_dataset
@@ -121,7 +125,7 @@ def stacking(seed_dir: Path, clip, layout: str, seed: int, n: int, penalties: li
     import torch
     import torch.nn.functional as F
 
-    from mvpseg.student.net import fuse_views, load_student
+    from mvpseg.student import fuse_views, load_student
     from training.data import EvalShard, eval_loader
     from training.datasets import build_dataset, get_profile
     from training.metrics import ConfusionMatrix, summarize
@@ -145,6 +149,77 @@ def stacking(seed_dir: Path, clip, layout: str, seed: int, n: int, penalties: li
         out[p] = {"miou_unseen": sc.miou_unseen, "miou_seen": sc.miou_seen, "hiou": sc.hiou}
     (seed_dir / "mvp-seg+" / f"stacking-{n}.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+CALIBRATED_SCENES = {"voc": 600}  # H24c: VOC-like layouts on 600 scenes, the others on the study's 150
+
+
+def calibrate(seed_dir: Path, clip, layout: str, seed: int) -> None:
+    """H24c on one finished run: each student's seen-class penalty chosen on its 300 training images
+    (``training.calibrate_student``, exactly what ``training.distill --seen-penalty auto`` does after training),
+    then the student scored with it on the layout's judged scenes. Writes ``<arm>/calibration.json``,
+    ``eval-cal.json`` and ``confusions-cal.npz``; the teacher rows are the already scored ones of those scenes."""
+    import torch
+
+    from mvpseg.student import fuse_views, load_student
+    from training.calibrate_student import calibrate_student
+    from training.datasets import build_dataset, get_profile
+    from training.distributed import DistContext
+    from training.student_eval import evaluate_student
+
+    n = CALIBRATED_SCENES.get(layout, EVAL_IMAGES)
+    suffix = f"-{n}" if n != EVAL_IMAGES else ""
+    train = build_dataset("toyworld", world(layout, seed), None, label_space="full", train=True)
+    data = build_dataset("toyworld", f"{ra.WORLDS[layout]},seed={seed},length={n}", None, label_space="full")
+    tf, ctx = get_profile("toyworld").eval_transform(), DistContext()
+    for arm in STUDENTS:
+        folder = seed_dir / arm
+        if (folder / "eval-cal.json").is_file():
+            continue
+        loaded = load_student(folder / "student.safetensors", clip, check_dense=False)
+        with torch.no_grad():
+            emb = fuse_views(loaded.prompts.encode(clip, tuple(data.prompt_names)))
+        bg = 0 if loaded.net.config.background else None
+        choice = calibrate_student(loaded.net, emb, bg, train, tuple(train.unseen_indices), tf, ctx, TRAIN_IMAGES)
+        (folder / "calibration.json").write_text(json.dumps(choice.as_record(), indent=1))
+        per: list = []
+        row = evaluate_student(loaded.net, emb, bg, data, tf, ctx, n, None, False, per, choice.penalty)
+        rows = json.loads((folder / f"eval{suffix}.json").read_text())["results"]
+        t_key = next(k for k in rows if "teacher" in k)
+        with np.load(folder / f"confusions{suffix}.npz") as z:
+            teacher_mats = z[t_key]
+        (folder / "eval-cal.json").write_text(json.dumps({"seen_penalty": choice.penalty, "results": {
+            "student (calibrated)": row.as_dict(), t_key: rows[t_key]}}))
+        np.savez_compressed(folder / "confusions-cal.npz",
+                            **{"student (calibrated)": np.stack(per), t_key: teacher_mats})
+        print(f"{seed_dir} {arm}: penalty {choice.penalty:g}, U {row.miou_unseen:.1f} hIoU {row.hiou:.1f}", flush=True)
+
+
+def calibration_gain(out: Path) -> str:
+    """A24c: per MVP-SEG+ run, mIoU(U) and hIoU with the chosen penalty minus without it (same scenes)."""
+    lines, du, dh = [], [], []
+    for folder in sorted(out.glob("*/*/seed*/mvp-seg+")):
+        cal = folder / "eval-cal.json"
+        if not cal.is_file():
+            continue
+        layout = folder.parents[1].name
+        n = CALIBRATED_SCENES.get(layout, EVAL_IMAGES)
+        plain = json.loads((folder / (f"eval-{n}.json" if n != EVAL_IMAGES else "eval.json")).read_text())["results"]
+        p0 = plain[next(k for k in plain if "student" in k)]
+        c = json.loads(cal.read_text())
+        p1 = c["results"]["student (calibrated)"]
+        du.append(p1["miou_unseen"] - p0["miou_unseen"])
+        dh.append(p1["hiou"] - p0["hiou"])
+        lines.append(f"| {folder.parents[2].name} | {layout} | {folder.parent.name[4:]} | {c['seen_penalty']:g} | "
+                     f"{p0['miou_unseen']:.1f} → {p1['miou_unseen']:.1f} ({du[-1]:+.1f}) | "
+                     f"{p0['hiou']:.1f} → {p1['hiou']:.1f} ({dh[-1]:+.1f}) |")
+    if not lines:
+        return ""
+    rng = np.random.default_rng(2)
+    return "\n".join(["| CLIP | layout | seed | p* | MVP-SEG+ mIoU(U), p = 0 → p* | hIoU, p = 0 → p* |",
+                      "|---|---|---|---:|---|---|", *lines, "",
+                      f"Over {len(du)} runs, p* − p = 0: mIoU(U) {_mean_ci(np.array(du), rng)}, "
+                      f"hIoU {_mean_ci(np.array(dh), rng)}."]) + "\n"
 
 
 def run_stats(seed_dir: Path, draws: int = 1000, suffix: str = "") -> dict | None:
@@ -243,12 +318,31 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--summary-only", action="store_true")
     p.add_argument("--rescore", type=int, default=None, metavar="N",
                    help="score the finished runs again on N evaluation scenes (nothing is trained)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="H24c: each finished student with its seen-class penalty chosen on its training images "
+                        "(nothing is trained); writes <out>/study-cal.md")
     p.add_argument("--stacking", type=float, nargs="+", default=None, metavar="PENALTY",
                    help="with --rescore: also the MVP-SEG+ students with the seen logits lowered by each penalty "
-                        "(exploratory; docs/history/distill-study.md)")
+                        "(exploratory; docs/history/distill-calibration.md)")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.calibrate:
+        import torch
+
+        torch.set_num_threads(a.threads)
+        if not a.summary_only:
+            for clip_name in a.clips:
+                clip = fs.load_family_clip(clip_name)
+                for layout in a.layouts:
+                    for seed_dir in sorted((out / clip_name / layout).glob("seed*")):
+                        if run_stats(seed_dir) is not None:
+                            calibrate(seed_dir, clip, layout, int(seed_dir.name[4:]))
+        result = summarise(out, "-cal")
+        gain = calibration_gain(out)
+        (out / "calibration-gain.md").write_text(gain)
+        print(result["markdown"] + "\n" + gain)
+        return result
     if a.rescore:
         import torch
 

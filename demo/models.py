@@ -315,7 +315,9 @@ def load_student(path: str | None, clip: mvpseg.FrozenCLIP, device: torch.device
             state["key"] = key
         return student.predict(classes).label_map
 
-    return StudentSlot(run, f"MVP-SEG+ student from `{Path(path).name}`", student)
+    penalty = float(getattr(student, "seen_penalty", 0.0))
+    calibrated = f", seen-class penalty {penalty:g} (calibrated stacking)" if penalty else ""
+    return StudentSlot(run, f"MVP-SEG+ student from `{Path(path).name}`{calibrated}", student)
 
 
 def load_models(config: DemoConfig = DemoConfig(), toy_spec: mvpseg.ClipSpec = mvpseg.TOY_CLIP_SPEC,

@@ -37,9 +37,12 @@ def _predictor(args: argparse.Namespace):
         from .student import StudentPredictor
 
         path = resolve_checkpoint(args.student, "student")
+        override = {} if args.seen_penalty is None else {"seen_penalty": args.seen_penalty}
         pred = StudentPredictor.from_checkpoint(path, ClipSpec.from_args(args), resolve_device(args.device),
-                                                short_side=args.short_side, pamr=args.pamr)
+                                                short_side=args.short_side, pamr=args.pamr, **override)
         return pred, pred.name
+    if args.seen_penalty is not None:
+        raise SystemExit("--seen-penalty applies to --student only")
     baselines = args.baseline is not None or args.prompts is None
     learned = {"learned": resolve_checkpoint(args.prompts, "prompts")} if args.prompts else None
     pred = build_predictor(ClipSpec.from_args(args), checkpoints=learned,
@@ -133,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="handcrafted prompt set to use instead of learned prompts "
                             "(default without --prompts: maskclip-85)")
     which.add_argument("--student", default=None, help="MVP-SEG+ student checkpoint (.safetensors with its .json)")
+    seg.add_argument("--seen-penalty", type=float, default=None, metavar="P",
+                     help="with --student: lower its seen training classes' logits by P (default: the calibrated "
+                          "penalty stored in the student; 0: off)")
     seg.add_argument("--short-side", type=int, default=512)
     seg.add_argument("--out", default=None,
                      help=f"one image: the overlay PNG (default {SINGLE_OUT}; the label map and a legend JSON go "

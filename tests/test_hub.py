@@ -201,11 +201,12 @@ def test_student_round_trip(env, tmp_path, hf_cache):
     net = StudentNet(StudentConfig("resnet-tiny", "deeplabv2", clip.embed_dim, background=True), None).eval()
     teacher = mvpseg.load_prompts(ckpt, clip)
     path = save_student(tmp_path / "s" / "student_final.safetensors", net, teacher, clip,
-                        class_names=("background", "cat", "dog"), background_index=0, unseen=(2,),
+                        class_names=("background", "cat", "dog"), background_index=0, unseen=(2,), seen_penalty=0.5,
                         extra={"train_config": {"dataset": "context60", "max_iters": 4},
                                "command": "python -m training.distill --dataset context"})
     evals = {"header": {}, "results": {  # distill's eval.json: one dataset, methods at the top level
         "MVP-SEG+ (student)": {"miou": 30.0, "miou_seen": 35.0, "miou_unseen": 20.0, "hiou": 25.45},
+        "MVP-SEG+ (student, no seen penalty)": {"miou": 29.0, "miou_seen": 37.0, "miou_unseen": 17.0, "hiou": 23.3},
         "MVP-SEG (teacher)": {"miou": 25.0, "miou_seen": 30.0, "miou_unseen": 15.0, "hiou": 20.0}}}
     (tmp_path / "eval.json").write_text(json.dumps(evals))
     out = hub.push(path, STUDENT_REPO, eval_json=tmp_path / "eval.json", dry_run_dir=tmp_path / "repo")
@@ -216,6 +217,7 @@ def test_student_round_trip(env, tmp_path, hf_cache):
     metrics = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert metrics["mIoU (unseen classes)"] == 20.0 and metrics["hIoU (harmonic mean of seen and unseen mIoU)"] == 25.45
     assert "python -m training.distill --dataset context" in body
+    assert "logits lowered by 0.5 at test time" in body  # the card says the student is calibrated
     assert "hf-hub:someone/tiny-student/student.safetensors" in body and 'kind="student"' in body
 
     populate_cache(hf_cache, STUDENT_REPO, tmp_path / "repo")

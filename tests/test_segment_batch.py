@@ -92,3 +92,28 @@ def test_student_over_a_folder(tiny, tmp_path, photos, clip_args, capsys):
     legend = json.loads((out / "c.json").read_text())
     assert legend["prompt_set"] == "mvp-seg+" and legend["gpr_scores"] is None
     assert np.asarray(Image.open(out / "c_labels.png")).shape == (30, 70)
+
+
+def test_student_seen_penalty_from_the_checkpoint_and_the_command_line(tiny, tmp_path, photos, clip_args):
+    """A student whose seen class "dog" carries a huge calibrated penalty labels every pixel with the unseen
+    "cat"; ``--seen-penalty 0`` switches the stored penalty off, and the option is refused for prompt sets."""
+    torch.manual_seed(0)
+    net = StudentNet(StudentConfig("resnet-tiny", "deeplabv2", embed_dim=64)).eval()
+    torch.manual_seed(1)
+    student = save_student(tmp_path / "student", net, LearnedPrompts(tiny.text_width, n_seg=3, n_ctx=8), tiny,
+                           class_names=("cat", "dog"), unseen=(0,), seen_penalty=1e4)
+    common = [str(photos / "c.png"), "--classes", "cat, dog", "--student", str(student), "--short-side", "32",
+              "--no-progress", *clip_args]
+    assert main(["segment", *common, "--out", str(tmp_path / "on.png")]) == 0
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "on_labels.png")))) == {0}
+    assert main(["segment", *common, "--out", str(tmp_path / "off.png"), "--seen-penalty", "0"]) == 0
+    torch.manual_seed(1)
+    plain = save_student(tmp_path / "plain", net, LearnedPrompts(tiny.text_width, n_seg=3, n_ctx=8), tiny,
+                         class_names=("cat", "dog"), unseen=(0,))  # the same weights, no penalty stored
+    assert main(["segment", *[str(plain) if a == str(student) else a for a in common],
+                 "--out", str(tmp_path / "plain.png")]) == 0
+    off = np.asarray(Image.open(tmp_path / "off_labels.png"))
+    assert 1 in off  # without the penalty the student does label pixels "dog"
+    np.testing.assert_array_equal(off, np.asarray(Image.open(tmp_path / "plain_labels.png")))
+    with pytest.raises(SystemExit, match="--student only"):
+        main(["segment", str(photos / "c.png"), "--classes", "cat", "--seen-penalty", "1", *clip_args])

@@ -42,6 +42,7 @@ from mvpseg.dense import default_dense_mode
 from mvpseg.model import MVPSeg
 from mvpseg.student import CLIP_BACKBONE, StudentConfig, StudentNet, fuse_views, save_student
 
+from .calibrate_student import resolve_seen_penalty
 from .checkpointing import CheckpointManager, atomic_write_text, restore_state
 from .cli import amp_dtype, apply_runtime, clip_spec, command_line
 from .data import TrainStream, train_loader
@@ -210,6 +211,10 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
             return None  # simulated crash (tests): only the checkpoints written so far survive
     bar.close()
 
+    seen_penalty, calibration = resolve_seen_penalty(cfg.seen_penalty, student, class_emb, bg_index, data, unseen,
+                                                     profile.eval_transform(), ctx, cfg.calibration_images, dtype,
+                                                     not args.no_progress)
+    logger.log({"event": "calibrated", "seen_penalty": seen_penalty})
     evals: dict[str, SegScores] = {}
     if not args.no_eval:
         eval_data = build_dataset(cfg.dataset, cfg.data_root, cfg.eval_split, label_space="full")
@@ -218,7 +223,13 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
         per_image: dict[str, list] | None = {} if args.save_confusions else None
         name = "MVP-SEG+ (student)" if learned else f"{cfg.prompts}+ (student)"
         evals[name] = evaluate_student(student, class_emb, bg_index, eval_data, tf, ctx, cfg.eval_limit, dtype,
-                                       not args.no_progress, None if per_image is None else per_image.setdefault(name, []))
+                                       not args.no_progress,
+                                       None if per_image is None else per_image.setdefault(name, []), seen_penalty)
+        if seen_penalty > 0:  # what the calibration changed, on the same images
+            plain = name.replace("(student)", "(student, no seen penalty)")
+            evals[plain] = evaluate_student(student, class_emb, bg_index, eval_data, tf, ctx, cfg.eval_limit, dtype,
+                                            not args.no_progress,
+                                            None if per_image is None else per_image.setdefault(plain, []))
         if cfg.eval_teacher:  # the teacher on the same images, through training/evaluate.py
             name = "MVP-SEG (teacher)" if learned else f"{cfg.prompts} (teacher)"
             evals.update(evaluate_dataset(clip, {name: (prompts, gamma)}, eval_data, tf, ctx, cfg.eval_limit,
@@ -230,11 +241,13 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
         header = {"CLIP": clip.spec.describe(), "teacher prompts": cfg.prompts, "student": f"{cfg.backbone} + "
                   f"{cfg.head}", "backbone init": student.backbone_init, "iterations": it,
                   "teacher-guided iterations": cfg.switch_iter, "processes": ctx.world_size,
+                  "seen-class penalty": seen_penalty,
                   "teacher dense features": clip.dense.describe() if clip.dense else None}
         results = {k: v.as_dict() for k, v in evals.items()}
         save_student(final, student, prompts, clip, class_names=vocab, background_index=bg_index, unseen=unseen,
+                     seen_penalty=seen_penalty,
                      extra={"train_config": config_record(cfg), "iterations": it, "eval": results,
-                            "command": getattr(args, "command", None)})
+                            "command": getattr(args, "command", None), "seen_calibration": calibration})
         if evals:
             md = render_markdown({cfg.dataset: evals}, header)
             atomic_write_text(out / "eval.md", md)

@@ -12,6 +12,7 @@ from mvpseg.clip_backbone import FrozenCLIP
 from mvpseg.prompts import PromptSet
 from mvpseg.student import CLIP_BACKBONE, MASKCLIP_HEAD
 
+from .calibrate_student import AUTO, DEFAULT_IMAGES, parse_penalty
 from .cli import add_clip_args, add_data_args, add_runtime_args
 from .datasets import get_profile
 from .distill_schedule import BENCHMARK_DEFAULTS
@@ -69,6 +70,10 @@ class DistillConfig:
     # --sliding; both are recorded in the student checkpoint
     dense: str | None = None
     sliding: tuple[int, int] | None = None
+    # calibrated stacking after training (training/calibrate_student.py): "auto" (the rule) or a fixed penalty;
+    # not a resume key, since it changes nothing before the last iteration
+    seen_penalty: str | float = "auto"
+    calibration_images: int = 300
 
     @property
     def schedule(self) -> LRSchedule:
@@ -123,6 +128,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--train-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
                    help="mmcv img_scale of the random resize (default: the dataset's)")
     g.add_argument("--no-teacher-gpr", action="store_true", help="pseudo labels from Eq. 4 instead of Eq. 8")
+    g = p.add_argument_group("calibrated stacking (after training; docs/distill.md)")
+    g.add_argument("--seen-penalty", type=parse_penalty, default=AUTO,
+                   help="lower the seen classes' logits by this at test time; auto (default): the penalty that "
+                        "balances seen-class recall and unseen-pixel recall on the training images; 0: off")
+    g.add_argument("--calibration-images", type=int, default=DEFAULT_IMAGES,
+                   help="training images the auto penalty is chosen on (default 300)")
     g = p.add_argument_group("checkpoints and evaluation")
     g.add_argument("--ckpt-every", type=int, default=1000)
     g.add_argument("--keep-ckpts", type=int, default=2)
@@ -161,6 +172,8 @@ def config_from_args(a: argparse.Namespace) -> DistillConfig:
             a.backbone == CLIP_BACKBONE and a.head not in (None, MASKCLIP_HEAD)):
         raise SystemExit(f"--head {MASKCLIP_HEAD} and --backbone {CLIP_BACKBONE} go together (MaskCLIP's projection is "
                          f"the CLIP tower's own), got --backbone {a.backbone} --head {a.head}")
+    if a.seen_penalty == AUTO and a.calibration_images < 1:
+        raise SystemExit(f"--calibration-images must be ≥ 1 with --seen-penalty auto, got {a.calibration_images}")
     backbone = a.backbone or ("resnet101" if d else None)
     head = a.head or (MASKCLIP_HEAD if backbone == CLIP_BACKBONE else d["head"] if d else None)
     weights = None if str(a.backbone_weights).lower() in ("none", "random") else a.backbone_weights
@@ -180,7 +193,8 @@ def config_from_args(a: argparse.Namespace) -> DistillConfig:
         eval_split=a.eval_split, eval_scale=tuple(a.eval_scale) if a.eval_scale else None,
         eval_limit=a.eval_limit, eval_teacher=not a.no_eval_teacher,
         skip_missing=a.skip_missing, clip=a.clip, pretrained=a.pretrained, dense=getattr(a, "dense", None),
-        sliding=tuple(a.sliding) if getattr(a, "sliding", None) else None)
+        sliding=tuple(a.sliding) if getattr(a, "sliding", None) else None,
+        seen_penalty=a.seen_penalty, calibration_images=a.calibration_images)
 
 
 def load_teacher_prompts(spec: str, clip: FrozenCLIP) -> tuple[PromptSet, float]:

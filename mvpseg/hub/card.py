@@ -97,6 +97,9 @@ class CardInfo:
         else:
             c = meta.get("config") or {}
             arch = f"{c.get('backbone')} + {c.get('head')} student, classifier = the teacher's fused text embeddings"
+            if meta.get("seen_penalty"):
+                arch += (f"; the seen training classes' logits lowered by {float(meta['seen_penalty']):g} at test "
+                         "time (calibrated stacking, chosen on the training images)")
             classes, norm = meta.get("class_names", ()), meta.get("clip_normalization")
             dense = meta.get("teacher_dense_mode")
         info = cls(kind, repo_id, filename, str(meta.get("clip_model")), meta.get("clip_pretrained"), norm, dense,

@@ -22,7 +22,9 @@ from ..image_io import ImageLike, prepare_image
 from ..predictor import Prediction, amp_autocast, parse_vocabulary
 from ..prompts import PromptSet
 from ..text_cache import LRUCache
-from .net import LoadedStudent, StudentNet, fuse_views, load_student
+from .calibration import stack_seen
+from .checkpoint import LoadedStudent, load_student
+from .net import StudentNet, fuse_views
 
 BACKGROUND = "background"
 
@@ -37,17 +39,25 @@ class StudentPredictor:
         name: the label of this model in ``Prediction.prompt_set`` (the demo shows it).
         short_side / max_long_side: inference resize, as ``Predictor`` (MaskCLIP+: short side 512).
         amp: bfloat16 autocast on CUDA.
+        seen_penalty / seen_classes: calibrated stacking (``mvpseg.student.calibration``): the logits of the
+            vocabulary entries named in ``seen_classes`` (the student's labelled training classes, matched
+            case-insensitively) are lowered by ``seen_penalty``; ``from_checkpoint`` reads both from the student.
     """
 
     def __init__(self, student: StudentNet, clip: FrozenCLIP, prompts: PromptSet, name: str = "mvp-seg+",
                  short_side: int = 512, max_long_side: int = 2048, text_cache_size: int = 32,
-                 amp: bool = True, pamr: bool = False) -> None:
+                 amp: bool = True, pamr: bool = False, seen_penalty: float = 0.0,
+                 seen_classes: Sequence[str] = ()) -> None:
         self.student = student.to(clip.device).eval()
         self.pamr = bool(pamr)  # refine label maps with PAMR (mvpseg.dense.pamr), as Predictor(pamr=True)
         self._input: torch.Tensor | None = None
         self.clip = clip
         self.prompts = prompts.to(clip.device).eval()
         self.name = name
+        if not seen_penalty >= 0:
+            raise ValueError(f"seen_penalty must be ≥ 0, got {seen_penalty}")
+        self.seen_penalty = float(seen_penalty)
+        self.seen_classes = frozenset(n.strip().lower() for n in seen_classes)
         self.short_side, self.max_long_side = short_side, max_long_side
         self.amp = amp
         self._text_cache = LRUCache(text_cache_size)  # vocabulary → C×D fused embeddings
@@ -62,7 +72,7 @@ class StudentPredictor:
                         device: str | torch.device = "cpu", **kwargs) -> "StudentPredictor":
         """Loads a student checkpoint; without ``clip`` the CLIP recorded in its metadata is loaded."""
         if clip is None:
-            from .net import read_student_meta
+            from .checkpoint import read_student_meta
 
             meta = read_student_meta(path)
             clip = ClipSpec(model_name=meta.clip_model, pretrained=meta.clip_pretrained,
@@ -70,6 +80,8 @@ class StudentPredictor:
         frozen = clip if isinstance(clip, FrozenCLIP) else load_clip(clip, device)
         # the student's own backbone makes the image features: only the CLIP's text tower must match
         loaded: LoadedStudent = load_student(path, frozen, check_dense=False)
+        kwargs.setdefault("seen_penalty", loaded.meta.seen_penalty)
+        kwargs.setdefault("seen_classes", loaded.meta.seen_classes)
         return cls(loaded.net, frozen, loaded.prompts, **kwargs)
 
     @property
@@ -109,6 +121,10 @@ class StudentPredictor:
         lowered = [n.lower() for n in names]
         return lowered.index(BACKGROUND) if BACKGROUND in lowered else None
 
+    def seen_flags(self, names: Sequence[str]) -> torch.Tensor:
+        """C booleans: which vocabulary entries are the student's seen training classes."""
+        return torch.tensor([n.strip().lower() in self.seen_classes for n in names], dtype=torch.bool)
+
     @torch.no_grad()
     def predict(self, vocabulary: str | Sequence[str], prompts: str | None = None) -> Prediction:
         """Segments the current image into ``vocabulary``; ``prompts`` is accepted for API parity with
@@ -122,6 +138,7 @@ class StudentPredictor:
         emb = self.class_embeddings(names)
         t1 = time.perf_counter()
         logits = self.student.classify(self._features, emb, self.background_index(names)).float()
+        logits = stack_seen(logits, self.seen_flags(names), self.seen_penalty)
         out = MVPSegOutput(view_masks=logits[:, None], fused_logits=logits, global_mask=None, gpr_logits=None)
         t2 = time.perf_counter()
         return Prediction(names, ("student",), self.name, self._image_size, out, self._work_size,
