@@ -151,6 +151,15 @@ def stacking(seed_dir: Path, clip, layout: str, seed: int, n: int, penalties: li
     return out
 
 
+def student_key(rows: dict, calibrated: bool = True) -> str:
+    """The student's row of an eval.json: the calibrated one, or (``calibrated=False``) the row without the
+    penalty where ``training.distill`` wrote both (runs before calibrated stacking have one student row)."""
+    plain = [k for k in rows if "student" in k and "no seen penalty" in k]
+    if plain and not calibrated:
+        return plain[0]
+    return next(k for k in rows if "student" in k and "no seen penalty" not in k)
+
+
 CALIBRATED_SCENES = {"voc": 600}  # H24c: VOC-like layouts on 600 scenes, the others on the study's 150
 
 
@@ -205,7 +214,7 @@ def calibration_gain(out: Path) -> str:
         layout = folder.parents[1].name
         n = CALIBRATED_SCENES.get(layout, EVAL_IMAGES)
         plain = json.loads((folder / (f"eval-{n}.json" if n != EVAL_IMAGES else "eval.json")).read_text())["results"]
-        p0 = plain[next(k for k in plain if "student" in k)]
+        p0 = plain[student_key(plain, calibrated=False)]
         c = json.loads(cal.read_text())
         p1 = c["results"]["student (calibrated)"]
         du.append(p1["miou_unseen"] - p0["miou_unseen"])
@@ -241,7 +250,7 @@ def run_stats(seed_dir: Path, draws: int = 1000, suffix: str = "") -> dict | Non
     out: dict = {}
     boots = {}
     for arm, (rows, mats) in arms.items():
-        s_key = next(k for k in rows if "student" in k)
+        s_key = student_key(rows)
         t_key = next(k for k in rows if "teacher" in k)
         su, sh = _boot(mats[s_key], unseen, idx)
         tu, th = _boot(mats[t_key], unseen, idx)

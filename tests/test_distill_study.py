@@ -68,3 +68,12 @@ def test_run_stats_and_summary(tmp_path):
     assert ds.run_stats(seed_dir) is None
     assert ds.run_stats(seed_dir, suffix="-600")["mvp-seg+"]["d_unseen"] == pytest.approx(want)
     assert len(ds.summarise(tmp_path, "-600")["runs"]) == 1 and (tmp_path / "study-600.json").is_file()
+
+
+def test_student_key_prefers_the_calibrated_row():
+    new = {"MVP-SEG+ (student)": {}, "MVP-SEG+ (student, no seen penalty)": {}, "MVP-SEG (teacher)": {}}
+    assert ds.student_key(new) == "MVP-SEG+ (student)"
+    assert ds.student_key(new, calibrated=False) == "MVP-SEG+ (student, no seen penalty)"
+    old = {"MVP-SEG (teacher)": {}, "maskclip-85+ (student)": {}}  # before calibrated stacking: one row
+    assert ds.student_key(old) == ds.student_key(old, calibrated=False) == "maskclip-85+ (student)"
+    assert ds.student_key({"student (calibrated)": {}, "teacher": {}}) == "student (calibrated)"
