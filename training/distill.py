@@ -13,6 +13,10 @@ predictions (self-training). Single process::
 
     torchrun --nproc_per_node 4 -m training.distill --dataset voc ... --global-batch 16
 
+After training, the penalty on the seen classes' logits (calibrated stacking, against the seen-class bias of
+zero-shot students) is chosen on the training images and stored in the student (``--seen-penalty auto``, the
+default; ``training/calibrate_student.py``).
+
 ``--prompts maskclip-85`` distils from MaskCLIP's handcrafted prompts instead (MaskCLIP+). Training state is
 checkpointed atomically every ``--ckpt-every`` iterations and ``--resume`` reproduces the uninterrupted run
 (data order and augmentation are functions of (seed, position), see ``training/data.py``). Outputs:
