@@ -85,14 +85,23 @@ def _boot(mats: np.ndarray, unseen: np.ndarray, idx: np.ndarray) -> tuple[np.nda
     return u, fs.hiou(u, s)
 
 
+def _student(folder: Path, clip, names: tuple[str, ...]):
+    """(network, C×D fused class embeddings of ``names``, background index) of a finished run's student."""
+    import torch
+
+    from mvpseg.student import fuse_views, load_student
+
+    loaded = load_student(folder / "student.safetensors", clip, check_dense=False)
+    with torch.no_grad():
+        emb = fuse_views(loaded.prompts.encode(clip, names))
+    return loaded.net, emb, 0 if loaded.net.config.background else None
+
+
 def rescore(seed_dir: Path, clip, layout: str, seed: int, n: int) -> None:
     """Both students and their teachers of one finished run, scored on ``n`` evaluation scenes with per-image
     confusions: ``<arm>/eval-<n>.json`` and ``<arm>/confusions-<n>.npz`` beside the study's own files."""
-    import torch
-
     from mvpseg.builder import baseline_prompt_sets
     from mvpseg.checkpoint import load_prompts
-    from mvpseg.student import fuse_views, load_student
     from training.datasets import build_dataset, get_profile
     from training.distributed import DistContext
     from training.evaluate import evaluate_dataset
@@ -103,12 +112,9 @@ def rescore(seed_dir: Path, clip, layout: str, seed: int, n: int) -> None:
     for arm, teacher in STUDENTS.items():
         if (seed_dir / arm / f"eval-{n}.json").is_file():
             continue
-        loaded = load_student(seed_dir / arm / "student.safetensors", clip, check_dense=False)
-        with torch.no_grad():
-            emb = fuse_views(loaded.prompts.encode(clip, tuple(data.prompt_names)))
-        bg = 0 if loaded.net.config.background else None
+        net, emb, bg = _student(seed_dir / arm, clip, tuple(data.prompt_names))
         per: dict[str, list] = {"student": []}
-        rows = {"student": evaluate_student(loaded.net, emb, bg, data, tf, ctx, n, None, False, per["student"])}
+        rows = {"student": evaluate_student(net, emb, bg, data, tf, ctx, n, None, False, per["student"])}
         prompts = (baseline_prompt_sets()[teacher] if teacher else
                    load_prompts(str(seed_dir / "prompts" / "prompts.safetensors"), clip, name="teacher").eval())
         gamma = 10.0 if teacher else float(prompts.meta.gamma)
@@ -122,31 +128,16 @@ def stacking(seed_dir: Path, clip, layout: str, seed: int, n: int, penalties: li
     """Exploratory: the MVP-SEG+ student of one finished run on ``n`` evaluation scenes with the seen classes'
     logits lowered by each penalty (calibrated stacking, against the seen-class bias): penalty → mIoU(U), mIoU(S),
     hIoU. Written to ``mvp-seg+/stacking-<n>.json``."""
-    import torch
-    import torch.nn.functional as F
-
-    from mvpseg.student import fuse_views, load_student
-    from training.data import EvalShard, eval_loader
     from training.datasets import build_dataset, get_profile
-    from training.metrics import ConfusionMatrix, summarize
+    from training.distributed import DistContext
+    from training.student_eval import evaluate_student_penalties
 
     data = build_dataset("toyworld", f"{ra.WORLDS[layout]},seed={seed},length={n}", None, label_space="full")
-    loaded = load_student(seed_dir / "mvp-seg+" / "student.safetensors", clip, check_dense=False)
-    bg = 0 if loaded.net.config.background else None
-    seen = torch.ones(len(data.prompt_names))
-    seen[list(data.unseen_indices)] = 0.0
-    cms = {p: ConfusionMatrix(len(data.class_names), data.ignore_index) for p in penalties}
-    with torch.no_grad():
-        emb = fuse_views(loaded.prompts.encode(clip, tuple(data.prompt_names)))
-        for image, label, _ in eval_loader(EvalShard(data, get_profile("toyworld").eval_transform(), 0, 1, n)):
-            logits = loaded.net(loaded.net.normalize(image[None]), emb, bg)
-            logits = F.interpolate(logits.float(), size=tuple(label.shape), mode="bilinear", align_corners=False)
-            for p, cm in cms.items():
-                cm.update((logits - p * seen[None, :, None, None]).argmax(1)[0], label)
-    out = {}
-    for p, cm in cms.items():
-        sc = summarize(cm.mat.numpy(), tuple(data.class_names), tuple(data.unseen_indices))
-        out[p] = {"miou_unseen": sc.miou_unseen, "miou_seen": sc.miou_seen, "hiou": sc.hiou}
+    net, emb, bg = _student(seed_dir / "mvp-seg+", clip, tuple(data.prompt_names))
+    scores = evaluate_student_penalties(net, emb, bg, data, get_profile("toyworld").eval_transform(), DistContext(),
+                                        penalties, n, progress=False)
+    out = {p: {"miou_unseen": sc.miou_unseen, "miou_seen": sc.miou_seen, "hiou": sc.hiou}
+           for p, sc in zip(penalties, scores)}
     (seed_dir / "mvp-seg+" / f"stacking-{n}.json").write_text(json.dumps(out, indent=1))
     return out
 
@@ -168,9 +159,6 @@ def calibrate(seed_dir: Path, clip, layout: str, seed: int) -> None:
     (``training.calibrate_student``, exactly what ``training.distill --seen-penalty auto`` does after training),
     then the student scored with it on the layout's judged scenes. Writes ``<arm>/calibration.json``,
     ``eval-cal.json`` and ``confusions-cal.npz``; the teacher rows are the already scored ones of those scenes."""
-    import torch
-
-    from mvpseg.student import fuse_views, load_student
     from training.calibrate_student import calibrate_student
     from training.datasets import build_dataset, get_profile
     from training.distributed import DistContext
@@ -185,14 +173,11 @@ def calibrate(seed_dir: Path, clip, layout: str, seed: int) -> None:
         folder = seed_dir / arm
         if (folder / "eval-cal.json").is_file():
             continue
-        loaded = load_student(folder / "student.safetensors", clip, check_dense=False)
-        with torch.no_grad():
-            emb = fuse_views(loaded.prompts.encode(clip, tuple(data.prompt_names)))
-        bg = 0 if loaded.net.config.background else None
-        choice = calibrate_student(loaded.net, emb, bg, train, tuple(train.unseen_indices), tf, ctx, TRAIN_IMAGES)
+        net, emb, bg = _student(folder, clip, tuple(data.prompt_names))
+        choice = calibrate_student(net, emb, bg, train, tuple(train.unseen_indices), tf, ctx, TRAIN_IMAGES)
         (folder / "calibration.json").write_text(json.dumps(choice.as_record(), indent=1))
         per: list = []
-        row = evaluate_student(loaded.net, emb, bg, data, tf, ctx, n, None, False, per, choice.penalty)
+        row = evaluate_student(net, emb, bg, data, tf, ctx, n, None, False, per, choice.penalty)
         rows = json.loads((folder / f"eval{suffix}.json").read_text())["results"]
         t_key = next(k for k in rows if "teacher" in k)
         with np.load(folder / f"confusions{suffix}.npz") as z:

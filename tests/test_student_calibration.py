@@ -230,3 +230,25 @@ def test_cli_calibrates_a_finished_student_in_place(tmp_path, tiny, monkeypatch)
         calibrate_main([str(path)])
     with pytest.raises(SystemExit, match="cannot read student"):
         calibrate_main([str(tmp_path / "missing.safetensors"), "--seen-penalty", "0"])
+
+
+def test_one_pass_over_several_penalties_equals_separate_evaluations():
+    """distill scores the calibrated and the plain student from the same forward passes."""
+    from training.student_eval import evaluate_student, evaluate_student_penalties
+
+    class EvalData(MarkedDataset):
+        ignore_index = IGNORE_INDEX
+        unseen_indices = (2, 4)
+
+    net, data = tiny_student(), EvalData()
+    emb = torch.nn.functional.normalize(torch.randn(len(NAMES), 64, generator=torch.Generator().manual_seed(1)), dim=-1)
+    per: list[list] = [[], []]
+    both = evaluate_student_penalties(net, emb, 0, data, identity_transform, DistContext(), [0.0, 2.0], progress=False,
+                                      per_image=per)
+    for k, penalty in enumerate((0.0, 2.0)):
+        alone: list = []
+        one = evaluate_student(net, emb, 0, data, identity_transform, DistContext(), progress=False, per_image=alone,
+                               seen_penalty=penalty)
+        assert both[k].as_dict() == one.as_dict()
+        np.testing.assert_array_equal(np.stack(per[k]), np.stack(alone))
+    assert both[0].as_dict() != both[1].as_dict()  # the penalty changed the labels

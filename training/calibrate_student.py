@@ -28,8 +28,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from mvpseg.student import (PENALTY_GRID, SeenPenaltyChoice, StudentNet, calibration_counts, choose_seen_penalty,
-                            empty_counts, seen_mask)
+from mvpseg.student import (PENALTY_GRID, SeenPenaltyChoice, StudentNet, calibration_counts, check_penalty,
+                            choose_seen_penalty, empty_counts, seen_mask)
 
 from .data import EvalShard, eval_loader
 from .distributed import DistContext, all_reduce_sum
@@ -46,12 +46,9 @@ def parse_penalty(value: str) -> str | float:
     if str(value).lower() == AUTO:
         return AUTO
     try:
-        penalty = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number ≥ 0, got {value!r}") from None
-    if not penalty >= 0 or penalty == float("inf"):
-        raise argparse.ArgumentTypeError(f"the seen penalty must be finite and ≥ 0, got {value!r}")
-    return penalty
+        return check_penalty(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number: {e}") from None
 
 
 @torch.no_grad()
@@ -133,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> float:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     a = build_parser().parse_args(argv)
-    from mvpseg.clip_backbone import ClipSpec, load_clip
-    from mvpseg.student import fuse_views, load_student, read_student_meta, set_seen_penalty
+    from mvpseg.clip_backbone import load_clip
+    from mvpseg.student import clip_spec_of, fuse_views, load_student, read_student_meta, set_seen_penalty
 
     from .datasets import build_dataset, get_profile
 
@@ -148,9 +145,7 @@ def main(argv: list[str] | None = None) -> float:
         name, root = a.dataset or train.get("dataset"), a.data_root or train.get("data_root")
         if not name or not root:
             raise SystemExit("this student does not record its dataset: pass --dataset and --data-root")
-        clip = load_clip(ClipSpec(model_name=meta.clip_model, pretrained=meta.clip_pretrained,
-                                  model_config=meta.clip_model_config, dense_mode=meta.teacher_dense_mode),
-                         torch.device(a.device))
+        clip = load_clip(clip_spec_of(meta), torch.device(a.device))
         loaded = load_student(a.student, clip, check_dense=False)
         data = build_dataset(name, root, a.split or train.get("split"), label_space="full", train=True)
         if tuple(data.prompt_names) != tuple(meta.class_names):

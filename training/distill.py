@@ -60,7 +60,7 @@ from .metrics import SegScores, dumps
 from .pseudo_labels import (IGNORE_INDEX, TEACHER, UNLABELED, HideUnseen, assign_unseen, check_no_leak, phase_at,
                             teacher_scores)
 from .runlog import JsonlLogger, Progress
-from .student_eval import evaluate_student
+from .student_eval import evaluate_student_penalties
 from .tensorboard_log import MaskSnapshot, open_tensorboard, student_rows
 from .train_prompts import seg_loss_weight
 
@@ -226,14 +226,13 @@ def distill(cfg: DistillConfig, args: argparse.Namespace, ctx: DistContext) -> P
         learned = cfg.prompts not in baseline_prompt_sets()
         per_image: dict[str, list] | None = {} if args.save_confusions else None
         name = "MVP-SEG+ (student)" if learned else f"{cfg.prompts}+ (student)"
-        evals[name] = evaluate_student(student, class_emb, bg_index, eval_data, tf, ctx, cfg.eval_limit, dtype,
-                                       not args.no_progress,
-                                       None if per_image is None else per_image.setdefault(name, []), seen_penalty)
-        if seen_penalty > 0:  # what the calibration changed, on the same images
-            plain = name.replace("(student)", "(student, no seen penalty)")
-            evals[plain] = evaluate_student(student, class_emb, bg_index, eval_data, tf, ctx, cfg.eval_limit, dtype,
-                                            not args.no_progress,
-                                            None if per_image is None else per_image.setdefault(plain, []))
+        # with a penalty, also the student without it (what the calibration changed), from the same forward passes
+        rows = {name: seen_penalty, **({name.replace("(student)", "(student, no seen penalty)"): 0.0}
+                                       if seen_penalty > 0 else {})}
+        scores = evaluate_student_penalties(student, class_emb, bg_index, eval_data, tf, ctx, list(rows.values()),
+                                            cfg.eval_limit, dtype, not args.no_progress,
+                                            None if per_image is None else [per_image.setdefault(k, []) for k in rows])
+        evals.update(zip(rows, scores))
         if cfg.eval_teacher:  # the teacher on the same images, through training/evaluate.py
             name = "MVP-SEG (teacher)" if learned else f"{cfg.prompts} (teacher)"
             evals.update(evaluate_dataset(clip, {name: (prompts, gamma)}, eval_data, tf, ctx, cfg.eval_limit,

@@ -21,12 +21,24 @@ to the wrong unseen class as a hit, since the training marks do not say which un
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 PENALTY_GRID: tuple[float, ...] = tuple(i / 8 for i in range(33))  # 0, 0.125, …, 4 (logit units)
+
+
+def check_penalty(value) -> float:
+    """A seen-class penalty as a float; ``ValueError`` unless it is a finite number ≥ 0."""
+    try:
+        penalty = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"the seen-class penalty must be a number, got {value!r}") from None
+    if not (math.isfinite(penalty) and penalty >= 0):
+        raise ValueError(f"the seen-class penalty must be finite and ≥ 0, got {value!r}")
+    return penalty
 
 
 def stack_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

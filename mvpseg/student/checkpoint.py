@@ -9,7 +9,6 @@ student of another CLIP.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -19,11 +18,12 @@ import torch
 
 from ..checkpoint import (CheckpointError, PromptMeta, check_compatible, load_safetensors, read_sidecar,
                           prompts_from_tensors, residual_prior_name, save_safetensors, sidecar_paths)
-from ..clip_backbone import FrozenCLIP
+from ..clip_backbone import ClipSpec, FrozenCLIP
 from ..dense import default_dense_mode
 from ..dense_settings import DenseSettings
 from ..prompts import LearnedPrompts, PromptSet
 from ..util import atomic_write
+from .calibration import check_penalty
 from .net import StudentConfig, StudentNet
 
 FORMAT = "mvpseg-student"
@@ -105,18 +105,25 @@ def save_student(path: str | os.PathLike, net: StudentNet, prompts: PromptSet, c
                        clip_normalization=clip.normalization, teacher_dense_mode=None if dense is None else dense.mode,
                        seen_penalty=_check_penalty(seen_penalty))
     save_safetensors(st, {**state, **tensors}, FORMAT, FORMAT_VERSION)
-    atomic_write(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
+    _write_meta(js, meta)
     return st
 
 
 def _check_penalty(value: Any) -> float:
     try:
-        penalty = float(value)
-    except (TypeError, ValueError):
-        raise CheckpointError(f"seen_penalty must be a number, got {value!r}") from None
-    if not (math.isfinite(penalty) and penalty >= 0):
-        raise CheckpointError(f"seen_penalty must be finite and ≥ 0, got {value!r}")
-    return penalty
+        return check_penalty(value)
+    except ValueError as e:
+        raise CheckpointError(f"seen_penalty: {e}") from None
+
+
+def _write_meta(js: Path, meta: StudentMeta) -> None:
+    atomic_write(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
+
+
+def clip_spec_of(meta: StudentMeta) -> ClipSpec:
+    """The CLIP a student was distilled against, as recorded in its metadata (custom configs included)."""
+    return ClipSpec(model_name=meta.clip_model, pretrained=meta.clip_pretrained, model_config=meta.clip_model_config,
+                    dense_mode=meta.teacher_dense_mode)
 
 
 def set_seen_penalty(path: str | os.PathLike, penalty: float, record: dict[str, Any] | None = None) -> StudentMeta:
@@ -128,7 +135,7 @@ def set_seen_penalty(path: str | os.PathLike, penalty: float, record: dict[str, 
     if record is not None:
         extra["seen_calibration"] = record
     meta = replace(meta, seen_penalty=_check_penalty(penalty), extra=extra)
-    atomic_write(js, lambda t: t.write_text(json.dumps(asdict(meta), indent=2)))
+    _write_meta(js, meta)
     return meta
 
 

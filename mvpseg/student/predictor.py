@@ -22,7 +22,7 @@ from ..image_io import ImageLike, prepare_image
 from ..predictor import Prediction, amp_autocast, parse_vocabulary
 from ..prompts import PromptSet
 from ..text_cache import LRUCache
-from .calibration import stack_seen
+from .calibration import check_penalty, stack_seen
 from .checkpoint import LoadedStudent, load_student
 from .net import StudentNet, fuse_views
 
@@ -54,9 +54,7 @@ class StudentPredictor:
         self.clip = clip
         self.prompts = prompts.to(clip.device).eval()
         self.name = name
-        if not seen_penalty >= 0:
-            raise ValueError(f"seen_penalty must be ≥ 0, got {seen_penalty}")
-        self.seen_penalty = float(seen_penalty)
+        self.seen_penalty = check_penalty(seen_penalty)
         self.seen_classes = frozenset(n.strip().lower() for n in seen_classes)
         self.short_side, self.max_long_side = short_side, max_long_side
         self.amp = amp
@@ -72,11 +70,9 @@ class StudentPredictor:
                         device: str | torch.device = "cpu", **kwargs) -> "StudentPredictor":
         """Loads a student checkpoint; without ``clip`` the CLIP recorded in its metadata is loaded."""
         if clip is None:
-            from .checkpoint import read_student_meta
+            from .checkpoint import clip_spec_of, read_student_meta
 
-            meta = read_student_meta(path)
-            clip = ClipSpec(model_name=meta.clip_model, pretrained=meta.clip_pretrained,
-                            model_config=meta.clip_model_config, dense_mode=meta.teacher_dense_mode)
+            clip = clip_spec_of(read_student_meta(path))
         frozen = clip if isinstance(clip, FrozenCLIP) else load_clip(clip, device)
         # the student's own backbone makes the image features: only the CLIP's text tower must match
         loaded: LoadedStudent = load_student(path, frozen, check_dense=False)
