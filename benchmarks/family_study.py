@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=["default", "plain"], choices=list(ra.ARMS))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-images", type=int, default=150, help="evaluation scenes per layout (seed 0, split val)")
     p.add_argument("--summary-only", action="store_true")
     p.add_argument("--ref", default=None, choices=list(ra.ARMS),
                    help="also compare every arm with this one per run (e.g. no-gpr: Table 1 row 5 − row 4)")
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
             config, weights = clip_files(clip)
             ra.main(["--out", str(out / clip), "--worlds", *a.layouts, "--seeds", *map(str, a.seeds),
                      "--arms", *a.arms, "--threads", str(a.threads), "--workers", "0",
+                     "--eval-images", str(a.eval_images),
                      "--model-config", str(config), "--weights", str(weights)])
     result = summarise(out, list(ra.ARMS), ref=a.ref)  # every arm that has runs under ``out``, in ARMS order
     print(result["markdown"])

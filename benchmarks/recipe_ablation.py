@@ -78,6 +78,9 @@ ARMS: dict[str, list[str]] = {
     # fifth addendum: fit log τ1 / log τ2 alone (50 Adam steps, lr 0.05) before learning (the L_cls of that
     # time: the full BCE, since these runs predate the ninth addendum)
     "calib": ["--calib-steps", "50", "--cls-loss", "bce"],
+    # issue #27's trajectory ceiling (benchmarks/trajectory_oracle.py): the default trained for all 500
+    # iterations, a training state every 50 (selection still records every validation; no early stop)
+    "trajectory": ["--patience", "0", "--ckpt-every", "50", "--keep-ckpts", "20"],
     # sixth addendum: both (the views start apart, then the temperatures are calibrated)
     "oc-calib": ["--init-fit-oc", "on", "--calib-steps", "50"],
     "old": ["--recipe", "paper", "--lr", "2e-3", "--warmup-iters", "40", "--max-iters", "400",
