@@ -4,11 +4,15 @@
   (α = 0: the same views without GPR, α = 1: Eq. 8), on the run's 150 evaluation scenes and on its own 64
   validation scenes (held-out seen classes, as selection scores them): GPR's effect *within* one model, apart
   from how its views trained, and whether validation could choose α.
+``splice``: GPR as an add-on to another run's views: the ``--views`` arm's fused masks (e.g. ``no-gpr``, Table 1
+  row 4) refined by Eq. 8 with the ``--arm`` run's class scores g_c (Eq. 6 depends only on the global prompt and
+  the image), against those views alone — row 5 − row 4 without the views' training changed by GPR.
 ``oracle``: a ceiling for the ranking. A presence probe of Eq. 6's form (one unit vector per class, a scale and a
   bias, γ = 10 soft-max pooling of the cosine map over the frozen dense features) trained with BCE on ``--ntrain``
   scenes *with the unseen classes' labels* — no text tower — and its ROC-AUC on the evaluation scenes.
 
     python benchmarks/gpr_analysis.py inference --out runs/gpr3 --clips fam-a fam-b fam-d
+    python benchmarks/gpr_analysis.py splice --out runs/gpr4 --clips toyclip fam-a fam-b fam-d --eval-images 600
     python benchmarks/gpr_analysis.py oracle --clips fam-a fam-b fam-d --ntrain 2000
 """
 from __future__ import annotations
@@ -88,6 +92,40 @@ def inference(a) -> list[dict]:
     return results
 
 
+def splice(a) -> list[dict]:
+    results = []
+    for name in a.clips:
+        clip = fs.load_family_clip(name)
+        for run in sorted(Path(a.out, name).glob(f"*/seed*/{a.arm}/prompts.safetensors")):
+            world, seed = run.parts[-4], int(run.parts[-3][4:])
+            views_path = run.parents[1] / a.views / "prompts.safetensors"
+            if not views_path.is_file():
+                continue
+            gpr_ps = load_prompts(str(run), clip, name=a.arm).eval()
+            view_ps = load_prompts(str(views_path), clip, name=a.views).eval()
+            ds, loader = _eval_scenes(world, a.eval_images)
+            vocab = tuple(ds.prompt_names)
+            gtext, vtext = gpr_ps.encode(clip, vocab).detach(), view_ps.encode(clip, vocab).detach()
+            cms = {k: ConfusionMatrix(len(vocab), ds.ignore_index) for k in ("views", "spliced", "arm")}
+            with torch.no_grad():
+                for image, label, _ in loader:
+                    f = clip.dense_features(clip.normalize(image[None])).float()
+                    g = segment(f, gtext, gpr_ps.tau1(), gpr_ps.tau2(), 10.0, gpr_ps.gpr_bias())
+                    v = segment(f, vtext, view_ps.tau1(), view_ps.tau2(), 10.0, view_ps.gpr_bias())
+                    size = tuple(label.shape)
+                    lv = F.interpolate(v.fused_logits, size=size, mode="bilinear", align_corners=False).log_softmax(1)
+                    cms["views"].update(lv.argmax(1)[0], label)
+                    cms["spliced"].update((lv + F.logsigmoid(g.gpr_logits)[:, :, None, None]).argmax(1)[0], label)
+                    cms["arm"].update(_predict(g, size, 1.0), label)
+            u = {k: summarize(cm.mat.numpy(), tuple(ds.class_names), tuple(ds.unseen_indices)).miou_unseen
+                 for k, cm in cms.items()}
+            results.append({"clip": name, "layout": world, "seed": seed, "views": a.views, "gpr": a.arm, **u})
+            print(f"{name} {world} seed {seed}: mIoU(U) {a.views} {u['views']:.1f} → + {a.arm}'s GPR "
+                  f"{u['spliced']:.1f} ({u['spliced'] - u['views']:+.1f}); {a.arm} itself {u['arm']:.1f}", flush=True)
+    Path(a.out, f"gpr-splice-{a.views}.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
 def oracle(a) -> list[dict]:
     results = []
     for name in a.clips:
@@ -140,17 +178,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     i.add_argument("--out", default="runs/gpr3")
     i.add_argument("--arm", default="gpr-last")
     i.add_argument("--val-images", type=int, default=64)
+    s = sub.add_parser("splice")
+    s.add_argument("--out", default="runs/gpr4")
+    s.add_argument("--arm", default="gpr-last", help="the run whose global prompt gives g_c")
+    s.add_argument("--views", default="no-gpr", help="the run whose segmentation views give the masks")
     o = sub.add_parser("oracle")
     o.add_argument("--world", default="voc", choices=list(ra.WORLDS))
     o.add_argument("--ntrain", type=int, default=2000)
     o.add_argument("--steps", type=int, default=1500)
-    for q in (i, o):
+    for q in (i, s, o):
         q.add_argument("--clips", nargs="+", default=["fam-a", "fam-b", "fam-d"])
         q.add_argument("--eval-images", type=int, default=150)
         q.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    return inference(a) if a.cmd == "inference" else oracle(a)
+    return {"inference": inference, "splice": splice, "oracle": oracle}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -190,11 +190,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/traj")
     p.add_argument("--clips", nargs="+", default=["toyclip", "fam-a", "fam-b", "fam-d"])
+    p.add_argument("--reuse", nargs="*", default=[], help="trajectory JSON files of earlier passes: their runs "
+                   "are taken as they are, not scored again")
+    p.add_argument("--stem", default="trajectory", help="output name: <out>/<stem>.json and .md")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    results = []
+    results = [r for f in a.reuse for r in json.loads(Path(f).read_text())]
+    done = {(r["clip"], r["layout"], r["seed"]) for r in results}
     for name in a.clips:
-        runs = sorted(Path(a.out, name).glob(f"*/seed*/{ARM}/prompts.safetensors"))
+        runs = [st for st in sorted(Path(a.out, name).glob(f"*/seed*/{ARM}/prompts.safetensors"))
+                if (name, st.parents[2].name, int(st.parents[1].name[4:])) not in done]
         if not runs:
             continue
         clip, cache = fs.load_family_clip(name), {}
@@ -204,9 +209,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{r['clip']} {r['layout']} seed {r['seed']}: default (iter {r['default']['iter']}) "
                   f"{r['default']['d_unseen']:+.1f}, oracle ({r['oracle']['iter']}, {r['oracle']['alpha']:g}) "
                   f"{r['oracle']['d_unseen']:+.1f}", flush=True)
-    Path(a.out, "trajectory.json").write_text(json.dumps(results, indent=1) + "\n")
+    results.sort(key=lambda r: (r["clip"], r["layout"], r["seed"]))
+    Path(a.out, f"{a.stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     md = render(results)
-    Path(a.out, "trajectory.md").write_text(md)
+    Path(a.out, f"{a.stem}.md").write_text(md)
     print(md)
     return results
 
