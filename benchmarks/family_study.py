@@ -70,6 +70,12 @@ def hiou(u: np.ndarray, s: np.ndarray) -> np.ndarray:
         return np.where(u + s > 0, 2 * u * s / (u + s), 0.0)
 
 
+def resampled(mats: np.ndarray, idx: np.ndarray, unseen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mIoU(U), hIoU) of N×C×C per-image confusions on each bootstrap resample ``idx`` (R×N image indices)."""
+    u, s = miou_unseen_seen(np.stack([mats[i].sum(0) for i in idx]), unseen)
+    return u, hiou(u, s)
+
+
 def load_confusions(root: Path) -> dict[str, np.ndarray]:
     """method → N×C×C per-image confusions of one world × seed (every evaluation chunk of recipe_ablation)."""
     out: dict[str, np.ndarray] = {}
@@ -95,9 +101,7 @@ def run_stats(root: Path, arms: list[str], draws: int = 1000, ref: str | None = 
     if n and all(b in mats for b in ra.BASELINES):
         for name in dict.fromkeys([*ra.BASELINES, *arms, *([ref] if ref else [])]):
             if name in mats:
-                summed = np.stack([mats[name][i].sum(0) for i in idx])
-                u, s = miou_unseen_seen(summed, unseen)
-                boot[name] = (u, hiou(u, s))
+                boot[name] = resampled(mats[name], idx, unseen)
     out = {}
     for arm in arms:
         if arm not in rows:

@@ -36,12 +36,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import family_study as fs  # noqa: E402
 import recipe_ablation as ra  # noqa: E402
+import gpr_analysis as ga  # noqa: E402
 from mvpseg.checkpoint import load_prompts  # noqa: E402
-from mvpseg.heads import segment  # noqa: E402
+from mvpseg.model import MVPSeg  # noqa: E402
 from training.checkpointing import load_state  # noqa: E402
-from training.data import EvalShard, eval_loader  # noqa: E402
-from training.datasets import build_dataset, get_profile  # noqa: E402
-from training.metrics import ConfusionMatrix  # noqa: E402
+from training.selection import ValidationSet  # noqa: E402
 
 ALPHAS = (0.25, 0.5, 0.75, 1.0)
 ARM = "trajectory"
@@ -63,28 +62,20 @@ def replay_selection(history: list[dict], patience: int = PATIENCE) -> int:
 
 
 def eval_features(clip, world: str, n: int):
-    """The run's evaluation scenes (family_study's: split val, seed 0) as cached dense features and labels."""
-    ds = build_dataset("toyworld", f"{ra.WORLDS[world]},seed=0,length={n}", "val", label_space="full")
+    """The run's evaluation scenes (family_study's: split val, seed 0) as cached dense features and labels, in
+    the ``ValidationSet`` that scores prompt sets on cached features."""
+    ds, loader = ga._eval_scenes(world, n)
     feats, labels = [], []
     with torch.no_grad():
-        for image, label, _ in eval_loader(EvalShard(ds, get_profile("toyworld").eval_transform(), 0, 1, n), 0):
+        for image, label, _ in loader:
             feats.append(clip.dense_features(clip.normalize(image[None])).float())
             labels.append(label)
-    return ds, feats, labels
+    return ds, ValidationSet(feats, labels)
 
 
-@torch.no_grad()
-def confusions(ps, clip, ds, feats, labels, gamma: float) -> np.ndarray:
+def confusions(ps, clip, ds, cached: ValidationSet, gamma: float) -> np.ndarray:
     """N×C×C per-image confusions of prompt set ``ps`` (Eq. 8's prediction, as training.evaluate scores it)."""
-    text = ps.encode(clip, tuple(ds.prompt_names)).detach()
-    c = len(ds.prompt_names)
-    mats = []
-    for f, label in zip(feats, labels):
-        cm = ConfusionMatrix(c, ds.ignore_index)
-        out = segment(f, text, ps.tau1(), ps.tau2(), gamma, ps.gpr_bias())
-        cm.update(out.log_final(tuple(label.shape)).argmax(1)[0], label)
-        mats.append(cm.mat.numpy().astype(np.int64))
-    return np.stack(mats)
+    return cached.confusions(MVPSeg(clip, ps, gamma=gamma), ds.prompt_names).astype(np.int64)
 
 
 def scores(mats: np.ndarray, unseen: np.ndarray) -> tuple[float, float, float]:
@@ -96,8 +87,8 @@ def interval(mats: np.ndarray, base: dict[str, np.ndarray], unseen: np.ndarray, 
     """90 % paired bootstrap interval over images of Δ mIoU(U) against the best handcrafted set per resample."""
     rng = np.random.default_rng(0)
     idx = rng.integers(0, len(mats), (draws, len(mats)))
-    u, _ = fs.miou_unseen_seen(np.stack([mats[i].sum(0) for i in idx]), unseen)
-    b = np.max([fs.miou_unseen_seen(np.stack([m[i].sum(0) for i in idx]), unseen)[0] for m in base.values()], 0)
+    u = fs.resampled(mats, idx, unseen)[0]
+    b = np.max([fs.resampled(m, idx, unseen)[0] for m in base.values()], 0)
     return [float(x) for x in np.nanpercentile(u - b, [5, 95])]
 
 
@@ -109,7 +100,7 @@ def run_one(run: Path, clip, cache: dict) -> dict:
     gamma = float(meta.get("gamma", 10.0))
     if world not in cache:
         cache[world] = eval_features(clip, world, 150)
-    ds, feats, labels = cache[world]
+    ds, cached = cache[world]
     rows = json.loads((seed_dir / "eval.json").read_text())
     base = {b: m for b, m in fs.load_confusions(seed_dir).items() if b in ra.BASELINES}
     unseen = np.array([c["unseen"] for c in rows[ARM]["per_class"]])
@@ -117,7 +108,7 @@ def run_one(run: Path, clip, cache: dict) -> dict:
     best_h = max(rows[b]["hiou"] for b in ra.BASELINES)
 
     ps = load_prompts(str(run / "prompts.safetensors"), clip, name=ARM).eval()
-    check = scores(confusions(ps, clip, ds, feats, labels, gamma), unseen)[0]
+    check = scores(confusions(ps, clip, ds, cached, gamma), unseen)[0]
     if abs(check - rows[ARM]["miou_unseen"]) > 0.05:  # this loop must score exactly as training.evaluate does
         raise SystemExit(f"{run}: re-scored mIoU(U) {check:.2f} ≠ evaluate's {rows[ARM]['miou_unseen']:.2f}")
     ctx0 = ps.ctx0.detach().clone()
@@ -130,7 +121,7 @@ def run_one(run: Path, clip, cache: dict) -> dict:
         for alpha in ((0.0,) if it == 0 else ALPHAS):
             with torch.no_grad():
                 ps.ctx.copy_(ctx0 + alpha * (ctx_t - ctx0))
-            mats = confusions(ps, clip, ds, feats, labels, gamma)
+            mats = confusions(ps, clip, ds, cached, gamma)
             u, s, h = scores(mats, unseen)
             cands.append({"iter": it, "alpha": alpha, "miou_unseen": u, "miou_seen": s, "hiou": h,
                           "d_unseen": u - best_u, "d_hiou": h - best_h})
