@@ -70,6 +70,8 @@ ARMS: dict[str, list[str]] = {
     "gpr-bias": ["--cls-loss", "bce", "--gpr-bias", "on"],  # calibrated GPR (H-GPR1, docs/history/gpr-study.md)
     # calibrated GPR whose global prompt comes from the last iterate (H-GPR3, docs/history/gpr-study.md)
     "gpr-last": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "last"],
+    # ... and whose views are selected exactly as without GPR (H-GPR5, docs/history/gpr-views-study.md)
+    "gpr-views": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views"],
     # third addendum: AdamW steps a quarter of the default's (fixed at 5e-4 = 0.025 × the toy CLIPs'
     # token-embedding RMS), with 2× the iterations and validations half as often (the same number of checks)
     "lr-rel": ["--lr", "5e-4", "--max-iters", "1000", "--val-every", "100"],

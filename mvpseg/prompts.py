@@ -90,7 +90,10 @@ class LearnedPrompts(PromptSet):
             raise ValueError(f"need n_seg >= 1 and n_ctx >= 1, got {n_seg}, {n_ctx}")
         self.name, self.n_seg, self.n_ctx, self.use_global = name, n_seg, n_ctx, use_global
         self.text_width = text_width
-        self.ctx = nn.Parameter(torch.randn(n_seg + int(use_global), n_ctx, text_width) * init_std)
+        # the segmentation views are drawn first, so that they start alike with and without a global prompt
+        seg = torch.randn(n_seg, n_ctx, text_width)
+        ctx = torch.cat([torch.randn(1, n_ctx, text_width), seg]) if use_global else seg
+        self.ctx = nn.Parameter(ctx * init_std)
         # 100 is CLIP's logit scale; dividing by k makes the initial fusion a temperature-100 softmax of the
         # *mean* view mask, so the learner starts where a single CLIP classifier would.
         tau1_init = float(tau1_init if tau1_init is not None else 100.0 / n_seg)

@@ -197,6 +197,49 @@ def test_gpr_select_last_ships_the_selected_views_with_the_last_global_prompt(vo
     assert torch.allclose(shipped["bias"], last["bias"]) and not torch.allclose(last["bias"], best["bias"])
 
 
+def test_views_start_alike_with_and_without_a_global_prompt():
+    from mvpseg.prompts import LearnedPrompts
+
+    torch.manual_seed(3)
+    with_global = LearnedPrompts(16, n_seg=3, n_ctx=4, use_global=True)
+    torch.manual_seed(3)
+    without = LearnedPrompts(16, n_seg=3, n_ctx=4, use_global=False)
+    assert torch.equal(with_global.seg_ctx, without.seg_ctx)
+    assert not torch.allclose(with_global.ctx[0], with_global.ctx[1])  # the global prompt is a draw of its own
+
+
+def test_gpr_select_views_ships_row_4s_views_with_the_last_global_prompt(voc):
+    """--gpr-select views (H-GPR5): the segmentation views are trained, scored (without GPR) and selected as
+    Table 1 row 4 (multi-oc, no global prompt) trains and selects them, to the same stop; training then goes on
+    to --max-iters for the global prompt, τ2 and β, which are taken from the last iterate."""
+    from mvpseg.checkpoint import load_prompts
+    from training.checkpointing import load_state
+
+    root, clip_args = voc
+    common = ("--max-iters", "12", "--val-every", "1", "--patience", "2", "--init-fit", "30", "--val-images", "4",
+              "--lr", "0.5", "--ckpt-every", "1000", "--calib-steps", "3")
+    row4_path = _run(root, clip_args, "row4", "--variant", "multi-oc", *common)
+    row4 = read_meta(row4_path)
+    out = _run(root, clip_args, "gviews", *common, "--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views")
+    meta = read_meta(out)
+    sel, sel4 = meta.extra["selection"], row4.extra["selection"]
+    assert meta.extra["train_config"]["gpr_select"] == "views"
+    assert sel4["stopped_early_at"] is not None and row4.extra["iterations"] < 12  # row 4 stopped early ...
+    assert meta.extra["iterations"] == 12 and sel["stopped_early_at"] is None  # ... this run trained on
+    assert sel["views_stopped_at"] == sel4["stopped_early_at"]
+    assert sel["best_iter"] == sel4["best_iter"]
+    assert [h["score"] for h in sel["history"]] == pytest.approx([h["score"] for h in sel4["history"]], abs=1e-6)
+    shipped = load_prompts(out, _clip(clip_args)).state_dict()
+    views4 = load_prompts(row4_path, _clip(clip_args)).state_dict()
+    assert torch.allclose(shipped["ctx"][1:], views4["ctx"], atol=1e-5)  # row 4's views, exactly
+    assert torch.allclose(shipped["log_tau1"], views4["log_tau1"], atol=1e-6)
+    last = load_state(root / "gviews" / "checkpoints" / "state_00000012.pt")["prompts"]
+    assert torch.allclose(shipped["ctx"][0], last["ctx"][0]) and torch.allclose(shipped["bias"], last["bias"])
+    assert not torch.allclose(last["ctx"][1:], shipped["ctx"][1:])  # the views moved on and were not kept
+    log = read_jsonl(root / "gviews" / "log.jsonl")
+    assert max(r["iter"] for r in log if r.get("event") == "validation") == sel["views_stopped_at"]
+
+
 def test_warm_start_fits_the_template_embeddings(voc):
     from mvpseg.handcrafted import TemplatePrompts
     from mvpseg.prompts import LearnedPrompts

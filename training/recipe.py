@@ -206,7 +206,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="which iterate the global prompt, τ2 and the GPR bias come from: joint = the one selected "
                         "on the segmentation views' validation (default); last = the final one, trained for all "
                         "--max-iters (no early stop), while the segmentation views keep the selected iterate "
-                        "(docs/history/gpr-study.md)")
+                        "(docs/history/gpr-study.md); views = the final one too, while the views are scored "
+                        "without GPR and selected with early stopping exactly as without a global prompt (Table 1 "
+                        "row 4's views; docs/history/gpr-views-study.md)")
     p.add_argument("--residual", default=None, choices=["on", "off"],
                    help="residual prompts: every class embedding is the handcrafted prior's plus the change of the "
                         "learned context's embedding since the warm start, so learning starts from the handcrafted "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -34,7 +34,10 @@ SELECT_MODES = ("holdout", "seen", "none")
 # Which iterate the global prompt comes from (TrainConfig.gpr_select): selection scores the segmentation views,
 # and the warm start it usually keeps on VOC-like layouts leaves the global prompt untrained (ranking AUC 0.88
 # against 0.92 after 500 iterations on the development CLIP; docs/history/gpr-study.md).
-GPR_SELECT_MODES = ("joint", "last")
+# joint: one selected iterate for everything; last: the views selected without early stopping, the global prompt
+# of the last iterate; views: the views selected as without a global prompt (scored without GPR, the same
+# patience), the global prompt trained on to the last iterate (docs/history/gpr-views-study.md).
+GPR_SELECT_MODES = ("joint", "last", "views")
 GLOBAL_STATE_KEYS = ("log_tau2", "bias")  # with row 0 of "ctx": the global prompt's part of a prompt state
 # Validation images for a procedural (fresh-sample) dataset come from this index range, far beyond
 # any training position (max_iters × global batch), so they are scenes the run never trains on.
@@ -146,14 +149,17 @@ class ValidationSet:
         return len(self.features)
 
     @torch.no_grad()
-    def confusions(self, model, vocabulary: Sequence[str], prompts=None) -> np.ndarray:
+    def confusions(self, model, vocabulary: Sequence[str], prompts=None, gpr: bool = True) -> np.ndarray:
         """Per-image confusion matrices N×C×C (rows: truth, over the seen vocabulary) of the model's prompts,
-        or of another prompt set (e.g. the 85 templates as a reference)."""
+        or of another prompt set (e.g. the 85 templates as a reference). ``gpr=False`` scores the fused masks
+        of the segmentation views alone (Eq. 4, no Eq. 8), as a set without a global prompt would be."""
         prompts = model.prompts if prompts is None else prompts
         was_training = prompts.training
         prompts.eval()
         text = prompts.encode(model.clip, tuple(vocabulary)).detach()
         prompts.train(was_training)
+        if not gpr:
+            text = replace(text, glob=None)
         tau1, tau2 = prompts.tau1(), prompts.tau2()
         mats = []
         for feats, label in zip(self.features, self.labels):
@@ -163,9 +169,10 @@ class ValidationSet:
             mats.append(cm.mat.numpy().astype(np.int32))
         return np.stack(mats)
 
-    def score(self, model, vocabulary: Sequence[str], holdout: ClassHoldout, mode: str, prompts=None) -> dict:
+    def score(self, model, vocabulary: Sequence[str], holdout: ClassHoldout, mode: str, prompts=None,
+              gpr: bool = True) -> dict:
         """``summarise`` of ``confusions``, plus the matrices under ``"confusions"``."""
-        mats = self.confusions(model, vocabulary, prompts)
+        mats = self.confusions(model, vocabulary, prompts, gpr)
         return {**summarise(mats.sum(0), holdout, mode), "confusions": mats}
 
 

@@ -160,9 +160,13 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                             reduce_grads=lambda ps: average_gradients(ps, ctx),
                             seg_weight=lambda y: seg_loss_weight(y, ctx))
     opt = learner.opt
-    global_last = cfg.use_global and cfg.gpr_select == "last"
-    # the global prompt then trains for all max_iters: no early stop (validation still selects the views)
-    tracker = BestTracker(patience=0 if global_last else cfg.patience, confidence=cfg.select_confidence)
+    global_last = cfg.use_global and cfg.gpr_select in ("last", "views")
+    # views: the segmentation views are selected exactly as without a global prompt (scored without GPR, same
+    # patience); when that selection stops, training goes on for the global prompt alone (its gradients do not
+    # depend on the views, so the views' later iterates are simply not kept). last: no early stop at all.
+    views_only = cfg.use_global and cfg.gpr_select == "views"
+    tracker = BestTracker(patience=0 if global_last and not views_only else cfg.patience,
+                          confidence=cfg.select_confidence)
 
     start = 0 if resume_path is None else restore_state(
         resume_path, _config_record(cfg), resume_keys(cfg), {"prompts": prompts}, opt, scaler,
@@ -268,15 +272,23 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         barrier(ctx)
 
     def validate(iteration: int) -> bool:
-        stop = tracker.update(iteration, validation.score(model, seen_vocab, holdout, cfg.select), prompts,
-                              holdout, cfg.select)
+        """Scores the prompts on the validation images; True when training stops (with ``views_only``: when
+        the views' selection stops, after which training continues without validations)."""
+        if views_only and tracker.should_stop:
+            return False
+        result = validation.score(model, seen_vocab, holdout, cfg.select, gpr=not views_only)
+        stop = tracker.update(iteration, result, prompts, holdout, cfg.select)
         logger.log({"event": "validation", **tracker.history[-1], "best_iter": tracker.best_iter})
+        if views_only and stop:
+            log.info("iteration %d: the views' selection stopped (best: iteration %d); the global prompt trains on "
+                     "to iteration %d", iteration, tracker.best_iter, cfg.max_iters)
+            return False
         return stop
 
     it = start
     if validation is not None and start == 0 and cfg.init_fit > 0:
         validate(0)  # the warm start itself is a candidate: learning must beat it on held-out classes
-    stopped = tracker.should_stop
+    stopped = tracker.should_stop and not views_only
     t0 = time.perf_counter()
     for feats, labels in ([] if stopped else features(loader)):
         lr = sched.apply(opt, it)
@@ -319,7 +331,9 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
             "mode": cfg.select, "held_out_classes": [seen_vocab[i] for i in holdout.held_out],
             "validation_images": len(val_idx), "best_iter": tracker.best_iter,
             "best_score": tracker.best_score if math.isfinite(tracker.best_score) else None,
-            "stopped_early_at": it if tracker.should_stop else None,
+            "stopped_early_at": it if tracker.should_stop and not views_only else None,
+            # views_only: the last validation is where the views' selection stopped; training went on
+            "views_stopped_at": (tracker.history[-1]["iter"] if views_only and tracker.should_stop else None),
             # NaN (a class absent from the validation images) is not JSON: written as null
             "history": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in h.items()}
                         for h in tracker.history]}

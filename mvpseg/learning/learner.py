@@ -116,10 +116,13 @@ def fit_to_templates(prompts: LearnedPrompts, clip, encoder, vocab: tuple[str, .
     for _ in range(steps):
         views = (encoder.encode_plain(prompts, vocab) if encoder
                  else prompts.encode_context(clip, vocab, prompts.ctx))  # P×C×D, global prompt included
-        cos = (views.float() * targets[None]).sum(-1).mean()
+        per_view = (views.float() * targets[None]).sum(-1).mean(-1)  # P
+        cos = per_view.mean()
         oc = oc_loss(prompts.seg_ctx)
         opt.zero_grad(set_to_none=True)
-        (1.0 - cos + oc_weight * oc).backward()
+        # every prompt's term weighs 1/k whether or not a global prompt is among them, so the segmentation
+        # views' warm start is the same with and without GPR (Table 1 rows 4 and 5 then share their views)
+        (1.0 - per_view.sum() / prompts.n_seg + oc_weight * oc).backward()
         opt.step()
     return float(cos.detach()), float(oc.detach())
 
