@@ -304,7 +304,8 @@ def test_gpr_frame_and_hub_refs():
 
 
 def test_gpr_chart_says_why_scores_stay_at_one(tmp_path):
-    # prompts learned with Eq. 7 as printed (the default recipe's L_cls) keep every g_c ≈ 1: the page says why
+    # prompts learned with Eq. 7 as printed (the default L_cls where the background is labelled) keep every g_c ≈ 1:
+    # the page says why
     from demo.service import SegmentService
     from demo.sources import prompts_from_upload
 

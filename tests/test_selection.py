@@ -141,7 +141,7 @@ def test_default_recipe_selects_the_best_validated_prompts_and_holds_classes_out
 def test_early_stopping_and_no_selection(voc):
     root, clip_args = voc
     out = _run(root, clip_args, "early", "--max-iters", "40", "--val-every", "1", "--patience", "1",
-               "--init-fit", "30", "--val-images", "4", "--lr", "0.5")
+               "--init-fit", "30", "--val-images", "4", "--lr", "0.5", "--gpr-select", "joint")
     sel = read_meta(out).extra["selection"]
     # patience 1: the run stops at the first validation that does not improve
     scores = [h["score"] for h in sel["history"]]

@@ -175,15 +175,38 @@ def test_table1_variants_and_recipes(variant, shape0, glob, oc):
     assert (default.optimizer, default.lr, default.lr_policy, default.warmup_iters, default.max_iters,
             default.global_batch, default.select, default.fresh, default.init_fit, default.lambda_prior) == (
         "adamw", 2e-3, "constant", 0, 500, 4, "holdout", "auto", 200, 8.0)
-    # L_cls: Eq. 7 as printed in the default recipe (docs/history/recipe-addenda.md, ninth addendum), the full BCE in the paper's
-    assert (default.cls_mode, default.calib_steps, paper.cls_mode, paper.calib_steps) == ("paper", 50, "bce", 0)
-    # an explicit option wins over its recipe; k = 5 rescales the paper's OCLoss weight (10 pairs)
+    # L_cls: VOC ignores its background, so the default recipe uses calibrated GPR on row 4's own views there
+    # (H-GPR5, docs/history/gpr-views-study.md); the paper's recipe the full BCE with Eq. 6 as printed
+    assert (default.cls_mode, default.gpr_bias, default.gpr_select, default.calib_steps) == (
+        "bce", glob, "views", 50)
+    assert (paper.cls_mode, paper.gpr_bias, paper.gpr_select, paper.calib_steps) == ("bce", False, "joint", 0)
+    # where the background is labelled (Context): Eq. 7 as printed (docs/history/recipe-addenda.md, ninth addendum)
+    context = cfg_of("--dataset", "context")
+    assert (context.cls_mode, context.gpr_bias, context.gpr_select) == ("paper", False, "joint")
+    # an explicit option wins over its recipe and over the dataset's defaults; k = 5 rescales the paper's
+    # OCLoss weight (10 pairs)
     assert cfg_of("--recipe", "paper", "--lr", "0.01", "--select", "seen").lr == 0.01
-    assert cfg_of("--cls-loss", "bce").cls_mode == "bce"
+    assert cfg_of("--dataset", "context", "--cls-loss", "bce").cls_mode == "bce"
+    assert cfg_of("--cls-loss", "paper", "--gpr-select", "joint", "--gpr-bias", "off").gpr_select == "joint"
     assert cfg_of("--recipe", "paper", "--cls-loss", "paper").cls_mode == "paper"
     if oc:
         assert cfg_of("--recipe", "paper", "--n-seg", "5").lambda_oc == 1000.0
         assert cfg_of("--n-seg", "5").lambda_oc == 1.0
+
+
+def test_which_datasets_ignore_their_background(tmp_path):
+    from training.datasets import ignores_background
+
+    assert ignores_background("voc", "anywhere") and ignores_background("voc20", "x")
+    assert not ignores_background("context", "x") and not ignores_background("cocostuff", "x")
+    assert ignores_background("toyworld", "world=voc,background=ignore,stuff=ignore")
+    assert not ignores_background("toyworld", "world=voc,stuff=ignore") and not ignores_background("toyworld", "")
+    assert not ignores_background("folder", tmp_path)
+    assert ignores_background("folder", f"{tmp_path}::reduce_zero_label")
+    assert ignores_background("folder", f"{tmp_path}::label_offset=2")
+    (tmp_path / "profile.json").write_text('{"label_offset": 1}')
+    assert ignores_background("folder", tmp_path)
+    assert not ignores_background("folder", f"{tmp_path}::label_offset=0")  # the command line wins
 
 
 def test_single_prompt_run(setup):

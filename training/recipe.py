@@ -17,7 +17,7 @@ from mvpseg.learning import build_optimizer as _build_optimizer
 from mvpseg.losses import LossWeights
 
 from .cli import add_clip_args, add_data_args, add_runtime_args
-from .datasets import get_profile
+from .datasets import get_profile, ignores_background
 from .schedule import LRSchedule
 from .selection import GPR_SELECT_MODES, SELECT_MODES
 from .tensorboard_log import add_tensorboard_args
@@ -44,6 +44,9 @@ RECIPES = {
 }
 # Handcrafted sets the warm start and anchor can use (names of mvpseg.baseline_prompt_sets(); the first is the
 # fallback), or "auto": the best of them on the validation images (train_prompts.choose_prior).
+# Where the dataset ignores its background (VOC's protocol; training.datasets.ignores_background) a recipe may
+# set other defaults: calibrated GPR on row 4's own views (H-GPR5, rule R28e, docs/history/gpr-views-study.md).
+BACKGROUND_IGNORED = {"default": dict(cls_mode="bce", gpr_bias="on", gpr_select="views")}
 HANDCRAFTED = ("maskclip-85", "a-photo-of", "parts")
 PRIOR_CHOICES = ("auto", *HANDCRAFTED)
 # Settings a resumed run must share with its checkpoint.
@@ -198,17 +201,20 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--cls-loss", dest="cls_mode", default=None, choices=["bce", "paper"],
                    help="L_cls: paper = Eq. 7 as printed (present classes only, so g_c → 1 and GPR turns neutral); "
                         "bce = binary cross-entropy over all classes (GPR can suppress absent ones). Default: the "
-                        "recipe's (default: paper, docs/history/recipe-addenda.md, ninth addendum; paper: bce)")
+                        "recipe's (default: paper, docs/history/recipe-addenda.md, ninth addendum, but bce where "
+                        "the dataset ignores its background, as VOC: docs/recipe.md; paper: bce)")
     p.add_argument("--gpr-bias", default=None, choices=["on", "off"],
                    help="calibrated GPR: learn a logit offset β in Eq. 6, g_c = σ(s_c/τ2 − β) (with a global prompt "
-                        "only; docs/history/gpr-study.md). Off: the paper's Eq. 6")
+                        "only; docs/history/gpr-study.md). Off: the paper's Eq. 6. Default: off, but on under "
+                        "--recipe default where the dataset ignores its background (VOC)")
     p.add_argument("--gpr-select", default=None, choices=list(GPR_SELECT_MODES),
                    help="which iterate the global prompt, τ2 and the GPR bias come from: joint = the one selected "
                         "on the segmentation views' validation (default); last = the final one, trained for all "
                         "--max-iters (no early stop), while the segmentation views keep the selected iterate "
                         "(docs/history/gpr-study.md); views = the final one too, while the views are scored "
                         "without GPR and selected with early stopping exactly as without a global prompt (Table 1 "
-                        "row 4's views; docs/history/gpr-views-study.md)")
+                        "row 4's views; docs/history/gpr-views-study.md). Default: joint, but views under --recipe "
+                        "default where the dataset ignores its background (VOC)")
     p.add_argument("--residual", default=None, choices=["on", "off"],
                    help="residual prompts: every class embedding is the handcrafted prior's plus the change of the "
                         "learned context's embedding since the warm start, so learning starts from the handcrafted "
@@ -265,9 +271,11 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
-    v, r = VARIANTS[a.variant], RECIPES[a.recipe]
+    v, r = VARIANTS[a.variant], dict(RECIPES[a.recipe])
+    if a.recipe in BACKGROUND_IGNORED and ignores_background(a.dataset, a.data_root):
+        r.update(BACKGROUND_IGNORED[a.recipe])
 
-    def pick(name):  # explicit option, else the recipe's default
+    def pick(name):  # explicit option, else the recipe's default (for this dataset)
         value = getattr(a, name)
         return r[name] if value is None else value
 

@@ -105,6 +105,27 @@ def get_profile(name: str) -> DatasetProfile:
     return PROFILES[key]
 
 
+def ignores_background(name: str, root: str | Path) -> bool:
+    """Whether the dataset's protocol ignores its background, as VOC's zero-shot setting does (the paper's
+    Table 1, sec. 4.1): PASCAL VOC; a toy world with ``background=ignore``; a folder whose ids below
+    ``label_offset`` (mmseg's ``reduce_zero_label``) are ignored. Context and COCO-Stuff label theirs.
+    The default recipe turns calibrated GPR on where this holds (docs/recipe.md)."""
+    key = get_profile(name).name
+    if key == "voc20":
+        return True
+    if key == "toyworld":
+        from ..toyworld.dataset import parse_spec as toy_spec
+
+        return toy_spec(root).get("background") == "ignore"
+    if key == "folder":
+        from .folder import parse_spec as folder_spec, read_profile_file
+
+        path, opts = folder_spec(root)
+        settings = {**read_profile_file(path / "profile.json"), **opts}
+        return int(settings.get("label_offset", 0)) > 0
+    return False
+
+
 def build_dataset(name: str, root: str | Path, split: str | None = None, label_space: str = "full",
                   on_missing: str = "error", train: bool = False):
     """Build a dataset by name; ``split=None`` picks the profile's train or eval split."""
@@ -117,7 +138,7 @@ def build_dataset(name: str, root: str | Path, split: str | None = None, label_s
 
 
 __all__ = [
-    "DatasetSpecError", "UNREADABLE_RECORD", "unreadable_names",
+    "DatasetSpecError", "ignores_background", "UNREADABLE_RECORD", "unreadable_names",
     "ALIASES", "COCOSTUFF171", "CONTEXT60", "ClassSplit", "DatasetError", "DatasetProfile", "FolderProfile",
     "EvalTransform", "IGNORE_INDEX", "PROFILES", "SegmentationDataset", "TrainTransform", "VOC20",
     "build_dataset", "get_profile",
