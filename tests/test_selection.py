@@ -4,9 +4,14 @@ the warm start fitted to the templates."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fixtures_data import make_voc, write_tiny_clip
 from mvpseg.checkpoint import read_meta
@@ -238,6 +243,32 @@ def test_gpr_select_views_ships_row_4s_views_with_the_last_global_prompt(voc):
     assert not torch.allclose(last["ctx"][1:], shipped["ctx"][1:])  # the views moved on and were not kept
     log = read_jsonl(root / "gviews" / "log.jsonl")
     assert max(r["iter"] for r in log if r.get("event") == "validation") == sel["views_stopped_at"]
+
+
+def test_gpr_select_views_resumes_exactly_after_the_views_stopped(voc):
+    """A run killed after the views' selection stopped resumes without validating again and ships the same
+    prompts, bit for bit, as the uninterrupted run."""
+    root, clip_args = voc
+    common = ["--dataset", "voc", "--data-root", str(root / "data" / "VOCdevkit"), *clip_args, "--n-ctx", "8",
+              "--crop-size", "64", "--train-scale", "128", "64", "--num-workers", "0", "--cpu-threads", "1",
+              "--device", "cpu", "--no-progress", "--max-iters", "12", "--val-every", "1", "--patience", "1",
+              "--init-fit", "30", "--val-images", "4", "--lr", "0.5", "--ckpt-every", "4", "--calib-steps", "3",
+              "--gpr-select", "views", "--cls-loss", "bce", "--gpr-bias", "on"]
+    ref = train_prompts.main([*common, "--out", str(root / "vref")])
+    stopped_at = read_meta(ref).extra["selection"]["views_stopped_at"]
+    assert stopped_at is not None and stopped_at < 8  # the state of iteration 8 holds a stopped selection
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, "-m", "training.train_prompts", *common, "--out", str(root / "vkill"),
+                           "--simulate-kill-at", "10"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    resumed = train_prompts.main([*common, "--out", str(root / "vkill"), "--resume"])
+    a, b = load_file(str(ref)), load_file(str(resumed))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    vals = [r["iter"] for r in read_jsonl(root / "vkill" / "log.jsonl") if r.get("event") == "validation"]
+    assert vals == list(range(stopped_at + 1))  # no validation after the views' selection stopped
+    assert read_meta(resumed).extra["selection"]["views_stopped_at"] == stopped_at
 
 
 def test_warm_start_fits_the_template_embeddings(voc):
