@@ -7,12 +7,17 @@
 ``splice``: GPR as an add-on to another run's views: the ``--views`` arm's fused masks (e.g. ``no-gpr``, Table 1
   row 4) refined by Eq. 8 with the ``--arm`` run's class scores g_c (Eq. 6 depends only on the global prompt and
   the image), against those views alone — row 5 − row 4 without the views' training changed by GPR.
+``presence``: other presence scores than Eq. 6's g_c, read from the same frozen features with a run's prompts,
+  ranked by the same unseen ROC-AUC: Eq. 6's pooling at other γ, of the mean view mask, of (view mean + global
+  mask) / 2, the fused masks' maximum probability and pixel share, the cosine of CLIP's pooled image embedding to
+  the global prompt, and the global prompt's mask on the image rescaled 2× and ½×.
 ``oracle``: a ceiling for the ranking. A presence probe of Eq. 6's form (one unit vector per class, a scale and a
   bias, γ = 10 soft-max pooling of the cosine map over the frozen dense features) trained with BCE on ``--ntrain``
   scenes *with the unseen classes' labels* — no text tower — and its ROC-AUC on the evaluation scenes.
 
     python benchmarks/gpr_analysis.py inference --out runs/gpr3 --clips fam-a fam-b fam-d
     python benchmarks/gpr_analysis.py splice --out runs/gpr4 --clips toyclip fam-a fam-b fam-d --eval-images 600
+    python benchmarks/gpr_analysis.py presence --out runs/gpr5 --arm gpr-views --clips fam-d fam-b --seeds 9
     python benchmarks/gpr_analysis.py oracle --clips fam-a fam-b fam-d --ntrain 2000
 """
 from __future__ import annotations
@@ -32,7 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import family_study as fs  # noqa: E402
 import recipe_ablation as ra  # noqa: E402
 from mvpseg.checkpoint import load_prompts  # noqa: E402
-from mvpseg.heads import segment  # noqa: E402
+from mvpseg.heads import segment, view_masks  # noqa: E402
 from training.data import EvalShard, eval_loader  # noqa: E402
 from training.datasets import build_dataset, get_profile  # noqa: E402
 from training.gpr_metrics import GPRStats  # noqa: E402
@@ -126,6 +131,63 @@ def splice(a) -> list[dict]:
     return results
 
 
+def _pool(mask: torch.Tensor, gamma: float = 10.0) -> torch.Tensor:
+    """Eq. 6's pooling of C×h×w cosine masks without τ2 and β (they do not change a ranking): C."""
+    m = mask.flatten(1)
+    return (m * (gamma * m).softmax(-1)).sum(-1)
+
+
+def _presence_scores(clip, text, out, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every candidate presence score of one image (``out``: its ``segment`` output): name → C."""
+    x = clip.normalize(image[None])
+    glob, views = out.global_mask[0], out.view_masks[0].mean(0)
+    scores = {"g (Eq. 6, γ 10)": out.gpr_logits[0]}
+    scores.update({f"Eq. 6 pooling, γ {g:g}": _pool(glob, g) for g in (3.0, 30.0, 1000.0)})
+    scores["pooled mean view mask"] = _pool(views)
+    scores["pooled (view mean + global) / 2"] = _pool((views + glob) / 2)
+    prob = out.fused_logits[0].softmax(0).flatten(1)
+    scores["max fused probability"] = prob.max(-1).values
+    scores["pixel share of the argmax"] = torch.bincount(prob.argmax(0), minlength=prob.shape[0]).float() / prob.shape[1]
+    size = clip.model.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    emb = clip.model.encode_image(F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
+    scores["image embedding · global prompt"] = text.glob.float() @ F.normalize(emb.float(), dim=-1)[0]
+    for s in (2.0, 0.5):
+        f = clip.dense_features(F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)).float()
+        scores[f"global mask at {s:g}×"] = _pool(view_masks(f, text.glob.unsqueeze(0))[0, 0])
+    return scores
+
+
+def presence(a) -> list[dict]:
+    from sklearn.metrics import roc_auc_score
+
+    results = []
+    for name in a.clips:
+        clip = fs.load_family_clip(name)
+        for seed in a.seeds:
+            run = Path(a.out, name, a.world, f"seed{seed}", a.arm, "prompts.safetensors")
+            ps = load_prompts(str(run), clip, name=a.arm).eval()
+            ds, loader = _eval_scenes(a.world, a.eval_images)
+            vocab = tuple(ds.prompt_names)
+            text, scores, present = ps.encode(clip, vocab).detach(), {}, []
+            with torch.no_grad():
+                for image, label, _ in loader:
+                    out = segment(clip.dense_features(clip.normalize(image[None])).float(), text, ps.tau1(),
+                                  ps.tau2(), 10.0, ps.gpr_bias())
+                    for k, v in _presence_scores(clip, text, out, image).items():
+                        scores.setdefault(k, []).append(v)
+                    lab = label.reshape(-1)
+                    lab = lab[lab != ds.ignore_index].long()
+                    present.append(torch.bincount(lab, minlength=len(vocab))[:len(vocab)] > 0)
+            unseen = list(ds.unseen_indices)
+            y = torch.stack(present)[:, unseen].flatten().numpy()
+            auc = {k: float(roc_auc_score(y, torch.stack(v)[:, unseen].flatten().numpy())) for k, v in scores.items()}
+            results.append({"clip": name, "layout": a.world, "seed": seed, "arm": a.arm, "auc_unseen": auc})
+            print(f"{name} {a.world} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in auc.items()), flush=True)
+    Path(a.out, f"gpr-presence-{a.arm}.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
 def oracle(a) -> list[dict]:
     results = []
     for name in a.clips:
@@ -182,17 +244,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     s.add_argument("--out", default="runs/gpr4")
     s.add_argument("--arm", default="gpr-last", help="the run whose global prompt gives g_c")
     s.add_argument("--views", default="no-gpr", help="the run whose segmentation views give the masks")
+    r = sub.add_parser("presence")
+    r.add_argument("--out", default="runs/gpr5")
+    r.add_argument("--arm", default="gpr-views")
+    r.add_argument("--world", default="voc", choices=list(ra.WORLDS))
+    r.add_argument("--seeds", nargs="+", type=int, default=[9])
     o = sub.add_parser("oracle")
     o.add_argument("--world", default="voc", choices=list(ra.WORLDS))
     o.add_argument("--ntrain", type=int, default=2000)
     o.add_argument("--steps", type=int, default=1500)
-    for q in (i, s, o):
+    for q in (i, s, r, o):
         q.add_argument("--clips", nargs="+", default=["fam-a", "fam-b", "fam-d"])
         q.add_argument("--eval-images", type=int, default=150)
         q.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    return {"inference": inference, "splice": splice, "oracle": oracle}[a.cmd](a)
+    return {"inference": inference, "splice": splice, "presence": presence, "oracle": oracle}[a.cmd](a)
 
 
 if __name__ == "__main__":
