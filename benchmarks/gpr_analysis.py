@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import family_study as fs  # noqa: E402
 import recipe_ablation as ra  # noqa: E402
 from mvpseg.checkpoint import load_prompts  # noqa: E402
-from mvpseg.heads import segment, view_masks  # noqa: E402
+from mvpseg.heads import gpr_logits, segment, view_masks  # noqa: E402
 from training.data import EvalShard, eval_loader  # noqa: E402
 from training.datasets import build_dataset, get_profile  # noqa: E402
 from training.gpr_metrics import GPRStats  # noqa: E402
@@ -58,88 +58,90 @@ def _predict(out, size, alpha: float) -> torch.Tensor:
     return (lg + alpha * F.logsigmoid(out.gpr_logits)[:, :, None, None]).argmax(1)[0]
 
 
-def inference(a) -> list[dict]:
-    results = []
+def _arm_runs(a):
+    """(CLIP name, CLIP, prompts path, layout, seed) of every finished ``a.arm`` run under ``a.out``."""
     for name in a.clips:
         clip = fs.load_family_clip(name)
         for run in sorted(Path(a.out, name).glob(f"*/seed*/{a.arm}/prompts.safetensors")):
-            world, seed = run.parts[-4], int(run.parts[-3][4:])
-            ps = load_prompts(str(run), clip, name=a.arm).eval()
-            data = build_dataset("toyworld", f"{ra.WORLDS[world]},seed={seed}", None, label_space="seen",
-                                 train=True).unbounded()  # train_prompts' validation scenes and held-out classes
-            val_idx, _ = validation_indices(data, a.val_images, seed, True)
-            vs = ValidationSet.build(clip, data, val_idx, get_profile("toyworld").eval_transform(), torch.device("cpu"))
-            vocab, holdout = tuple(data.prompt_names), choose_holdout(tuple(data.prompt_names), 0.25, seed)
-            text, val = ps.encode(clip, vocab).detach(), {}
-            for alpha in ALPHAS:
-                cm = ConfusionMatrix(len(vocab))
-                for feats, label in zip(vs.features, vs.labels):
-                    out = segment(feats, text, ps.tau1(), ps.tau2(), 10.0, ps.gpr_bias())
-                    cm.update(_predict(out, tuple(label.shape), alpha), label)
-                val[alpha] = summarise(cm.mat.numpy(), holdout, "holdout")["score"]
-            ds, loader = _eval_scenes(world, a.eval_images)
-            text = ps.encode(clip, tuple(ds.prompt_names)).detach()
-            cms = {alpha: ConfusionMatrix(len(ds.prompt_names), ds.ignore_index) for alpha in ALPHAS}
-            with torch.no_grad():
-                for image, label, _ in loader:
-                    out = segment(clip.dense_features(clip.normalize(image[None])).float(), text, ps.tau1(),
-                                  ps.tau2(), 10.0, ps.gpr_bias())
-                    for alpha in ALPHAS:
-                        cms[alpha].update(_predict(out, tuple(label.shape), alpha), label)
-            test = {alpha: summarize(cm.mat.numpy(), tuple(ds.class_names), tuple(ds.unseen_indices)).miou_unseen
-                    for alpha, cm in cms.items()}
-            chosen = max(ALPHAS, key=lambda x: (round(val[x], 6), x))
-            results.append({"clip": name, "layout": world, "seed": seed, "val_held_out": val, "test_unseen": test,
-                            "chosen_alpha": chosen})
-            print(f"{name} {world} seed {seed}: mIoU(U) α=0 {test[0.0]:.1f} → α=1 {test[1.0]:.1f} "
-                  f"({test[1.0] - test[0.0]:+.1f}); validation picks α={chosen}", flush=True)
+            yield name, clip, run, run.parts[-4], int(run.parts[-3][4:])
+
+
+def inference(a) -> list[dict]:
+    results = []
+    for name, clip, run, world, seed in _arm_runs(a):
+        ps = load_prompts(str(run), clip, name=a.arm).eval()
+        data = build_dataset("toyworld", f"{ra.WORLDS[world]},seed={seed}", None, label_space="seen",
+                             train=True).unbounded()  # train_prompts' validation scenes and held-out classes
+        val_idx, _ = validation_indices(data, a.val_images, seed, True)
+        vs = ValidationSet.build(clip, data, val_idx, get_profile("toyworld").eval_transform(), torch.device("cpu"))
+        vocab, holdout = tuple(data.prompt_names), choose_holdout(tuple(data.prompt_names), 0.25, seed)
+        text, val = ps.encode(clip, vocab).detach(), {}
+        for alpha in ALPHAS:
+            cm = ConfusionMatrix(len(vocab))
+            for feats, label in zip(vs.features, vs.labels):
+                out = segment(feats, text, ps.tau1(), ps.tau2(), 10.0, ps.gpr_bias())
+                cm.update(_predict(out, tuple(label.shape), alpha), label)
+            val[alpha] = summarise(cm.mat.numpy(), holdout, "holdout")["score"]
+        ds, loader = _eval_scenes(world, a.eval_images)
+        text = ps.encode(clip, tuple(ds.prompt_names)).detach()
+        cms = {alpha: ConfusionMatrix(len(ds.prompt_names), ds.ignore_index) for alpha in ALPHAS}
+        with torch.no_grad():
+            for image, label, _ in loader:
+                out = segment(clip.dense_features(clip.normalize(image[None])).float(), text, ps.tau1(),
+                              ps.tau2(), 10.0, ps.gpr_bias())
+                for alpha in ALPHAS:
+                    cms[alpha].update(_predict(out, tuple(label.shape), alpha), label)
+        test = {alpha: summarize(cm.mat.numpy(), tuple(ds.class_names), tuple(ds.unseen_indices)).miou_unseen
+                for alpha, cm in cms.items()}
+        chosen = max(ALPHAS, key=lambda x: (round(val[x], 6), x))
+        results.append({"clip": name, "layout": world, "seed": seed, "val_held_out": val, "test_unseen": test,
+                        "chosen_alpha": chosen})
+        print(f"{name} {world} seed {seed}: mIoU(U) α=0 {test[0.0]:.1f} → α=1 {test[1.0]:.1f} "
+              f"({test[1.0] - test[0.0]:+.1f}); validation picks α={chosen}", flush=True)
     Path(a.out, "gpr-inference.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 
 def splice(a) -> list[dict]:
     results = []
-    for name in a.clips:
-        clip = fs.load_family_clip(name)
-        for run in sorted(Path(a.out, name).glob(f"*/seed*/{a.arm}/prompts.safetensors")):
-            world, seed = run.parts[-4], int(run.parts[-3][4:])
-            views_path = run.parents[1] / a.views / "prompts.safetensors"
-            if not views_path.is_file():
-                continue
-            gpr_ps = load_prompts(str(run), clip, name=a.arm).eval()
-            view_ps = load_prompts(str(views_path), clip, name=a.views).eval()
-            ds, loader = _eval_scenes(world, a.eval_images)
-            vocab = tuple(ds.prompt_names)
-            gtext, vtext = gpr_ps.encode(clip, vocab).detach(), view_ps.encode(clip, vocab).detach()
-            cms = {k: ConfusionMatrix(len(vocab), ds.ignore_index) for k in ("views", "spliced", "arm")}
-            with torch.no_grad():
-                for image, label, _ in loader:
-                    f = clip.dense_features(clip.normalize(image[None])).float()
-                    g = segment(f, gtext, gpr_ps.tau1(), gpr_ps.tau2(), 10.0, gpr_ps.gpr_bias())
-                    v = segment(f, vtext, view_ps.tau1(), view_ps.tau2(), 10.0, view_ps.gpr_bias())
-                    size = tuple(label.shape)
-                    lv = F.interpolate(v.fused_logits, size=size, mode="bilinear", align_corners=False).log_softmax(1)
-                    cms["views"].update(lv.argmax(1)[0], label)
-                    cms["spliced"].update((lv + F.logsigmoid(g.gpr_logits)[:, :, None, None]).argmax(1)[0], label)
-                    cms["arm"].update(_predict(g, size, 1.0), label)
-            u = {k: summarize(cm.mat.numpy(), tuple(ds.class_names), tuple(ds.unseen_indices)).miou_unseen
-                 for k, cm in cms.items()}
-            results.append({"clip": name, "layout": world, "seed": seed, "views": a.views, "gpr": a.arm, **u})
-            print(f"{name} {world} seed {seed}: mIoU(U) {a.views} {u['views']:.1f} → + {a.arm}'s GPR "
-                  f"{u['spliced']:.1f} ({u['spliced'] - u['views']:+.1f}); {a.arm} itself {u['arm']:.1f}", flush=True)
+    for name, clip, run, world, seed in _arm_runs(a):
+        views_path = run.parents[1] / a.views / "prompts.safetensors"
+        if not views_path.is_file():
+            continue
+        gpr_ps = load_prompts(str(run), clip, name=a.arm).eval()
+        view_ps = load_prompts(str(views_path), clip, name=a.views).eval()
+        ds, loader = _eval_scenes(world, a.eval_images)
+        vocab = tuple(ds.prompt_names)
+        gtext, vtext = gpr_ps.encode(clip, vocab).detach(), view_ps.encode(clip, vocab).detach()
+        cms = {k: ConfusionMatrix(len(vocab), ds.ignore_index) for k in ("views", "spliced", "arm")}
+        with torch.no_grad():
+            for image, label, _ in loader:
+                f = clip.dense_features(clip.normalize(image[None])).float()
+                g = segment(f, gtext, gpr_ps.tau1(), gpr_ps.tau2(), 10.0, gpr_ps.gpr_bias())
+                v = segment(f, vtext, view_ps.tau1(), view_ps.tau2(), 10.0, view_ps.gpr_bias())
+                size = tuple(label.shape)
+                lv = F.interpolate(v.fused_logits, size=size, mode="bilinear", align_corners=False).log_softmax(1)
+                cms["views"].update(lv.argmax(1)[0], label)
+                cms["spliced"].update((lv + F.logsigmoid(g.gpr_logits)[:, :, None, None]).argmax(1)[0], label)
+                cms["arm"].update(_predict(g, size, 1.0), label)
+        u = {k: summarize(cm.mat.numpy(), tuple(ds.class_names), tuple(ds.unseen_indices)).miou_unseen
+             for k, cm in cms.items()}
+        results.append({"clip": name, "layout": world, "seed": seed, "views": a.views, "gpr": a.arm, **u})
+        print(f"{name} {world} seed {seed}: mIoU(U) {a.views} {u['views']:.1f} → + {a.arm}'s GPR "
+              f"{u['spliced']:.1f} ({u['spliced'] - u['views']:+.1f}); {a.arm} itself {u['arm']:.1f}", flush=True)
     Path(a.out, f"gpr-splice-{a.views}.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 
 def _pool(mask: torch.Tensor, gamma: float = 10.0) -> torch.Tensor:
-    """Eq. 6's pooling of C×h×w cosine masks without τ2 and β (they do not change a ranking): C."""
-    m = mask.flatten(1)
-    return (m * (gamma * m).softmax(-1)).sum(-1)
+    """Eq. 6's pooling (``mvpseg.heads.gpr_logits``) of C×h×w cosine masks without τ2 and β (they do not change a
+    ranking): C."""
+    return gpr_logits(mask[None], gamma, 1.0)[0]
 
 
-def _presence_scores(clip, text, out, image: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every candidate presence score of one image (``out``: its ``segment`` output): name → C."""
-    x = clip.normalize(image[None])
+def _presence_scores(clip, text, out, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every candidate presence score of one normalised image ``x`` (1×3×H×W; ``out``: its ``segment`` output):
+    name → C."""
     glob, views = out.global_mask[0], out.view_masks[0].mean(0)
     scores = {"g (Eq. 6, γ 10)": out.gpr_logits[0]}
     scores.update({f"Eq. 6 pooling, γ {g:g}": _pool(glob, g) for g in (3.0, 30.0, 1000.0)})
@@ -172,9 +174,9 @@ def presence(a) -> list[dict]:
             text, scores, present = ps.encode(clip, vocab).detach(), {}, []
             with torch.no_grad():
                 for image, label, _ in loader:
-                    out = segment(clip.dense_features(clip.normalize(image[None])).float(), text, ps.tau1(),
-                                  ps.tau2(), 10.0, ps.gpr_bias())
-                    for k, v in _presence_scores(clip, text, out, image).items():
+                    x = clip.normalize(image[None])
+                    out = segment(clip.dense_features(x).float(), text, ps.tau1(), ps.tau2(), 10.0, ps.gpr_bias())
+                    for k, v in _presence_scores(clip, text, out, x).items():
                         scores.setdefault(k, []).append(v)
                     lab = label.reshape(-1)
                     lab = lab[lab != ds.ignore_index].long()

@@ -34,7 +34,7 @@ def test_presence_scores_of_one_image(tiny):
         image = torch.rand(3, 96, 96)
         out = segment(tiny.dense_features(tiny.normalize(image[None])).float(), text, ps.tau1(), ps.tau2(), 10.0,
                       ps.gpr_bias())
-        s = ga._presence_scores(tiny, text, out, image)
+        s = ga._presence_scores(tiny, text, out, tiny.normalize(image[None]))
     assert all(v.shape == (3,) for v in s.values()) and len(s) == 11
     assert torch.equal(s["g (Eq. 6, γ 10)"], out.gpr_logits[0])
     # Eq. 6: g's logit is the γ = 10 pooling over τ2, minus β, so every pooling below ranks as g does at γ 10

@@ -160,12 +160,13 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                             reduce_grads=lambda ps: average_gradients(ps, ctx),
                             seg_weight=lambda y: seg_loss_weight(y, ctx))
     opt = learner.opt
-    global_last = cfg.use_global and cfg.gpr_select in ("last", "views")
-    # views: the segmentation views are selected exactly as without a global prompt (scored without GPR, same
-    # patience); when that selection stops, training goes on for the global prompt alone (its gradients do not
-    # depend on the views, so the views' later iterates are simply not kept). last: no early stop at all.
+    # joint: one selected iterate ships. last / views: the selected views ship with the last iterate's global
+    # prompt; last never stops early, views scores the views without GPR and, when their selection stops, trains
+    # on without validating (the global prompt's gradients do not depend on the views, whose later iterates are
+    # simply not kept)
+    global_last = cfg.use_global and cfg.gpr_select != "joint"
     views_only = cfg.use_global and cfg.gpr_select == "views"
-    tracker = BestTracker(patience=0 if global_last and not views_only else cfg.patience,
+    tracker = BestTracker(patience=0 if cfg.use_global and cfg.gpr_select == "last" else cfg.patience,
                           confidence=cfg.select_confidence)
 
     start = 0 if resume_path is None else restore_state(
@@ -272,23 +273,21 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         barrier(ctx)
 
     def validate(iteration: int) -> bool:
-        """Scores the prompts on the validation images; True when training stops (with ``views_only``: when
-        the views' selection stops, after which training continues without validations)."""
-        if views_only and tracker.should_stop:
-            return False
+        """Scores the prompts on the validation images (the views alone with ``views_only``); True when the
+        selection's patience is spent."""
         result = validation.score(model, seen_vocab, holdout, cfg.select, gpr=not views_only)
         stop = tracker.update(iteration, result, prompts, holdout, cfg.select)
         logger.log({"event": "validation", **tracker.history[-1], "best_iter": tracker.best_iter})
-        if views_only and stop:
+        if stop and views_only:
             log.info("iteration %d: the views' selection stopped (best: iteration %d); the global prompt trains on "
                      "to iteration %d", iteration, tracker.best_iter, cfg.max_iters)
-            return False
         return stop
 
     it = start
     if validation is not None and start == 0 and cfg.init_fit > 0:
         validate(0)  # the warm start itself is a candidate: learning must beat it on held-out classes
-    stopped = tracker.should_stop and not views_only
+    selecting = not tracker.should_stop  # a resumed run may come back after its selection stopped
+    stopped = not selecting and not views_only
     t0 = time.perf_counter()
     for feats, labels in ([] if stopped else features(loader)):
         lr = sched.apply(opt, it)
@@ -308,8 +307,9 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         t0 = time.perf_counter()
         if tb:
             tb.grid_step(it)
-        if validation is not None and (it % cfg.val_every == 0 or it == cfg.max_iters):
-            stopped = validate(it)
+        if validation is not None and selecting and (it % cfg.val_every == 0 or it == cfg.max_iters):
+            selecting = not validate(it)
+            stopped = not selecting and not views_only
         if it % cfg.ckpt_every == 0 or it == cfg.max_iters or stopped:
             save_state(it)
         if args.simulate_kill_at is not None and it == args.simulate_kill_at:

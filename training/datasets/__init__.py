@@ -118,11 +118,9 @@ def ignores_background(name: str, root: str | Path) -> bool:
 
         return toy_spec(root).get("background") == "ignore"
     if key == "folder":
-        from .folder import parse_spec as folder_spec, read_profile_file
+        from .folder import folder_settings
 
-        path, opts = folder_spec(root)
-        settings = {**read_profile_file(path / "profile.json"), **opts}
-        return int(settings.get("label_offset", 0)) > 0
+        return int(folder_settings(root)[1].get("label_offset", 0)) > 0
     return False
 
 

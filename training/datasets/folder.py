@@ -117,6 +117,13 @@ def read_profile_file(path: Path) -> dict:
     return data
 
 
+def folder_settings(spec: str | Path) -> tuple[Path, dict]:
+    """(DIR, settings) of a data-root spec: profile.json's settings, the spec's options winning (the command
+    line over the folder's file)."""
+    root, cli_opts = parse_spec(spec)
+    return root, {**read_profile_file(root / "profile.json"), **cli_opts}
+
+
 def list_images(image_dir: Path, image_suffix: str | None) -> dict[str, Path]:
     """name → image path for every image under ``image_dir`` (recursive, hidden files skipped)."""
     found: dict[str, Path] = {}
@@ -194,12 +201,11 @@ class FolderDataset(SegmentationDataset):
     """
 
     def __init__(self, spec: str | Path, split: str, label_space: str = "full", on_missing: str = "error") -> None:
-        root, cli_opts = parse_spec(spec)
+        root, settings = folder_settings(spec)
         root = require_dir(root, "dataset")
         image_dir = require_dir(root / "images", "images")
         mask_dir = require_dir(root / "masks", "masks")
         classes = read_class_file(root / "classes.txt")
-        settings = {**read_profile_file(root / "profile.json"), **cli_opts}  # the command line wins
         self.root, self.label_offset = root, int(settings.get("label_offset", 0))
         if self.label_offset + classes.num_classes > 255:
             raise DatasetError(f"{root / 'classes.txt'}: {classes.num_classes} classes from id {self.label_offset} "
