@@ -9,16 +9,24 @@
   the image), against those views alone — row 5 − row 4 without the views' training changed by GPR.
 ``presence``: other presence scores than Eq. 6's g_c, read from the same frozen features with a run's prompts,
   ranked by the same unseen ROC-AUC: Eq. 6's pooling at other γ, of the mean view mask, of (view mean + global
-  mask) / 2, the fused masks' maximum probability and pixel share, the cosine of CLIP's pooled image embedding to
-  the global prompt, and the global prompt's mask on the image rescaled 2× and ½×.
+  mask) / 2, of each view's mask and (residual sets) of the handcrafted prior's, the fused masks' maximum
+  probability and pixel share, the cosine of CLIP's pooled image embedding to the global prompt, and the global
+  prompt's mask on the image rescaled 2× and ½×.
 ``oracle``: a ceiling for the ranking. A presence probe of Eq. 6's form (one unit vector per class, a scale and a
   bias, γ = 10 soft-max pooling of the cosine map over the frozen dense features) trained with BCE on ``--ntrain``
-  scenes *with the unseen classes' labels* — no text tower — and its ROC-AUC on the evaluation scenes.
+  scenes *with the unseen classes' labels* — no text tower — and its ROC-AUC on the evaluation scenes. With
+  ``--hidden H`` the probe is non-linear instead: a two-layer MLP (width H) on each unit-norm dense feature, one
+  logit per class and patch, pooled by a soft-max of learned temperature — what the frozen features hold about
+  presence beyond anything a text embedding (one direction per class) can read.
+``adapter``: Eq. 6 with a run's global prompt on *adapted* features: a class-agnostic residual MLP φ on each
+  dense feature, trained with BCE on the presence of the seen classes only (``--ntrain`` scenes), scored by the
+  unseen ROC-AUC — whether GPR could read presence beyond Eq. 6's ceiling without the unseen labels.
 
     python benchmarks/gpr_analysis.py inference --out runs/gpr3 --clips fam-a fam-b fam-d
     python benchmarks/gpr_analysis.py splice --out runs/gpr4 --clips toyclip fam-a fam-b fam-d --eval-images 600
     python benchmarks/gpr_analysis.py presence --out runs/gpr5 --arm gpr-views --clips fam-d fam-b --seeds 9
-    python benchmarks/gpr_analysis.py oracle --clips fam-a fam-b fam-d --ntrain 2000
+    python benchmarks/gpr_analysis.py oracle --clips fam-a fam-b fam-d --ntrain 2000 [--hidden 256]
+    python benchmarks/gpr_analysis.py adapter --out runs/gpr5 --clips toyclip fam-a fam-b fam-d --seeds 9
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ import family_study as fs  # noqa: E402
 import recipe_ablation as ra  # noqa: E402
 from mvpseg.checkpoint import load_prompts  # noqa: E402
 from mvpseg.heads import gpr_logits, segment, view_masks  # noqa: E402
+from mvpseg.prompts import prior_embedding  # noqa: E402
 from training.data import EvalShard, eval_loader  # noqa: E402
 from training.datasets import build_dataset, get_profile  # noqa: E402
 from training.gpr_metrics import GPRStats  # noqa: E402
@@ -139,13 +148,16 @@ def _pool(mask: torch.Tensor, gamma: float = 10.0) -> torch.Tensor:
     return gpr_logits(mask[None], gamma, 1.0)[0]
 
 
-def _presence_scores(clip, text, out, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every candidate presence score of one normalised image ``x`` (1×3×H×W; ``out``: its ``segment`` output):
-    name → C."""
+def _presence_scores(clip, text, out, x: torch.Tensor, prior: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Every candidate presence score of one normalised image ``x`` (1×3×H×W; ``out``: its ``segment`` output;
+    ``prior``: C×D embeddings of the handcrafted prior of a residual set, if any): name → C."""
     glob, views = out.global_mask[0], out.view_masks[0].mean(0)
     scores = {"g (Eq. 6, γ 10)": out.gpr_logits[0]}
     scores.update({f"Eq. 6 pooling, γ {g:g}": _pool(glob, g) for g in (3.0, 30.0, 1000.0)})
     scores["pooled mean view mask"] = _pool(views)
+    scores.update({f"pooled view {i} mask": _pool(m) for i, m in enumerate(out.view_masks[0])})
+    if prior is not None:  # what Eq. 6 reads with the handcrafted embedding in place of the global prompt's
+        scores["pooled prior mask"] = _pool(view_masks(clip.dense_features(x).float(), prior[None].float())[0, 0])
     scores["pooled (view mean + global) / 2"] = _pool((views + glob) / 2)
     prob = out.fused_logits[0].softmax(0).flatten(1)
     scores["max fused probability"] = prob.max(-1).values
@@ -172,11 +184,12 @@ def presence(a) -> list[dict]:
             ds, loader = _eval_scenes(a.world, a.eval_images)
             vocab = tuple(ds.prompt_names)
             text, scores, present = ps.encode(clip, vocab).detach(), {}, []
+            prior = prior_embedding(ps.prior.encode(clip, vocab)) if getattr(ps, "prior", None) is not None else None
             with torch.no_grad():
                 for image, label, _ in loader:
                     x = clip.normalize(image[None])
                     out = segment(clip.dense_features(x).float(), text, ps.tau1(), ps.tau2(), 10.0, ps.gpr_bias())
-                    for k, v in _presence_scores(clip, text, out, x).items():
+                    for k, v in _presence_scores(clip, text, out, x, prior).items():
                         scores.setdefault(k, []).append(v)
                     lab = label.reshape(-1)
                     lab = lab[lab != ds.ignore_index].long()
@@ -190,48 +203,138 @@ def presence(a) -> list[dict]:
     return results
 
 
+def probe(dim: int, n_classes: int, hidden: int):
+    """(logits, parameters) of a presence probe over frozen dense features B×D×N → B×C (``oracle``).
+
+    hidden = 0: Eq. 6's form with a free unit vector per class in place of the global prompt's embedding — the
+    cosine map pooled by a γ = 10 soft-max, times a learned scale, minus a per-class bias. hidden > 0: a two-layer
+    MLP on each unit-norm feature gives C logits per patch, pooled by a soft-max of learned temperature."""
+    if hidden == 0:
+        w = torch.nn.Parameter(torch.randn(n_classes, dim) * 0.01)
+        bias, log_scale = torch.nn.Parameter(torch.zeros(n_classes)), torch.nn.Parameter(torch.tensor(3.0))
+
+        def linear(x: torch.Tensor) -> torch.Tensor:
+            cos = torch.einsum("cd,bdn->bcn", F.normalize(w, dim=-1), x)
+            return (cos * (10 * cos).softmax(-1)).sum(-1) * log_scale.exp() - bias
+
+        return linear, [w, bias, log_scale]
+    net = torch.nn.Sequential(torch.nn.Conv1d(dim, hidden, 1), torch.nn.GELU(), torch.nn.Conv1d(hidden, hidden, 1),
+                              torch.nn.GELU(), torch.nn.Conv1d(hidden, n_classes, 1))
+    log_gamma = torch.nn.Parameter(torch.tensor(1.0))
+
+    def mlp(x: torch.Tensor) -> torch.Tensor:
+        z = net(F.normalize(x, dim=1))  # B×C×N logits per patch
+        return (z * (log_gamma.exp() * z).softmax(-1)).sum(-1)
+
+    return mlp, [*net.parameters(), log_gamma]
+
+
+def _presence_data(clip, world: str, seed: int, n: int):
+    """(dense features n×D×N, presence n×C of every class, dataset) of ``n`` scenes of ``world`` (val split, full
+    label space) drawn with ``seed``."""
+    ds = build_dataset("toyworld", f"{ra.WORLDS[world]},seed={seed},length={n}", "val", label_space="full")
+    xs, ys = [], []
+    with torch.no_grad():
+        for image, label, _ in eval_loader(EvalShard(ds, get_profile("toyworld").eval_transform(), 0, 1, n), 0):
+            xs.append(clip.dense_features(clip.normalize(image[None])).float()[0].flatten(1))  # D×N
+            lab = label.reshape(-1)
+            lab = lab[lab != ds.ignore_index].long()
+            ys.append((torch.bincount(lab, minlength=len(ds.prompt_names))[:len(ds.prompt_names)] > 0).float())
+    return torch.stack(xs), torch.stack(ys), ds
+
+
+def _fit(logits, params, x: torch.Tensor, y: torch.Tensor, columns, steps: int, full_batch: bool) -> None:
+    """BCE of ``logits(x)`` against presence ``y`` on the class ``columns`` only; Adam, full batch or minibatches
+    of 256 scenes."""
+    opt = torch.optim.Adam(params, lr=0.01 if full_batch else 0.003)
+    for _ in range(steps):
+        idx = slice(None) if full_batch else torch.randint(0, len(x), (256,))
+        loss = F.binary_cross_entropy_with_logits(logits(x[idx])[:, columns], y[idx][:, columns])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _ranking(logits, x: torch.Tensor, y: torch.Tensor, ds) -> dict:
+    """GPRStats summary (ROC-AUC of seen and unseen classes) of presence logits on scenes x with presence y."""
+    stats = GPRStats(y.shape[1], tuple(ds.unseen_indices))
+    with torch.no_grad():
+        pred = logits(x)
+    for p, yy in zip(pred, y):  # one image at a time: labels as a 1×C "image" of present classes
+        stats.update(p, torch.nonzero(yy).flatten().reshape(1, -1) if yy.any() else torch.full((1, 1), 255))
+    return stats.summary()
+
+
 def oracle(a) -> list[dict]:
     results = []
     for name in a.clips:
         clip = fs.load_family_clip(name)
         torch.manual_seed(0)  # the probe's initialisation
-
-        def features(seed: int, n: int):
-            ds = build_dataset("toyworld", f"{ra.WORLDS[a.world]},seed={seed},length={n}", "val", label_space="full")
-            xs, ys = [], []
-            with torch.no_grad():
-                for image, label, _ in eval_loader(EvalShard(ds, get_profile("toyworld").eval_transform(), 0, 1, n), 0):
-                    xs.append(clip.dense_features(clip.normalize(image[None])).float()[0].flatten(1))  # D×N
-                    lab = label.reshape(-1)
-                    lab = lab[lab != ds.ignore_index].long()
-                    ys.append((torch.bincount(lab, minlength=len(ds.prompt_names))[:len(ds.prompt_names)] > 0).float())
-            return torch.stack(xs), torch.stack(ys), ds
-
-        x_tr, y_tr, _ = features(7, a.ntrain)  # another seed's scenes: never the evaluation scenes
-        x_te, y_te, ds = features(0, a.eval_images)
-        w = torch.nn.Parameter(torch.randn(y_tr.shape[1], x_tr.shape[1]) * 0.01)
-        bias, log_scale = torch.nn.Parameter(torch.zeros(y_tr.shape[1])), torch.nn.Parameter(torch.tensor(3.0))
-
-        def logits(x):  # Eq. 6's form with a free class vector in place of the global prompt's embedding
-            cos = torch.einsum("cd,bdn->bcn", F.normalize(w, dim=-1), x)
-            return (cos * (10 * cos).softmax(-1)).sum(-1) * log_scale.exp() - bias
-
-        opt = torch.optim.Adam([w, bias, log_scale], lr=0.01)
-        for _ in range(a.steps):
-            loss = F.binary_cross_entropy_with_logits(logits(x_tr), y_tr)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        stats = GPRStats(y_te.shape[1], tuple(ds.unseen_indices))
-        with torch.no_grad():
-            pred = logits(x_te)
-        for p, y in zip(pred, y_te):  # one image at a time: labels as a 1×C "image" of present classes
-            stats.update(p, torch.nonzero(y).flatten().reshape(1, -1) if y.any() else torch.full((1, 1), 255))
-        summary = stats.summary()
-        results.append({"clip": name, "layout": a.world, "train_scenes": a.ntrain,
+        x_tr, y_tr, _ = _presence_data(clip, a.world, 7, a.ntrain)  # another seed's scenes: never the evaluation's
+        x_te, y_te, ds = _presence_data(clip, a.world, 0, a.eval_images)
+        logits, params = probe(x_tr.shape[1], y_tr.shape[1], a.hidden)
+        # the linear probe trains full-batch (as first measured), the MLP on minibatches; every class's labels
+        _fit(logits, params, x_tr, y_tr, slice(None), a.steps, full_batch=a.hidden == 0)
+        summary = _ranking(logits, x_te, y_te, ds)
+        results.append({"clip": name, "layout": a.world, "train_scenes": a.ntrain, "hidden": a.hidden,
                         "auc_seen": summary["seen"]["auc"], "auc_unseen": summary["unseen"]["auc"]})
-        print(f"{name} {a.world}: oracle probe AUC seen {summary['seen']['auc']:.3f}, unseen "
+        kind = "Eq. 6's form" if a.hidden == 0 else f"MLP {a.hidden}"
+        print(f"{name} {a.world}: oracle probe ({kind}) AUC seen {summary['seen']['auc']:.3f}, unseen "
               f"{summary['unseen']['auc']:.3f} ({a.ntrain} training scenes with unseen labels)", flush=True)
+    return results
+
+
+def adapter_probe(text: torch.Tensor, hidden: int):
+    """(logits, parameters) of Eq. 6 on adapted features: B×D×N → B×C, with ``text`` (C×D, a run's global-prompt
+    embeddings) fixed. Each unit-norm dense feature f becomes norm(f + φ(f)), φ a two-layer MLP of width
+    ``hidden`` whose output layer starts at zero (so training starts at Eq. 6 itself); the cosine maps are pooled
+    by the γ = 10 soft-max, times a learned scale, minus a learned bias. φ sees no class: what it learns from the
+    seen classes reaches an unseen name only through the shared features. hidden = 0: no φ (scale and bias only,
+    Eq. 6 recalibrated)."""
+    text = text.detach().float()
+    dim = text.shape[1]
+    net = None
+    if hidden:
+        net = torch.nn.Sequential(torch.nn.Conv1d(dim, hidden, 1), torch.nn.GELU(), torch.nn.Conv1d(hidden, dim, 1))
+        torch.nn.init.zeros_(net[2].weight)
+        torch.nn.init.zeros_(net[2].bias)
+    log_scale, bias = torch.nn.Parameter(torch.tensor(3.0)), torch.nn.Parameter(torch.tensor(0.0))
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        f = F.normalize(x, dim=1)
+        if net is not None:
+            f = F.normalize(f + net(f), dim=1)
+        cos = torch.einsum("cd,bdn->bcn", text, f)
+        return (cos * (10 * cos).softmax(-1)).sum(-1) * log_scale.exp() - bias
+
+    return logits, [log_scale, bias, *([] if net is None else net.parameters())]
+
+
+def adapter(a) -> list[dict]:
+    """A class-agnostic feature adapter for GPR trained on the seen classes only (exploratory, issue #28)."""
+    results = []
+    for name in a.clips:
+        clip = fs.load_family_clip(name)
+        x_tr, y_tr, _ = _presence_data(clip, a.world, 7, a.ntrain)  # presence of every class; only seen ones used
+        x_te, y_te, ds = _presence_data(clip, a.world, 0, a.eval_images)
+        seen = [c for c in range(len(ds.prompt_names)) if c not in set(ds.unseen_indices)]
+        for seed in a.seeds:
+            run = Path(a.out, name, a.world, f"seed{seed}", a.arm, "prompts.safetensors")
+            ps = load_prompts(str(run), clip, name=a.arm).eval()
+            with torch.no_grad():
+                text = ps.encode(clip, tuple(ds.prompt_names)).glob
+            for hidden in a.hidden:
+                torch.manual_seed(0)  # φ's initialisation and the minibatches
+                logits, params = adapter_probe(text, hidden)
+                _fit(logits, params, x_tr, y_tr, seen, a.steps, full_batch=False)
+                summary = _ranking(logits, x_te, y_te, ds)
+                results.append({"clip": name, "layout": a.world, "seed": seed, "arm": a.arm, "hidden": hidden,
+                                "train_scenes": a.ntrain, "auc_seen": summary["seen"]["auc"],
+                                "auc_unseen": summary["unseen"]["auc"]})
+                print(f"{name} {a.world} seed {seed}: GPR on adapted features (φ width {hidden}, trained on seen "
+                      f"classes of {a.ntrain} scenes) AUC seen {summary['seen']['auc']:.3f}, unseen "
+                      f"{summary['unseen']['auc']:.3f}", flush=True)
+    Path(a.out, f"gpr-adapter-{a.arm}-{a.ntrain}.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 
@@ -252,16 +355,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     r.add_argument("--world", default="voc", choices=list(ra.WORLDS))
     r.add_argument("--seeds", nargs="+", type=int, default=[9])
     o = sub.add_parser("oracle")
-    o.add_argument("--world", default="voc", choices=list(ra.WORLDS))
-    o.add_argument("--ntrain", type=int, default=2000)
-    o.add_argument("--steps", type=int, default=1500)
-    for q in (i, s, r, o):
+    o.add_argument("--hidden", type=int, default=0, help="0: Eq. 6's form; H > 0: a two-layer MLP of width H")
+    d = sub.add_parser("adapter")
+    d.add_argument("--out", default="runs/gpr5")
+    d.add_argument("--arm", default="gpr-views", help="the runs whose global prompt gives the class directions")
+    d.add_argument("--seeds", nargs="+", type=int, default=[9])
+    d.add_argument("--hidden", nargs="+", type=int, default=[0, 128], help="widths of φ (0: no φ)")
+    for q in (o, d):
+        q.add_argument("--world", default="voc", choices=list(ra.WORLDS))
+        q.add_argument("--ntrain", type=int, default=2000)
+        q.add_argument("--steps", type=int, default=1500)
+    for q in (i, s, r, o, d):
         q.add_argument("--clips", nargs="+", default=["fam-a", "fam-b", "fam-d"])
         q.add_argument("--eval-images", type=int, default=150)
         q.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    return {"inference": inference, "splice": splice, "presence": presence, "oracle": oracle}[a.cmd](a)
+    return {"inference": inference, "splice": splice, "presence": presence, "oracle": oracle,
+            "adapter": adapter}[a.cmd](a)
 
 
 if __name__ == "__main__":
