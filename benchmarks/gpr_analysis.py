@@ -20,7 +20,8 @@
   presence beyond anything a text embedding (one direction per class) can read.
 ``adapter``: Eq. 6 with a run's global prompt on *adapted* features: a class-agnostic residual MLP φ on each
   dense feature, trained with BCE on the presence of the seen classes only (``--ntrain`` scenes), scored by the
-  unseen ROC-AUC — whether GPR could read presence beyond Eq. 6's ceiling without the unseen labels.
+  unseen ROC-AUC — whether GPR could read presence beyond Eq. 6's ceiling without the unseen labels — and by
+  mIoU(U) of the run's views refined by Eq. 8 with that g, against the views alone and the run's own g.
 
     python benchmarks/gpr_analysis.py inference --out runs/gpr3 --clips fam-a fam-b fam-d
     python benchmarks/gpr_analysis.py splice --out runs/gpr4 --clips toyclip fam-a fam-b fam-d --eval-images 600
@@ -61,10 +62,12 @@ def _eval_scenes(world: str, n: int):
     return ds, eval_loader(EvalShard(ds, get_profile("toyworld").eval_transform(), 0, 1, n), 0)
 
 
-def _predict(out, size, alpha: float) -> torch.Tensor:
-    """argmax of log m + α log g at ``size`` (Eq. 8 for α = 1): H×W."""
+def _predict(out, size, alpha: float, gpr_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """argmax of log m + α log g at ``size`` (Eq. 8 for α = 1): H×W. ``gpr_logits`` (1×C): another g's logits in
+    place of the output's own."""
     lg = F.interpolate(out.fused_logits, size=size, mode="bilinear", align_corners=False).log_softmax(1)
-    return (lg + alpha * F.logsigmoid(out.gpr_logits)[:, :, None, None]).argmax(1)[0]
+    g = out.gpr_logits if gpr_logits is None else gpr_logits
+    return (lg + alpha * F.logsigmoid(g)[:, :, None, None]).argmax(1)[0]
 
 
 def _arm_runs(a):
@@ -321,20 +324,40 @@ def adapter(a) -> list[dict]:
         for seed in a.seeds:
             run = Path(a.out, name, a.world, f"seed{seed}", a.arm, "prompts.safetensors")
             ps = load_prompts(str(run), clip, name=a.arm).eval()
+            ev_ds, loader = _eval_scenes(a.world, a.eval_images)  # the scenes of x_te, in the same order
             with torch.no_grad():
-                text = ps.encode(clip, tuple(ds.prompt_names)).glob
+                text = ps.encode(clip, tuple(ds.prompt_names)).detach()
+                outs = [(segment(clip.dense_features(clip.normalize(image[None])).float(), text, ps.tau1(),
+                                 ps.tau2(), 10.0, ps.gpr_bias()), label) for image, label, _ in loader]
+
+            def scores(alpha: float, g=None) -> dict[str, float]:
+                """mIoU(U), mIoU(S), hIoU of the run's views under Eq. 8 with α and g (None: the run's own)."""
+                cm = ConfusionMatrix(len(ev_ds.prompt_names), ev_ds.ignore_index)
+                with torch.no_grad():
+                    for i, (out, label) in enumerate(outs):
+                        cm.update(_predict(out, tuple(label.shape), alpha, None if g is None else g(x_te[i:i + 1])),
+                                  label)
+                r = summarize(cm.mat.numpy(), tuple(ev_ds.class_names), tuple(ev_ds.unseen_indices))
+                return {"miou_unseen": r.miou_unseen, "miou_seen": r.miou_seen, "hiou": r.hiou}
+
+            views, own = scores(0.0), scores(1.0)  # Table 1 row 4 and the run's row 5
             for hidden in a.hidden:
                 torch.manual_seed(0)  # φ's initialisation and the minibatches
-                logits, params = adapter_probe(text, hidden)
+                logits, params = adapter_probe(text.glob, hidden)
                 _fit(logits, params, x_tr, y_tr, seen, a.steps, full_batch=False)
                 summary = _ranking(logits, x_te, y_te, ds)
+                adapted = scores(1.0, logits)
                 results.append({"clip": name, "layout": a.world, "seed": seed, "arm": a.arm, "hidden": hidden,
                                 "train_scenes": a.ntrain, "auc_seen": summary["seen"]["auc"],
-                                "auc_unseen": summary["unseen"]["auc"]})
+                                "auc_unseen": summary["unseen"]["auc"], "views": views, "run": own,
+                                "adapted": adapted})
                 print(f"{name} {a.world} seed {seed}: GPR on adapted features (φ width {hidden}, trained on seen "
                       f"classes of {a.ntrain} scenes) AUC seen {summary['seen']['auc']:.3f}, unseen "
-                      f"{summary['unseen']['auc']:.3f}", flush=True)
-    Path(a.out, f"gpr-adapter-{a.arm}-{a.ntrain}.json").write_text(json.dumps(results, indent=1) + "\n")
+                      f"{summary['unseen']['auc']:.3f}; mIoU(U) / hIoU: views " + ", the run's g ".join(
+                          f"{r['miou_unseen']:.1f} / {r['hiou']:.1f}" for r in (views, own)) +
+                      f", this g {adapted['miou_unseen']:.1f} / {adapted['hiou']:.1f}", flush=True)
+    Path(a.out, f"gpr-adapter-{a.arm}-{a.ntrain}-h{'-'.join(map(str, a.hidden))}.json").write_text(
+        json.dumps(results, indent=1) + "\n")
     return results
 
 

@@ -98,3 +98,21 @@ def test_adapter_probe_starts_at_eq6_and_learns_from_seen_columns_only():
     ga._fit(again, params, x, y, [0, 1], steps=5, full_batch=True)
     ga._fit(again2, params2, x, flipped, [0, 1], steps=5, full_batch=True)
     torch.testing.assert_close(again(x), again2(x))
+
+
+def test_predict_with_another_g(tiny):
+    torch.manual_seed(5)
+    ps = LearnedPrompts(tiny.text_width, n_seg=3, n_ctx=4, gpr_bias=True).eval()
+    with torch.no_grad():
+        text = ps.encode(tiny, ("red cat", "blue dog", "green owl")).detach()
+        out = segment(tiny.dense_features(tiny.normalize(torch.rand(1, 3, 96, 96))).float(), text, ps.tau1(),
+                      ps.tau2(), 10.0, ps.gpr_bias())
+    assert torch.equal(ga._predict(out, (32, 32), 1.0, out.gpr_logits), ga._predict(out, (32, 32), 1.0))
+    views = ga._predict(out, (32, 32), 0.0)
+    top = int(views.flatten().mode().values)
+    g = torch.full((1, 3), 20.0)
+    g[0, top] = -50.0  # a class scored absent loses every pixel under Eq. 8; the others keep the views' order
+    refined = ga._predict(out, (32, 32), 1.0, g)
+    assert not (refined == top).any()
+    keep = views != top
+    assert torch.equal(refined[keep], views[keep])
