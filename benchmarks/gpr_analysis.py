@@ -57,8 +57,10 @@ from training.selection import ValidationSet, choose_holdout, summarise, validat
 ALPHAS = (0.0, 0.25, 0.5, 1.0)
 
 
-def _eval_scenes(world: str, n: int):
-    ds = build_dataset("toyworld", f"{ra.WORLDS[world]},seed=0,length={n}", "val", label_space="full")
+def _eval_scenes(world: str, n: int, seed: int = 0):
+    """(dataset, loader) of ``n`` scenes of ``world`` (val split, full label space) drawn with ``seed`` (0: the
+    evaluation scenes)."""
+    ds = build_dataset("toyworld", f"{ra.WORLDS[world]},seed={seed},length={n}", "val", label_space="full")
     return ds, eval_loader(EvalShard(ds, get_profile("toyworld").eval_transform(), 0, 1, n), 0)
 
 
@@ -207,7 +209,7 @@ def presence(a) -> list[dict]:
 
 
 def probe(dim: int, n_classes: int, hidden: int):
-    """(logits, parameters) of a presence probe over frozen dense features B×D×N → B×C (``oracle``).
+    """(logits, parameters) of a presence probe over frozen dense features B×D×N (or B×D×h×w) → B×C (``oracle``).
 
     hidden = 0: Eq. 6's form with a free unit vector per class in place of the global prompt's embedding — the
     cosine map pooled by a γ = 10 soft-max, times a learned scale, minus a per-class bias. hidden > 0: a two-layer
@@ -217,8 +219,8 @@ def probe(dim: int, n_classes: int, hidden: int):
         bias, log_scale = torch.nn.Parameter(torch.zeros(n_classes)), torch.nn.Parameter(torch.tensor(3.0))
 
         def linear(x: torch.Tensor) -> torch.Tensor:
-            cos = torch.einsum("cd,bdn->bcn", F.normalize(w, dim=-1), x)
-            return (cos * (10 * cos).softmax(-1)).sum(-1) * log_scale.exp() - bias
+            cos = torch.einsum("cd,bdn->bcn", F.normalize(w, dim=-1), x.flatten(2))
+            return gpr_logits(cos, 10.0, (-log_scale).exp(), bias)
 
         return linear, [w, bias, log_scale]
     net = torch.nn.Sequential(torch.nn.Conv1d(dim, hidden, 1), torch.nn.GELU(), torch.nn.Conv1d(hidden, hidden, 1),
@@ -226,24 +228,26 @@ def probe(dim: int, n_classes: int, hidden: int):
     log_gamma = torch.nn.Parameter(torch.tensor(1.0))
 
     def mlp(x: torch.Tensor) -> torch.Tensor:
-        z = net(F.normalize(x, dim=1))  # B×C×N logits per patch
+        z = net(F.normalize(x.flatten(2), dim=1))  # B×C×N logits per patch
         return (z * (log_gamma.exp() * z).softmax(-1)).sum(-1)
 
     return mlp, [*net.parameters(), log_gamma]
 
 
-def _presence_data(clip, world: str, seed: int, n: int):
-    """(dense features n×D×N, presence n×C of every class, dataset) of ``n`` scenes of ``world`` (val split, full
-    label space) drawn with ``seed``."""
-    ds = build_dataset("toyworld", f"{ra.WORLDS[world]},seed={seed},length={n}", "val", label_space="full")
-    xs, ys = [], []
+def _presence_data(clip, world: str, seed: int, n: int, keep_labels: bool = False):
+    """(dense features n×D×h×w, presence n×C of every class, the label maps if ``keep_labels`` else None,
+    dataset) of ``_eval_scenes(world, n, seed)``."""
+    ds, loader = _eval_scenes(world, n, seed)
+    xs, ys, labels = [], [], []
     with torch.no_grad():
-        for image, label, _ in eval_loader(EvalShard(ds, get_profile("toyworld").eval_transform(), 0, 1, n), 0):
-            xs.append(clip.dense_features(clip.normalize(image[None])).float()[0].flatten(1))  # D×N
+        for image, label, _ in loader:
+            xs.append(clip.dense_features(clip.normalize(image[None])).float()[0])  # D×h×w
+            if keep_labels:
+                labels.append(label)
             lab = label.reshape(-1)
             lab = lab[lab != ds.ignore_index].long()
             ys.append((torch.bincount(lab, minlength=len(ds.prompt_names))[:len(ds.prompt_names)] > 0).float())
-    return torch.stack(xs), torch.stack(ys), ds
+    return torch.stack(xs), torch.stack(ys), labels if keep_labels else None, ds
 
 
 def _fit(logits, params, x: torch.Tensor, y: torch.Tensor, columns, steps: int, full_batch: bool) -> None:
@@ -273,8 +277,8 @@ def oracle(a) -> list[dict]:
     for name in a.clips:
         clip = fs.load_family_clip(name)
         torch.manual_seed(0)  # the probe's initialisation
-        x_tr, y_tr, _ = _presence_data(clip, a.world, 7, a.ntrain)  # another seed's scenes: never the evaluation's
-        x_te, y_te, ds = _presence_data(clip, a.world, 0, a.eval_images)
+        x_tr, y_tr, _, _ = _presence_data(clip, a.world, 7, a.ntrain)  # another seed's scenes, never the evaluation's
+        x_te, y_te, _, ds = _presence_data(clip, a.world, 0, a.eval_images)
         logits, params = probe(x_tr.shape[1], y_tr.shape[1], a.hidden)
         # the linear probe trains full-batch (as first measured), the MLP on minibatches; every class's labels
         _fit(logits, params, x_tr, y_tr, slice(None), a.steps, full_batch=a.hidden == 0)
@@ -288,15 +292,11 @@ def oracle(a) -> list[dict]:
 
 
 def adapter_probe(text: torch.Tensor, hidden: int):
-    """(logits, parameters) of Eq. 6 on adapted features: B×D×N → B×C, with ``text`` (C×D, a run's global-prompt
+    """(logits, parameters) of Eq. 6 on adapted features: B×D×N (or B×D×h×w) → B×C, with ``text`` (C×D, a run's global-prompt
     embeddings) fixed. Each unit-norm dense feature f becomes norm(f + φ(f)), φ a two-layer MLP of width
-    ``hidden`` whose output layer starts at zero (so training starts at Eq. 6 itself); the cosine maps are pooled
-    by the γ = 10 soft-max, times a learned scale, minus a learned bias. φ sees no class: what it learns from the
-    seen classes reaches an unseen name only through the shared features. hidden = 0: no φ (scale and bias only,
-    Eq. 6 recalibrated)."""
-    text = text.detach().float()
-    dim = text.shape[1]
-    net = None
+    ``hidden``, output layer zero at the start (training starts at Eq. 6); γ = 10 pooling, learned scale and bias.
+    φ sees no class: an unseen name gains only through the shared features. hidden = 0: Eq. 6 recalibrated."""
+    text, dim, net = text.detach().float(), text.shape[1], None
     if hidden:
         net = torch.nn.Sequential(torch.nn.Conv1d(dim, hidden, 1), torch.nn.GELU(), torch.nn.Conv1d(hidden, dim, 1))
         torch.nn.init.zeros_(net[2].weight)
@@ -304,11 +304,10 @@ def adapter_probe(text: torch.Tensor, hidden: int):
     log_scale, bias = torch.nn.Parameter(torch.tensor(3.0)), torch.nn.Parameter(torch.tensor(0.0))
 
     def logits(x: torch.Tensor) -> torch.Tensor:
-        f = F.normalize(x, dim=1)
+        f = F.normalize(x.flatten(2), dim=1)
         if net is not None:
             f = F.normalize(f + net(f), dim=1)
-        cos = torch.einsum("cd,bdn->bcn", text, f)
-        return (cos * (10 * cos).softmax(-1)).sum(-1) * log_scale.exp() - bias
+        return gpr_logits(torch.einsum("cd,bdn->bcn", text, f), 10.0, (-log_scale).exp(), bias)
 
     return logits, [log_scale, bias, *([] if net is None else net.parameters())]
 
@@ -318,26 +317,26 @@ def adapter(a) -> list[dict]:
     results = []
     for name in a.clips:
         clip = fs.load_family_clip(name)
-        x_tr, y_tr, _ = _presence_data(clip, a.world, 7, a.ntrain)  # presence of every class; only seen ones used
-        x_te, y_te, ds = _presence_data(clip, a.world, 0, a.eval_images)
+        x_tr, y_tr, _, _ = _presence_data(clip, a.world, 7, a.ntrain)  # presence of every class; only seen ones used
+        # the evaluation scenes' features, presence and label maps, once for every run of this CLIP
+        x_te, y_te, labels, ds = _presence_data(clip, a.world, 0, a.eval_images, keep_labels=True)
         seen = [c for c in range(len(ds.prompt_names)) if c not in set(ds.unseen_indices)]
         for seed in a.seeds:
             run = Path(a.out, name, a.world, f"seed{seed}", a.arm, "prompts.safetensors")
             ps = load_prompts(str(run), clip, name=a.arm).eval()
-            ev_ds, loader = _eval_scenes(a.world, a.eval_images)  # the scenes of x_te, in the same order
             with torch.no_grad():
                 text = ps.encode(clip, tuple(ds.prompt_names)).detach()
-                outs = [(segment(clip.dense_features(clip.normalize(image[None])).float(), text, ps.tau1(),
-                                 ps.tau2(), 10.0, ps.gpr_bias()), label) for image, label, _ in loader]
+                outs = [segment(x_te[i:i + 1], text, ps.tau1(), ps.tau2(), 10.0, ps.gpr_bias())
+                        for i in range(len(x_te))]
 
             def scores(alpha: float, g=None) -> dict[str, float]:
                 """mIoU(U), mIoU(S), hIoU of the run's views under Eq. 8 with α and g (None: the run's own)."""
-                cm = ConfusionMatrix(len(ev_ds.prompt_names), ev_ds.ignore_index)
+                cm = ConfusionMatrix(len(ds.prompt_names), ds.ignore_index)
                 with torch.no_grad():
-                    for i, (out, label) in enumerate(outs):
+                    for i, (out, label) in enumerate(zip(outs, labels)):
                         cm.update(_predict(out, tuple(label.shape), alpha, None if g is None else g(x_te[i:i + 1])),
                                   label)
-                r = summarize(cm.mat.numpy(), tuple(ev_ds.class_names), tuple(ev_ds.unseen_indices))
+                r = summarize(cm.mat.numpy(), tuple(ds.class_names), tuple(ds.unseen_indices))
                 return {"miou_unseen": r.miou_unseen, "miou_seen": r.miou_seen, "hiou": r.hiou}
 
             views, own = scores(0.0), scores(1.0)  # Table 1 row 4 and the run's row 5
