@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import family_study as fs  # noqa: E402
 import recipe_ablation as ra  # noqa: E402
 from mvpseg.checkpoint import load_prompts  # noqa: E402
-from mvpseg.heads import gpr_logits, segment, view_masks  # noqa: E402
+from mvpseg.heads import apply_prompts, gpr_logits, view_masks  # noqa: E402
 from mvpseg.prompts import prior_embedding  # noqa: E402
 from training.data import EvalShard, eval_loader  # noqa: E402
 from training.datasets import build_dataset, get_profile  # noqa: E402
@@ -93,7 +93,7 @@ def inference(a) -> list[dict]:
         for alpha in ALPHAS:
             cm = ConfusionMatrix(len(vocab))
             for feats, label in zip(vs.features, vs.labels):
-                out = segment(feats, text, ps.tau1(), ps.tau2(), 10.0, ps.gpr_bias())
+                out = apply_prompts(feats, text, ps)
                 cm.update(_predict(out, tuple(label.shape), alpha), label)
             val[alpha] = summarise(cm.mat.numpy(), holdout, "holdout")["score"]
         ds, loader = _eval_scenes(world, a.eval_images)
@@ -101,8 +101,7 @@ def inference(a) -> list[dict]:
         cms = {alpha: ConfusionMatrix(len(ds.prompt_names), ds.ignore_index) for alpha in ALPHAS}
         with torch.no_grad():
             for image, label, _ in loader:
-                out = segment(clip.dense_features(clip.normalize(image[None])).float(), text, ps.tau1(),
-                              ps.tau2(), 10.0, ps.gpr_bias())
+                out = apply_prompts(clip.dense_features(clip.normalize(image[None])).float(), text, ps)
                 for alpha in ALPHAS:
                     cms[alpha].update(_predict(out, tuple(label.shape), alpha), label)
         test = {alpha: summarize(cm.mat.numpy(), tuple(ds.class_names), tuple(ds.unseen_indices)).miou_unseen
@@ -131,8 +130,8 @@ def splice(a) -> list[dict]:
         with torch.no_grad():
             for image, label, _ in loader:
                 f = clip.dense_features(clip.normalize(image[None])).float()
-                g = segment(f, gtext, gpr_ps.tau1(), gpr_ps.tau2(), 10.0, gpr_ps.gpr_bias())
-                v = segment(f, vtext, view_ps.tau1(), view_ps.tau2(), 10.0, view_ps.gpr_bias())
+                g = apply_prompts(f, gtext, gpr_ps)
+                v = apply_prompts(f, vtext, view_ps)
                 size = tuple(label.shape)
                 lv = F.interpolate(v.fused_logits, size=size, mode="bilinear", align_corners=False).log_softmax(1)
                 cms["views"].update(lv.argmax(1)[0], label)
@@ -193,7 +192,7 @@ def presence(a) -> list[dict]:
             with torch.no_grad():
                 for image, label, _ in loader:
                     x = clip.normalize(image[None])
-                    out = segment(clip.dense_features(x).float(), text, ps.tau1(), ps.tau2(), 10.0, ps.gpr_bias())
+                    out = apply_prompts(clip.dense_features(x).float(), text, ps)
                     for k, v in _presence_scores(clip, text, out, x, prior).items():
                         scores.setdefault(k, []).append(v)
                     lab = label.reshape(-1)
@@ -326,8 +325,7 @@ def adapter(a) -> list[dict]:
             ps = load_prompts(str(run), clip, name=a.arm).eval()
             with torch.no_grad():
                 text = ps.encode(clip, tuple(ds.prompt_names)).detach()
-                outs = [segment(x_te[i:i + 1], text, ps.tau1(), ps.tau2(), 10.0, ps.gpr_bias())
-                        for i in range(len(x_te))]
+                outs = [apply_prompts(x_te[i:i + 1], text, ps) for i in range(len(x_te))]
 
             def scores(alpha: float, g=None) -> dict[str, float]:
                 """mIoU(U), mIoU(S), hIoU of the run's views under Eq. 8 with α and g (None: the run's own)."""

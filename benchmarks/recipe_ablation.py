@@ -72,6 +72,11 @@ ARMS: dict[str, list[str]] = {
     "gpr-last": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "last"],
     # ... and whose views are selected exactly as without GPR (H-GPR5, docs/history/gpr-views-study.md)
     "gpr-views": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views"],
+    # ... with GPR reading the features through the adapter φ (width 128), the global branch trained alone on to
+    # iteration 2,000, from 500 on minibatches of 32 from 4,000 training scenes' features (H-GPR6,
+    # docs/history/gpr-adapter-study.md)
+    "gpr-adapter": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views", "--gpr-adapter", "128",
+                    "--gpr-iters", "2000", "--gpr-pool", "4000", "--gpr-batch", "32"],
     # third addendum: AdamW steps a quarter of the default's (fixed at 5e-4 = 0.025 × the toy CLIPs'
     # token-embedding RMS), with 2× the iterations and validations half as often (the same number of checks)
     "lr-rel": ["--lr", "5e-4", "--max-iters", "1000", "--val-every", "100"],

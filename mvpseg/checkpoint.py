@@ -126,7 +126,8 @@ def save_prompts(path: str | os.PathLike, prompts: LearnedPrompts, clip: FrozenC
 def prompts_from_tensors(meta: PromptMeta, tensors: dict[str, torch.Tensor], name: str,
                          origin: str) -> LearnedPrompts:
     """A learned prompt set from its metadata and checkpoint tensors (``ctx``, ``tau1``, ``tau2``; ``ctx0`` for
-    residual sets, whose handcrafted prior is read by name; ``gpr_bias`` for calibrated ones), strictly: what
+    residual sets, whose handcrafted prior is read by name; ``gpr_bias`` for calibrated ones; ``gpr_adapter.*`` for
+    sets with a GPR adapter), strictly: what
     prompt checkpoints and student checkpoints (which embed their teacher's prompts) both store."""
     prompts = LearnedPrompts(meta.text_width, meta.n_seg, meta.n_ctx, meta.use_global, name=name)
     if ("ctx0" in tensors) != (meta.residual_prior is not None):
@@ -135,6 +136,10 @@ def prompts_from_tensors(meta: PromptMeta, tensors: dict[str, torch.Tensor], nam
                               f"{meta.residual_prior!r})")
     try:
         prompts.load_checkpoint_tensors(tensors)
+        adapter = prompts.gpr_adapter()
+        if adapter is not None and adapter.dim != meta.embed_dim:
+            raise ValueError(f"its GPR adapter reads {adapter.dim}-dimensional features, the metadata's CLIP "
+                             f"embeds {meta.embed_dim}")
         if meta.residual_prior is not None:
             prompts.set_prior(handcrafted_set(meta.residual_prior), rebase=False)
     except ValueError as e:

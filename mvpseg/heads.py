@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .prompts import TextViews
+from .prompts import PromptSet, TextViews
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,24 @@ def gpr_logits(global_mask: torch.Tensor, gamma: float, tau2: torch.Tensor | flo
 
 
 def segment(features: torch.Tensor, text: TextViews, tau1: torch.Tensor | float, tau2: torch.Tensor | float | None,
-            gamma: float = 10.0, gpr_bias: torch.Tensor | float = 0.0) -> MVPSegOutput:
+            gamma: float = 10.0, gpr_bias: torch.Tensor | float = 0.0,
+            gpr_adapter: Callable[[torch.Tensor], torch.Tensor] | None = None) -> MVPSegOutput:
     """Applies the MVP-SEG head. features B×D×h×w; text.seg K×C×D; text.glob C×D or None; ``gpr_bias``: the
-    prompt set's ``gpr_bias()``."""
+    prompt set's ``gpr_bias()``; ``gpr_adapter``: its ``gpr_adapter()`` (mvpseg.gpr_adapter), the map through which
+    GPR alone reads the features (None: the features themselves, Eq. 6; ``global_mask`` is then m^0 on them)."""
     masks = view_masks(features, text.seg)
     fused_logits = tau1 * masks.sum(dim=1)
     if text.glob is None or tau2 is None:
         return MVPSegOutput(masks, fused_logits, None, None)
-    global_mask = view_masks(features, text.glob.unsqueeze(0))[:, 0]
+    gpr_features = features if gpr_adapter is None else gpr_adapter(features)
+    global_mask = view_masks(gpr_features, text.glob.unsqueeze(0))[:, 0]
     return MVPSegOutput(masks, fused_logits, global_mask, gpr_logits(global_mask, gamma, tau2, gpr_bias))
+
+
+def apply_prompts(features: torch.Tensor, text: TextViews, prompts: PromptSet, gamma: float = 10.0,
+                  gpr: bool = True) -> MVPSegOutput:
+    """``segment`` with everything the prompt set ``prompts`` carries besides its text (τ1, τ2, the GPR bias and
+    adapter): what the model, the predictor, evaluation and selection all call. ``gpr=False``: without Eq. 6–8
+    (the segmentation views alone, as a set without a global prompt)."""
+    tau2 = prompts.tau2() if gpr else None
+    return segment(features, text, prompts.tau1(), tau2, gamma, prompts.gpr_bias(), prompts.gpr_adapter())

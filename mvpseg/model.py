@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .clip_backbone import FrozenCLIP
-from .heads import MVPSegOutput, segment
+from .heads import MVPSegOutput, apply_prompts
 from .losses import IGNORE_INDEX, LossWeights, compute_losses
 from .prompts import LearnedPrompts, PromptSet, TextViews
 
@@ -36,8 +36,7 @@ class MVPSeg(nn.Module):
         return self.prompts.encode(self.clip, class_names)
 
     def head(self, features: torch.Tensor, text: TextViews) -> MVPSegOutput:
-        return segment(features, text, self.prompts.tau1(), self.prompts.tau2(), self.gamma,
-                       self.prompts.gpr_bias())
+        return apply_prompts(features, text, self.prompts, self.gamma)
 
     def forward(self, images: torch.Tensor, class_names: Sequence[str]) -> MVPSegOutput:
         return self.head(self.image_features(images), self.text_features(class_names))

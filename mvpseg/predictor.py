@@ -23,7 +23,7 @@ from .checkpoint import CheckpointError, dense_mode_mismatch, learned_dense_mode
 from .clip_backbone import FrozenCLIP
 from .dense import pamr as pamr_refine
 from .dense_settings import DenseSettings, SlidingLike
-from .heads import MVPSegOutput, segment
+from .heads import MVPSegOutput, apply_prompts
 from .image_io import ImageLike, prepare_image
 from .prompts import PromptSet, TextViews
 from .text_cache import ClassTextCache, DiskTextCache, LRUCache, TextKey, prompt_fingerprint
@@ -334,8 +334,7 @@ class Predictor:
         t0 = time.perf_counter()
         text = self.text_features(names, name)
         t1 = time.perf_counter()
-        tau2 = ps.tau2()
-        out = segment(feats, text, ps.tau1(), tau2, self.gamma, ps.gpr_bias())
+        out = apply_prompts(feats, text, ps, self.gamma)
         t2 = time.perf_counter()
         return Prediction(names, text.view_names, name, self._image_size, out, self._work_size,
                           {"text": t1 - t0, "head": t2 - t1}, self._input if self.pamr else None, self.dense)

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .clip_backbone import FrozenCLIP
+from .gpr_adapter import GPRAdapter
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,11 @@ class PromptSet(nn.Module):
     def gpr_bias(self) -> torch.Tensor | float:
         """A logit offset subtracted inside Eq. 6's sigmoid (0 unless a set learned one: calibrated GPR)."""
         return 0.0
+
+    def gpr_adapter(self) -> nn.Module | None:
+        """The map through which GPR reads the dense features (mvpseg.gpr_adapter; None: the features themselves,
+        the paper's Eq. 6)."""
+        return None
 
     def encode(self, clip: FrozenCLIP, class_names: Sequence[str]) -> TextViews:
         raise NotImplementedError
@@ -161,6 +167,19 @@ class LearnedPrompts(PromptSet):
     def gpr_bias(self) -> torch.Tensor | float:
         return self._parameters["bias"] if "bias" in self._parameters else 0.0
 
+    def enable_gpr_adapter(self, dim: int, width: int, seed: int = 0) -> GPRAdapter:
+        """Adds the GPR adapter φ (``mvpseg.gpr_adapter.GPRAdapter``: dense features of width ``dim``, hidden
+        ``width``), the identity at its start; its parameters learn with the global prompt. Only with a global
+        prompt. Its state keys are ``gpr_adapter.*`` (training's ``splice_global`` takes them with the global
+        prompt)."""
+        if not self.use_global:
+            raise ValueError("a GPR adapter needs a global prompt (use_global=True)")
+        self.gpr_adapter_net = GPRAdapter(dim, width, seed).to(self.ctx.device)
+        return self.gpr_adapter_net
+
+    def gpr_adapter(self) -> nn.Module | None:
+        return self._modules.get("gpr_adapter_net")
+
     def text_identity(self) -> tuple[tuple, dict[str, torch.Tensor]]:
         """The context vectors and the layout (and, in residual form, ctx0 and the prior's templates): the
         temperatures do not change the text embeddings."""
@@ -180,16 +199,24 @@ class LearnedPrompts(PromptSet):
             out["gpr_bias"] = self.bias.detach().float().cpu().reshape(())
         if self.residual:  # likewise residual sets (the prior's name goes in the JSON: mvpseg.checkpoint)
             out["ctx0"] = self.ctx0.detach().float().cpu().contiguous()
+        if self.gpr_adapter() is not None:  # and sets with a GPR adapter: gpr_adapter.{w1, b1, w2, b2}
+            out.update(self.gpr_adapter().checkpoint_tensors())
         return out
 
     def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of ``checkpoint_tensors``, strict: exactly ``ctx`` (this set's shape) and 0-d ``tau1``,
-        ``tau2``, all finite, temperatures positive; raises ValueError naming the first problem."""
+        ``tau2``, all finite, temperatures positive (and the ``gpr_adapter.*`` tensors of a set with a GPR
+        adapter: ``GPRAdapter.from_checkpoint``); raises ValueError naming the first problem."""
+        full = tensors
         expected = {"ctx": tuple(self.ctx.shape), "tau1": (), "tau2": ()}
         if "gpr_bias" in tensors and self.use_global:  # a calibrated GPR set
             expected["gpr_bias"] = ()
         if "ctx0" in tensors:  # a residual set
             expected["ctx0"] = tuple(self.ctx.shape)
+        adapter_keys = {k for k in tensors if k.startswith("gpr_adapter.")}
+        if adapter_keys and not self.use_global:
+            raise ValueError("holds a GPR adapter but no global prompt")
+        tensors = {k: v for k, v in tensors.items() if k not in adapter_keys}
         if set(tensors) != set(expected):
             raise ValueError(f"holds tensors {sorted(tensors)}, expected {sorted(expected)}")
         for key, shape in expected.items():
@@ -208,6 +235,10 @@ class LearnedPrompts(PromptSet):
         if "ctx0" in tensors:
             self.ctx0 = torch.zeros_like(self.ctx.detach())
             state["ctx0"] = tensors["ctx0"]
+        if adapter_keys:
+            adapter = GPRAdapter.from_checkpoint({k: full[k] for k in adapter_keys})
+            self.enable_gpr_adapter(adapter.dim, adapter.width)
+            state.update({f"gpr_adapter_net.{k}": v for k, v in adapter.state_dict().items()})
         self.load_state_dict(state, strict=True)
         self._base_cache.clear()
 
@@ -271,6 +302,21 @@ class LearnedPrompts(PromptSet):
             feats = F.normalize(h.to(feats.device).unsqueeze(0) + feats - e0.to(feats.device), dim=-1)
         seg, glob = (feats[1:], feats[0]) if self.use_global else (feats, None)
         return TextViews(seg, glob, self.view_names, names)
+
+    def encode_global(self, clip: FrozenCLIP, class_names: Sequence[str], plain: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """The global prompt's C×D class embeddings alone — one text pass for ``ctx[0]`` instead of all P
+        prompts (training's global-only steps); equal to ``encode(...).glob``. ``plain``: its plain embeddings
+        1×C×D when computed elsewhere (the shared-prefix encoder)."""
+        if not self.use_global:
+            raise ValueError("this prompt set has no global prompt")
+        names = tuple(class_names)
+        if plain is None:
+            plain = self.encode_context(clip, names, self.ctx[:1])
+        if self.residual:
+            h, e0 = self._residual_base(clip, names)
+            plain = F.normalize(h.to(plain.device).unsqueeze(0) + plain - e0[:1].to(plain.device), dim=-1)
+        return plain[0]
 
     def encode(self, clip: FrozenCLIP, class_names: Sequence[str]) -> TextViews:
         """Class names (C) → TextViews with seg k×C×D and glob C×D; gradients flow into ``ctx``."""

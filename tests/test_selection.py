@@ -420,3 +420,68 @@ def test_temperature_calibration_moves_only_the_temperatures_and_lowers_the_loss
         assert loss1 < loss0 - 1e-3
         assert all(torch.equal(a, b) for a, b in zip(arg0, arg1))
         assert (tau2 is not None) is use_global
+
+
+def test_gpr_adapter_run_keeps_row_4s_views_trains_the_global_branch_on_and_resumes_exactly(voc):
+    """--gpr-adapter with --gpr-iters and --gpr-pool (H-GPR6): the views are those of the same run without an
+    adapter (φ draws from its own generator and no view gradient depends on it); after the views stop only the
+    global branch trains, to --gpr-iters, from --max-iters on with minibatches of the pool, with no further
+    validation; φ ships trained; a run killed in the pool phase resumes (pool rebuilt) bit for bit."""
+    from mvpseg.checkpoint import load_prompts
+
+    root, clip_args = voc
+    common = ["--max-iters", "12", "--val-every", "1", "--patience", "1", "--init-fit", "30", "--val-images", "4",
+              "--lr", "0.5", "--ckpt-every", "4", "--calib-steps", "3", "--gpr-select", "views", "--cls-loss", "bce",
+              "--gpr-bias", "on"]
+    plain = _run(root, clip_args, "aplain", *common)
+    adapted = [*common, "--gpr-adapter", "8", "--gpr-iters", "16", "--gpr-pool", "6", "--gpr-batch", "3"]
+    ref = _run(root, clip_args, "aref", *adapted)
+    meta = read_meta(ref)
+    assert meta.extra["iterations"] == 16 and meta.extra["train_config"]["gpr_adapter"] == 8
+    stopped_at = meta.extra["selection"]["views_stopped_at"]
+    assert stopped_at is not None and stopped_at < 12
+    clip = _clip(clip_args)
+    shipped, views = load_prompts(ref, clip), load_prompts(plain, clip)
+    assert torch.allclose(shipped.ctx[1:], views.ctx[1:], atol=1e-5)
+    assert torch.allclose(shipped.log_tau1, views.log_tau1, atol=1e-6)
+    assert shipped.gpr_adapter().w2.abs().max() > 0 and views.gpr_adapter() is None
+    steps = [r for r in read_jsonl(root / "aref" / "log.jsonl") if "step_s" in r]
+    assert [r["iter"] for r in steps] == list(range(1, 17)) and all(r["oc"] == 0 for r in steps[stopped_at:])
+    assert all(r["img_per_s"] > 0 for r in steps)
+    vals = [r["iter"] for r in read_jsonl(root / "aref" / "log.jsonl") if r.get("event") == "validation"]
+    assert vals == list(range(stopped_at + 1))
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    args = ["--dataset", "voc", "--data-root", str(root / "data" / "VOCdevkit"), *clip_args, "--n-ctx", "8",
+            "--crop-size", "64", "--train-scale", "128", "64", "--num-workers", "0", "--cpu-threads", "1",
+            "--device", "cpu", "--no-progress", *adapted, "--out", str(root / "akill")]
+    proc = subprocess.run([sys.executable, "-m", "training.train_prompts", *args, "--simulate-kill-at", "14"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    resumed = train_prompts.main([*args, "--resume"])
+    a, b = load_file(str(ref)), load_file(str(resumed))
+    assert set(a) == set(b) and "gpr_adapter.w1" in a and all(torch.equal(a[k], b[k]) for k in a)
+    for bad in (["--gpr-iters", "20"], ["--gpr-pool", "8"]):
+        with pytest.raises(SystemExit, match="views"):
+            _run(root, clip_args, "abad", *bad, "--gpr-select", "joint")
+    with pytest.raises(SystemExit, match="global prompt"):
+        _run(root, clip_args, "abad", "--gpr-adapter", "8", "--variant", "multi-oc")
+
+
+def test_feature_pool_keeps_what_it_was_given_and_draws_by_seed_rank_and_step():
+    from training.gpr_pool import FeaturePool
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(3, 4, 2, 2, generator=g), torch.randint(0, 256, (3, 5, 5), generator=g)) for _ in range(4)]
+    pool = FeaturePool(iter(batches), 7)  # stops reading once it holds 7 (the last batch is never drawn)
+    assert len(pool) == 7 and pool.labels.dtype == torch.uint8
+    assert torch.equal(pool.features, torch.cat([b[0] for b in batches])[:7])
+    assert torch.equal(pool.labels.long(), torch.cat([b[1] for b in batches])[:7])
+    f, y = pool.batch(5, seed=1, rank=0, step=3)
+    f2, y2 = pool.batch(5, seed=1, rank=0, step=3)
+    assert torch.equal(f, f2) and torch.equal(y, y2) and y.dtype == torch.int64 and f.shape == (5, 4, 2, 2)
+    rows = [int((pool.features == r).all(-1).all(-1).all(-1).nonzero()[0]) for r in f]  # every image is a pool image
+    assert torch.equal(y, pool.labels[rows].long())
+    assert not torch.equal(pool.batch(5, 1, 0, 4)[0], f) and not torch.equal(pool.batch(5, 1, 1, 3)[0], f)
+    with pytest.raises(ValueError, match="0..255"):
+        FeaturePool(iter([(torch.zeros(1, 2, 1, 1), torch.full((1, 2, 2), 300))]), 1)

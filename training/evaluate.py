@@ -39,7 +39,7 @@ from mvpseg.builder import baseline_prompt_sets
 from mvpseg.checkpoint import load_prompts
 from mvpseg.clip_backbone import FrozenCLIP, load_clip
 from mvpseg.dense import pamr
-from mvpseg.heads import segment
+from mvpseg.heads import apply_prompts
 from mvpseg.prompts import PromptSet
 
 from .checkpointing import atomic_write_text
@@ -87,7 +87,6 @@ def evaluate_dataset(clip: FrozenCLIP, methods, dataset, transform, ctx: DistCon
     list of per-image C×C confusions (this process's images, in order), for bootstrap intervals."""
     vocab = tuple(dataset.prompt_names)
     texts = {name: ps.encode(clip, vocab).detach() for name, (ps, _) in methods.items()}
-    temps = {name: (ps.tau1(), ps.tau2(), g, ps.gpr_bias()) for name, (ps, g) in methods.items()}
     cms = {name: ConfusionMatrix(len(vocab), dataset.ignore_index) for name in methods}
     unseen = tuple(dataset.unseen_indices)
     gprs = {name: GPRStats(len(vocab), unseen) for name, text in texts.items() if text.glob is not None}
@@ -103,8 +102,8 @@ def evaluate_dataset(clip: FrozenCLIP, methods, dataset, transform, ctx: DistCon
         guide = F.interpolate(x.float(), size=tuple(label.shape), mode="bilinear", align_corners=False) \
             if use_pamr else None
         for name, text in texts.items():
-            tau1, tau2, gamma, bias = temps[name]
-            out = segment(feats.float(), text, tau1, tau2, gamma, bias)
+            ps, gamma = methods[name]
+            out = apply_prompts(feats.float(), text, ps, gamma)
             logits = out.log_final(tuple(label.shape))
             if guide is not None:
                 logits = pamr(guide, logits)

@@ -36,11 +36,13 @@ RECIPES = {
     "default": dict(optimizer="adamw", lr=2e-3, lr_policy="constant", warmup_iters=0, max_iters=500,
                     global_batch=4, weight_decay=5e-4, lambda_oc=1.0, select="holdout", fresh="auto",
                     seg_reduction="pixel", init_fit=200, lambda_prior=8.0, init_fit_oc=False,
-                    calib_steps=50, cls_mode="paper", residual=True, gpr_bias=False, gpr_select="joint"),
+                    calib_steps=50, cls_mode="paper", residual=True, gpr_bias=False, gpr_select="joint",
+                    gpr_adapter=0, gpr_iters=0, gpr_pool=0, gpr_batch=32),
     "paper": dict(optimizer="sgd", lr=2e-4, lr_policy="poly", warmup_iters=1000, max_iters=8000,
                   global_batch=8, weight_decay=5e-4, lambda_oc="paper", select="none", fresh="off",
                   seg_reduction="pixel", init_fit=0, lambda_prior=0.0, init_fit_oc=False,
-                  calib_steps=0, cls_mode="bce", residual=False, gpr_bias=False, gpr_select="joint"),
+                  calib_steps=0, cls_mode="bce", residual=False, gpr_bias=False, gpr_select="joint",
+                  gpr_adapter=0, gpr_iters=0, gpr_pool=0, gpr_batch=32),
 }
 # Handcrafted sets the warm start and anchor can use (names of mvpseg.baseline_prompt_sets(); the first is the
 # fallback), or "auto": the best of them on the validation images (train_prompts.choose_prior).
@@ -56,7 +58,7 @@ RESUME_KEYS = ("dataset", "split", "n_seg", "n_ctx", "use_global", "gamma", "lam
                "crop_size", "train_scale", "clip", "pretrained", "select", "holdout_frac", "val_images",
                "val_every", "patience", "select_confidence", "fresh", "lambda_prior", "tau1_init",
                "seg_reduction", "init_fit", "prior_prompts", "dense", "sliding", "gpr_bias", "residual",
-               "gpr_select")
+               "gpr_select", "gpr_adapter", "gpr_iters", "gpr_pool", "gpr_batch")
 # Settings that only matter while selecting a model: a run with --select none ignores them, so they are not
 # compared on resume (a state written before they existed resumes under any of their values).
 SELECTION_KEYS = ("holdout_frac", "val_images", "val_every", "patience", "select_confidence")
@@ -76,7 +78,8 @@ LEGACY_DEFAULTS = {"optimizer": "sgd", "select": "none", "holdout_frac": 0.25, "
                    "val_every": 50, "patience": 4, "select_confidence": 0.0, "fresh": "off",
                    "lambda_prior": 0.0, "tau1_init": None,
                    "seg_reduction": "pixel", "init_fit": 0, "prior_prompts": "maskclip-85", "sliding": None,
-                   "gpr_bias": False, "residual": False, "gpr_select": "joint"}
+                   "gpr_bias": False, "residual": False, "gpr_select": "joint",
+                   "gpr_adapter": 0, "gpr_iters": 0, "gpr_pool": 0, "gpr_batch": 32}
 # (a state written before "dense" existed used the tower's default mode: train_prompts adds it per tower)
 
 
@@ -125,6 +128,14 @@ class TrainConfig:
     # which iterate the global prompt (its context, τ2, β) comes from: "joint" = the selected one, as the
     # segmentation views; "last" = the final one (GPR_SELECT_MODES, training/selection.py)
     gpr_select: str = "joint"
+    # the GPR adapter φ's hidden width (0 = none: Eq. 6 on the frozen features; mvpseg/gpr_adapter.py)
+    gpr_adapter: int = 0
+    # with gpr_select "views": the global branch trains to max(max_iters, gpr_iters), alone after the views stop
+    gpr_iters: int = 0
+    # ... drawing minibatches of gpr_batch images from the frozen features of gpr_pool training images (0: the
+    # training stream's batches; training/gpr_pool.py)
+    gpr_pool: int = 0
+    gpr_batch: int = 32
     prior_prompts: str = "auto"  # handcrafted set behind the warm start, the anchor and the residual form
     residual: bool = True  # t = norm(h + e − e0): exactly handcrafted at the start (LearnedPrompts.set_prior)
     crop_size: int | None = None
@@ -157,8 +168,16 @@ class TrainConfig:
                            residual=self.residual)
 
     @property
+    def total_iters(self) -> int:
+        """Iterations of the run: ``max_iters`` for the views (and everything without ``gpr_select`` views), up to
+        ``gpr_iters`` for the global branch alone."""
+        views = self.use_global and self.gpr_select == "views"
+        return max(self.max_iters, self.gpr_iters) if views else self.max_iters
+
+    @property
     def schedule(self) -> LRSchedule:
-        return LRSchedule(self.lr, self.max_iters, self.warmup_iters, self.warmup_ratio,
+        """The lr schedule over every iteration of the run (``total_iters``)."""
+        return LRSchedule(self.lr, self.total_iters, self.warmup_iters, self.warmup_ratio,
                           self.lr_policy)
 
 
@@ -215,6 +234,20 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         "without GPR and selected with early stopping exactly as without a global prompt (Table 1 "
                         "row 4's views; docs/history/gpr-views-study.md). Default: joint, but views under --recipe "
                         "default where the dataset ignores its background (VOC)")
+    p.add_argument("--gpr-adapter", type=int, default=None, metavar="WIDTH",
+                   help="GPR reads the dense features through a learned class-agnostic residual MLP of this hidden "
+                        "width (mvpseg/gpr_adapter.py; 0 = off, Eq. 6 as printed). Default: the recipe's (0)")
+    p.add_argument("--gpr-iters", type=int, default=None, metavar="N",
+                   help="with --gpr-select views: the global branch (global prompt, τ2, bias, adapter) trains to "
+                        "iteration N, alone once the views' selection has stopped (the views stop by --max-iters at "
+                        "the latest). Default: the recipe's (0: --max-iters)")
+    p.add_argument("--gpr-pool", type=int, default=None, metavar="N",
+                   help="with --gpr-select views: the global branch's steps after the views stop draw minibatches of "
+                        "--gpr-batch images from the frozen dense features of N training images, computed once and "
+                        "kept in memory (training/gpr_pool.py; 0 = the training stream's batches). Default: the "
+                        "recipe's (0)")
+    p.add_argument("--gpr-batch", type=int, default=None, metavar="B",
+                   help="images per step drawn from the --gpr-pool (over all processes). Default: the recipe's (32)")
     p.add_argument("--residual", default=None, choices=["on", "off"],
                    help="residual prompts: every class embedding is the handcrafted prior's plus the change of the "
                         "learned context's embedding since the warm start, so learning starts from the handcrafted "
@@ -303,8 +336,26 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         gpr_bias=pick("gpr_bias") in (True, "on") and v["use_global"] and not a.no_global,
         prior_prompts=a.prior_prompts, dense=getattr(a, "dense", None),
         residual=pick("residual") in (True, "on"), gpr_select=pick("gpr_select"),
+        **_gpr_branch(a, pick, v["use_global"] and not a.no_global),
         sliding=tuple(a.sliding) if getattr(a, "sliding", None) else None,
     )
+
+
+def _gpr_branch(a: argparse.Namespace, pick, use_global: bool) -> dict:
+    """gpr_adapter and gpr_iters: a recipe's defaults apply only where they can (a global prompt; gpr_iters with
+    --gpr-select views); given explicitly where they cannot, they are refused."""
+    width, iters, views = pick("gpr_adapter"), pick("gpr_iters"), pick("gpr_select") == "views"
+    pool, batch = pick("gpr_pool"), pick("gpr_batch")
+    if min(width, iters, pool) < 0 or batch < 1:
+        raise SystemExit("--gpr-adapter, --gpr-iters and --gpr-pool must be >= 0, --gpr-batch >= 1")
+    if a.gpr_adapter and not use_global:
+        raise SystemExit("--gpr-adapter needs a global prompt (--variant mvpseg without --no-global)")
+    for flag, value in (("--gpr-iters", a.gpr_iters), ("--gpr-pool", a.gpr_pool)):
+        if value and not (use_global and views):
+            raise SystemExit(f"{flag} needs a global prompt and --gpr-select views")
+    on = use_global and views
+    return {"gpr_adapter": width if use_global else 0, "gpr_iters": iters if on else 0,
+            "gpr_pool": pool if on else 0, "gpr_batch": batch}
 
 
 def _config_record(cfg: TrainConfig) -> dict:

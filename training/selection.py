@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mvpseg.heads import segment
+from mvpseg.heads import apply_prompts
 
 from .metrics import ConfusionMatrix, harmonic_iou, iou_per_class
 
@@ -39,6 +39,7 @@ SELECT_MODES = ("holdout", "seen", "none")
 # patience), the global prompt trained on to the last iterate (docs/history/gpr-views-study.md).
 GPR_SELECT_MODES = ("joint", "last", "views")
 GLOBAL_STATE_KEYS = ("log_tau2", "bias")  # with row 0 of "ctx": the global prompt's part of a prompt state
+GLOBAL_STATE_PREFIX = "gpr_adapter_net."  # ... and the GPR adapter's parameters (LearnedPrompts.enable_gpr_adapter)
 # Validation images for a procedural (fresh-sample) dataset come from this index range, far beyond
 # any training position (max_iters × global batch), so they are scenes the run never trains on.
 FRESH_VALIDATION_OFFSET = 1 << 40
@@ -160,11 +161,10 @@ class ValidationSet:
         prompts.train(was_training)
         if not gpr:
             text = replace(text, glob=None)
-        tau1, tau2 = prompts.tau1(), prompts.tau2()
         mats = []
         for feats, label in zip(self.features, self.labels):
             cm = ConfusionMatrix(len(vocabulary))
-            out = segment(feats, text, tau1, tau2, model.gamma, prompts.gpr_bias())
+            out = apply_prompts(feats, text, prompts, model.gamma)
             cm.update(out.log_final(tuple(label.shape)).argmax(1)[0], label)
             mats.append(cm.mat.numpy().astype(np.int32))
         return np.stack(mats)
@@ -210,13 +210,13 @@ def _nanmean(x: np.ndarray) -> float:
 
 def splice_global(best: dict, last: dict) -> dict:
     """A prompt state (``LearnedPrompts.state_dict()``) with ``best``'s segmentation views and τ1 and ``last``'s
-    global prompt: row 0 of ``ctx`` (the global prompt's context; LearnedPrompts puts it first), log τ2 and the
-    GPR bias. ``ctx0`` is fixed at the warm start, so both states share it."""
+    global prompt: row 0 of ``ctx`` (the global prompt's context; LearnedPrompts puts it first), log τ2, the
+    GPR bias and the GPR adapter. ``ctx0`` is fixed at the warm start, so both states share it."""
     out = dict(best)
     ctx = best["ctx"].detach().clone()
     ctx[0] = last["ctx"][0].to(ctx)
     out["ctx"] = ctx
-    for key in GLOBAL_STATE_KEYS:
+    for key in [*GLOBAL_STATE_KEYS, *(k for k in last if k.startswith(GLOBAL_STATE_PREFIX))]:
         if key in last:
             out[key] = last[key].detach().clone().to(best[key])
     return out

@@ -106,12 +106,14 @@ class SharedPrefixEncoder:
         names = tuple(class_names)
         return prompts.compose(self.clip, names, self.encode_plain(prompts, names))  # residual form, if any
 
-    def encode_plain(self, prompts: LearnedPrompts, class_names: Sequence[str]) -> torch.Tensor:
-        """The plain embeddings of the prompts' current context, P×C×D unit norm (``encode_context``)."""
+    def encode_plain(self, prompts: LearnedPrompts, class_names: Sequence[str], rows: slice = slice(None)
+                     ) -> torch.Tensor:
+        """The plain embeddings of the prompts' current context, P×C×D unit norm (``encode_context``); ``rows``:
+        of those prompts only (slice(0, 1): the global prompt alone, 1×C×D)."""
         names = tuple(class_names)
         model = self.clip.model
         sot, tail, eot = self._tokens(prompts.n_ctx, names)
-        ctx = prompts.ctx.to(tail.dtype)
+        ctx = prompts.ctx[rows].to(tail.dtype)
         p, c = ctx.shape[0], len(names)
         t, s = ctx.shape[1] + 1, tail.shape[1]
         pos = model.positional_embedding.to(tail.dtype)

@@ -164,7 +164,7 @@ class MaskSnapshot:
 def prompt_view_rows(model, vocabulary: Sequence[str]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
     """train_prompts' rows: each segmentation view's cosine masks, the global view's, and the final masks
     (Eq. 8) of an ``mvpseg.MVPSeg`` whose prompts are being learned."""
-    from mvpseg.heads import segment
+    from mvpseg.heads import apply_prompts
 
     def rows(pixels: torch.Tensor) -> list[torch.Tensor]:
         prompts = model.prompts
@@ -173,7 +173,7 @@ def prompt_view_rows(model, vocabulary: Sequence[str]) -> Callable[[torch.Tensor
         text = prompts.encode(model.clip, tuple(vocabulary))
         prompts.train(was_training)
         feats = model.image_features(model.clip.normalize(pixels))
-        out = segment(feats, text, prompts.tau1(), prompts.tau2(), model.gamma, prompts.gpr_bias())
+        out = apply_prompts(feats, text, prompts, model.gamma)
         glob = [] if out.global_mask is None else [out.global_mask[0]]
         return [*out.view_masks[0], *glob, out.final[0]]
 

@@ -50,6 +50,7 @@ from .checkpointing import CheckpointManager, restore_state
 from .cli import amp_dtype, apply_runtime, clip_spec, command_line
 from .data import TrainStream, train_loader
 from .datasets import UNREADABLE_RECORD, build_dataset, get_profile, unreadable_names
+from .gpr_pool import gpr_feature_pool
 from .distributed import (DistContext, all_reduce_sum, average_gradients, barrier,
                           distributed_session, rng_state, seed_everything)
 from .recipe import (HANDCRAFTED, LEGACY_DEFAULTS, OPTIMIZERS, RECIPES, RESUME_KEYS,  # noqa: F401 (re-exported)
@@ -140,6 +141,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     clip.set_text_checkpointing(cfg.text_checkpointing)
     prompts = LearnedPrompts(clip.text_width, n_seg=cfg.n_seg, n_ctx=cfg.n_ctx, use_global=cfg.use_global,
                              tau1_init=cfg.tau1_init, gpr_bias=cfg.gpr_bias, residual=cfg.residual).to(ctx.device)
+    if cfg.gpr_adapter:  # its own generator: the views start and train exactly as without it
+        prompts.enable_gpr_adapter(clip.embed_dim, cfg.gpr_adapter, seed=cfg.seed)
     model = MVPSeg(clip, prompts, gamma=cfg.gamma)
     encoder = None
     if cfg.text_encoder == "shared-prefix":
@@ -162,8 +165,9 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     opt = learner.opt
     # joint: one selected iterate ships. last / views: the selected views ship with the last iterate's global
     # prompt; last never stops early, views scores the views without GPR and, when their selection stops, trains
-    # on without validating (the global prompt's gradients do not depend on the views, whose later iterates are
-    # simply not kept)
+    # the global branch (global prompt, τ2, β, GPR adapter) alone to --gpr-iters without validating (its gradients
+    # do not depend on the views: PromptLearner.step_global), from --max-iters on with minibatches of the
+    # --gpr-pool (H-GPR6)
     global_last = cfg.use_global and cfg.gpr_select != "joint"
     views_only = cfg.use_global and cfg.gpr_select == "views"
     tracker = BestTracker(patience=0 if cfg.use_global and cfg.gpr_select == "last" else cfg.patience,
@@ -210,8 +214,9 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
     if cfg.train_scale:
         overrides["scale"] = cfg.train_scale
     transform = profile.train_transform(data, **overrides)
+    total = cfg.total_iters
     stream = TrainStream(stream_data, transform, cfg.global_batch,
-                         cfg.max_iters, cfg.seed, ctx.rank, ctx.world_size, start_iter=start, fresh=fresh)
+                         total, cfg.seed, ctx.rank, ctx.world_size, start_iter=start, fresh=fresh)
     loader = train_loader(stream, num_workers=args.num_workers)
     sched = cfg.schedule
 
@@ -232,7 +237,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         log.info("calibrated temperatures: τ1 %.2f, τ2 %s (%d steps, %.1f s)", taus[0],
                  "-" if taus[1] is None else f"{taus[1]:.4f}", cfg.calib_steps, time.perf_counter() - t)
 
-    tb = open_tensorboard(args, out, ctx.is_main, start, cfg.max_iters)  # None without --tensorboard
+    tb = open_tensorboard(args, out, ctx.is_main, start, total)  # None without --tensorboard
     if tb:  # one fixed image's per-view masks (a validation image when there are some)
         tb.watch(MaskSnapshot(data, val_idx[0] if val_idx else 0, profile.eval_transform(), seen_vocab, ctx.device,
                               prompt_view_rows(model, seen_vocab)), "segmentation views, global view, final masks",
@@ -260,7 +265,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         logger.log({"event": "validation_reference", "prompts": "maskclip-85", **ref})
         log.info("validation reference (85 templates): trained classes %.1f, held-out %.1f, score %.2f",
                  ref["miou_trained"], ref["miou_held_out"], ref["score"])
-    bar = Progress(cfg.max_iters, start, enabled=ctx.is_main and not args.no_progress)
+    bar = Progress(total, start, enabled=ctx.is_main and not args.no_progress)
 
     def save_state(iteration: int) -> None:
         if ctx.is_main:
@@ -278,21 +283,43 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         result = validation.score(model, seen_vocab, holdout, cfg.select, gpr=not views_only)
         stop = tracker.update(iteration, result, prompts, holdout, cfg.select)
         logger.log({"event": "validation", **tracker.history[-1], "best_iter": tracker.best_iter})
-        if stop and views_only:
-            log.info("iteration %d: the views' selection stopped (best: iteration %d); the global prompt trains on "
-                     "to iteration %d", iteration, tracker.best_iter, cfg.max_iters)
+        if views_only and (stop or iteration >= cfg.max_iters) and iteration < total:
+            pooled = cfg.gpr_pool and total > cfg.max_iters
+            note = f" (from iteration {cfg.max_iters} on the --gpr-pool)" if pooled else ""
+            log.info("iteration %d: the views' selection stopped (best: iteration %d); the global branch trains on "
+                     "alone to iteration %d%s", iteration, tracker.best_iter, total, note)
         return stop
+
+    def views_done(iteration: int) -> bool:
+        """--gpr-select views: whether the views' training is over (their selection stopped or --max-iters)."""
+        return views_only and (tracker.should_stop or iteration >= cfg.max_iters)
 
     it = start
     if validation is not None and start == 0 and cfg.init_fit > 0:
         validate(0)  # the warm start itself is a candidate: learning must beat it on held-out classes
     selecting = not tracker.should_stop  # a resumed run may come back after its selection stopped
     stopped = not selecting and not views_only
+    fixed_views, pool = None, None  # the views' K×C×D embeddings and the --gpr-pool, once only GPR trains
+    batches = features(loader)
     t0 = time.perf_counter()
-    for feats, labels in ([] if stopped else features(loader)):
+    while not stopped and it < total:
+        if views_only and it >= cfg.max_iters and cfg.gpr_pool:  # a minibatch of the pool's frozen features
+            if pool is None:
+                pool = gpr_feature_pool(cfg, stream_data, transform, fresh, features, ctx, args.num_workers)
+            feats, labels = pool.batch(max(cfg.gpr_batch // ctx.world_size, 1), cfg.seed, ctx.rank, it)
+        else:
+            batch = next(batches, None)
+            if batch is None:
+                break
+            feats, labels = batch
         lr = sched.apply(opt, it)
-        # one text-tower pass for all (k+1)·C prompts (gradients flow into the prompt vectors), Eq. 10 + anchor
-        losses = learner.step(feats, labels, vocab, prior=prior)
+        if views_done(it):  # one text pass of the global prompt alone; the views stay as they are
+            if fixed_views is None:
+                with torch.no_grad():
+                    fixed_views = learner.text(vocab).seg.detach()
+            losses = learner.step_global(feats, labels, vocab, fixed_views)
+        else:  # one text-tower pass for all (k+1)·C prompts (gradients flow into the prompt vectors), Eq. 10 + anchor
+            losses = learner.step(feats, labels, vocab, prior=prior)
         it += 1
 
         terms = torch.stack([losses[k].detach().float() for k in ("total", "seg", "cls", "oc")])
@@ -307,10 +334,11 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         t0 = time.perf_counter()
         if tb:
             tb.grid_step(it)
-        if validation is not None and selecting and (it % cfg.val_every == 0 or it == cfg.max_iters):
+        if validation is not None and selecting and it <= cfg.max_iters and (it % cfg.val_every == 0
+                                                                             or it == cfg.max_iters):
             selecting = not validate(it)
             stopped = not selecting and not views_only
-        if it % cfg.ckpt_every == 0 or it == cfg.max_iters or stopped:
+        if it % cfg.ckpt_every == 0 or it == total or stopped:
             save_state(it)
         if args.simulate_kill_at is not None and it == args.simulate_kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume test

@@ -8,6 +8,7 @@ per-pixel L_seg mean into its share of the global batch's mean.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -81,6 +82,43 @@ class PromptLearner:
         self.scaler.update()
         return {k: v.detach() for k, v in losses.items()}
 
+    def global_text(self, vocab: Sequence[str], seg: torch.Tensor) -> TextViews:
+        """TextViews with the global prompt's embeddings (one text pass of its row alone; gradients flow into
+        it) and ``seg`` (K×C×D, fixed) as the segmentation views."""
+        names = tuple(vocab)
+        plain = self.encoder.encode_plain(self.prompts, names, rows=slice(0, 1)) if self.encoder else None
+        glob = self.prompts.encode_global(self.model.clip, names, plain)
+        return TextViews(seg.detach(), glob, self.prompts.view_names, names)
+
+    def step_global(self, feats: torch.Tensor, labels: torch.Tensor, vocab: Sequence[str], seg: torch.Tensor,
+                    lr: float | None = None) -> dict[str, torch.Tensor]:
+        """One optimiser step of GPR's branch alone — the global prompt, τ2, the GPR bias and adapter — with the
+        segmentation views fixed at ``seg`` (K×C×D): what training does once the views' selection has stopped
+        (``--gpr-select views``), at about a (k+1)-th of ``step``'s text cost. The global branch's gradients are
+        those ``step`` would give: the views enter Eq. 10 only through L_seg's log-softmax of the fused logits
+        and OCLoss, terms in which g does not occur (Eq. 8 adds log g_c to log m^f_c), so the loss here is
+        λ_seg L_seg + λ_cls L_cls without OCLoss and the anchor. The views' own tensors (the rows 1.. of
+        ``ctx``, log τ1), which share the optimiser, are put back after its step, so momentum and weight decay
+        cannot move them. Arguments and return as ``step``."""
+        if lr is not None:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+        prompts = self.prompts
+        views, log_tau1 = prompts.ctx.detach()[1:].clone(), prompts.log_tau1.detach().clone()
+        weights = replace(self.weights, oc=0.0)
+        with self.amp():
+            outputs = self.model.head(feats, self.global_text(vocab, seg))
+        losses, total = self.loss(outputs, labels, weights)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.reduce_grads(self.params)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        with torch.no_grad():
+            prompts.ctx[1:].copy_(views)
+            prompts.log_tau1.copy_(log_tau1)
+        return {k: v.detach() for k, v in losses.items()}
+
     def warm_start(self, vocab: Sequence[str], targets: torch.Tensor, steps: int | None = None
                    ) -> tuple[float, float]:
         """``fit_to_templates`` with the recipe's lr and OCLoss choice for ``steps`` (default: the recipe's
@@ -94,8 +132,6 @@ class PromptLearner:
                   ) -> tuple[float, float | None]:
         """``calibrate_temperatures`` on (features, labels) batches with the recipe's steps and lr, on the
         training loss without the terms that do not depend on τ (OCLoss, the anchor)."""
-        from dataclasses import replace
-
         no_oc = replace(self.weights, oc=0.0)
         return calibrate_temperatures(self.model, self.encoder, tuple(vocab), batches,
                                       lambda out, y: self.loss(out, y, no_oc)[1], self.recipe.calib_steps,

@@ -227,6 +227,8 @@ def load_student(path: str | os.PathLike, clip: FrozenCLIP | None = None,
     learned = meta.prompts.get("kind") == "learned"
     prompt_keys = {"prompts.ctx", "prompts.tau1", "prompts.tau2"} if learned else set()
     optional = {"prompts.ctx0", "prompts.gpr_bias"} if learned else set()  # residual / calibrated-GPR sets
+    if learned:  # a set with a GPR adapter (prompts_from_tensors checks all four)
+        optional |= {k for k in tensors if k.startswith("prompts.gpr_adapter.")}
     extra = set(tensors) - {f"student.{k}" for k in own} - prompt_keys - optional
     missing = (set(own) - set(state)) | {k for k in prompt_keys if k not in tensors}
     if missing or extra:
