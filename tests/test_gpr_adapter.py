@@ -173,3 +173,23 @@ def test_global_only_step_has_the_full_steps_gradients_and_keeps_the_views(tiny)
     alone.step_global(feats, labels, names, alone.text(names).seg.detach())
     assert torch.equal(alone.prompts.ctx[1:], views) and torch.equal(alone.prompts.log_tau1, tau1)
     assert not torch.equal(alone.prompts.ctx[0], glob) and not torch.equal(alone.prompts.gpr_adapter().w2, w2)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_global_prompt_encoded_alone_equals_its_row_of_the_full_encoding(tiny, residual):
+    from mvpseg.handcrafted import handcrafted_set
+
+    torch.manual_seed(0)
+    ps = mvpseg.LearnedPrompts(tiny.text_width, n_seg=2, n_ctx=4, residual=residual)
+    if residual:
+        ps.set_prior(handcrafted_set("a-photo-of"))
+        with torch.no_grad():
+            ps.ctx.add_(0.05 * torch.randn_like(ps.ctx))  # away from ctx0, so the residual term is not zero
+    names = ("cat", "dog", "sky")
+    full = ps.encode(tiny, names).glob
+    torch.testing.assert_close(ps.encode_global(tiny, names), full, rtol=1e-5, atol=1e-6)
+    plain = SharedPrefixEncoder(tiny).encode_plain(ps, names, rows=slice(0, 1))
+    assert plain.shape == (1, 3, tiny.embed_dim)
+    torch.testing.assert_close(ps.encode_global(tiny, names, plain), full, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no global prompt"):
+        mvpseg.LearnedPrompts(tiny.text_width, n_seg=2, n_ctx=4, use_global=False).encode_global(tiny, names)
