@@ -4,9 +4,8 @@ draws its minibatches (``--gpr-pool``, H-GPR6: docs/history/gpr-adapter-study.md
 Why a pool: the GPR adapter φ is a small network; fitted offline on one toy CLIP it ranked unseen classes better
 with minibatches of tens of images (unseen ROC-AUC 0.886–0.892 with 4 images a step, 0.897–0.905 with 32; scratch,
 recorded in that study; within training runs the adapter was not adopted). Fresh minibatches of 32 would cost 8×
-the image tower per step;
-the frozen image tower's features of a pool of images are computed once and each step reads a minibatch of
-them, as a linear-probe pass over cached features does. Memory: pool × D × h × w values (RN50 at 512 px:
+the image tower per step; the frozen image tower's features of a pool of images are computed once and each step
+reads a minibatch of them, as a linear-probe pass over cached features does. Memory: pool × D × h × w values (RN50 at 512 px:
 about 2 MB per image in float16), plus the labels as bytes.
 
 Exact resume: the pool is a function of (dataset, seed) and each step's minibatch of (seed, rank, iteration).
