@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import family_study as fs  # noqa: E402
 import recipe_ablation as ra  # noqa: E402
 from mvpseg.checkpoint import load_prompts  # noqa: E402
+from mvpseg.gpr_adapter import GPRAdapter  # noqa: E402
 from mvpseg.heads import apply_prompts, gpr_logits, view_masks  # noqa: E402
 from mvpseg.prompts import prior_embedding  # noqa: E402
 from training.data import EvalShard, eval_loader  # noqa: E402
@@ -291,22 +292,20 @@ def oracle(a) -> list[dict]:
 
 
 def adapter_probe(text: torch.Tensor, hidden: int):
-    """(logits, parameters) of Eq. 6 on adapted features: B×D×N (or B×D×h×w) → B×C, with ``text`` (C×D, a run's global-prompt
-    embeddings) fixed. Each unit-norm dense feature f becomes norm(f + φ(f)), φ a two-layer MLP of width
-    ``hidden``, output layer zero at the start (training starts at Eq. 6); γ = 10 pooling, learned scale and bias.
-    φ sees no class: an unseen name gains only through the shared features. hidden = 0: Eq. 6 recalibrated."""
-    text, dim, net = text.detach().float(), text.shape[1], None
-    if hidden:
-        net = torch.nn.Sequential(torch.nn.Conv1d(dim, hidden, 1), torch.nn.GELU(), torch.nn.Conv1d(hidden, dim, 1))
-        torch.nn.init.zeros_(net[2].weight)
-        torch.nn.init.zeros_(net[2].bias)
+    """(logits, parameters) of Eq. 6 on adapted features: B×D×N (or B×D×h×w) → B×C, with ``text`` (C×D, a run's
+    global-prompt embeddings) fixed. Each dense feature goes through the library's GPR adapter φ
+    (``mvpseg.gpr_adapter.GPRAdapter``, width ``hidden``, the identity at the start: training starts at Eq. 6);
+    γ = 10 pooling, learned scale and bias. φ sees no class: an unseen name gains only through the shared
+    features. hidden = 0: Eq. 6 recalibrated. (The figures of docs/history/gpr-presence-ceiling.md came from an
+    inline copy of φ before 2026-12-07's mend, with another draw of W1.)"""
+    text = text.detach().float()
+    net = GPRAdapter(text.shape[1], hidden) if hidden else None
     log_scale, bias = torch.nn.Parameter(torch.tensor(3.0)), torch.nn.Parameter(torch.tensor(0.0))
 
     def logits(x: torch.Tensor) -> torch.Tensor:
-        f = F.normalize(x.flatten(2), dim=1)
-        if net is not None:
-            f = F.normalize(f + net(f), dim=1)
-        return gpr_logits(torch.einsum("cd,bdn->bcn", text, f), 10.0, (-log_scale).exp(), bias)
+        f = x.flatten(2)[..., None]  # B×D×N×1: φ acts on each position
+        f = F.normalize(f, dim=1) if net is None else net(f)
+        return gpr_logits(torch.einsum("cd,bdn->bcn", text, f[..., 0]), 10.0, (-log_scale).exp(), bias)
 
     return logits, [log_scale, bias, *([] if net is None else net.parameters())]
 

@@ -207,16 +207,15 @@ class LearnedPrompts(PromptSet):
         """Inverse of ``checkpoint_tensors``, strict: exactly ``ctx`` (this set's shape) and 0-d ``tau1``,
         ``tau2``, all finite, temperatures positive (and the ``gpr_adapter.*`` tensors of a set with a GPR
         adapter: ``GPRAdapter.from_checkpoint``); raises ValueError naming the first problem."""
-        full = tensors
         expected = {"ctx": tuple(self.ctx.shape), "tau1": (), "tau2": ()}
         if "gpr_bias" in tensors and self.use_global:  # a calibrated GPR set
             expected["gpr_bias"] = ()
         if "ctx0" in tensors:  # a residual set
             expected["ctx0"] = tuple(self.ctx.shape)
-        adapter_keys = {k for k in tensors if k.startswith("gpr_adapter.")}
-        if adapter_keys and not self.use_global:
+        adapter = {k: v for k, v in tensors.items() if k.startswith("gpr_adapter.")}
+        if adapter and not self.use_global:
             raise ValueError("holds a GPR adapter but no global prompt")
-        tensors = {k: v for k, v in tensors.items() if k not in adapter_keys}
+        tensors = {k: v for k, v in tensors.items() if k not in adapter}
         if set(tensors) != set(expected):
             raise ValueError(f"holds tensors {sorted(tensors)}, expected {sorted(expected)}")
         for key, shape in expected.items():
@@ -235,10 +234,10 @@ class LearnedPrompts(PromptSet):
         if "ctx0" in tensors:
             self.ctx0 = torch.zeros_like(self.ctx.detach())
             state["ctx0"] = tensors["ctx0"]
-        if adapter_keys:
-            adapter = GPRAdapter.from_checkpoint({k: full[k] for k in adapter_keys})
-            self.enable_gpr_adapter(adapter.dim, adapter.width)
-            state.update({f"gpr_adapter_net.{k}": v for k, v in adapter.state_dict().items()})
+        if adapter:
+            net = GPRAdapter.from_checkpoint(adapter)
+            self.enable_gpr_adapter(net.dim, net.width)
+            state.update({f"gpr_adapter_net.{k}": v for k, v in net.state_dict().items()})
         self.load_state_dict(state, strict=True)
         self._base_cache.clear()
 

@@ -286,7 +286,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         if views_only and (stop or iteration >= cfg.max_iters) and iteration < total:
             pooled = cfg.gpr_pool and total > cfg.max_iters
             note = f" (from iteration {cfg.max_iters} on the --gpr-pool)" if pooled else ""
-            log.info("iteration %d: the views' selection stopped (best: iteration %d); the global branch trains on "
+            log.info("iteration %d: the views are done (selection stopped or --max-iters; best: iteration %d); the "
+                     "global branch trains on "
                      "alone to iteration %d%s", iteration, tracker.best_iter, total, note)
         return stop
 
