@@ -1,5 +1,6 @@
-"""A fixed pool of training images' frozen dense features, from which the global-only phase of ``--gpr-select views``
-draws its minibatches (``--gpr-pool``, H-GPR6: docs/history/gpr-adapter-study.md).
+"""Pools of training images' frozen dense features for GPR's branch: the one from which the global-only phase of
+``--gpr-select views`` draws its minibatches (``--gpr-pool``, H-GPR6: docs/history/gpr-adapter-study.md), and the
+one on which ``--gpr-fit`` fits GPR's reading of the features after training (H-GPR7, ``fit_gpr_stage``).
 
 Why a pool: the GPR adapter φ is a small network; fitted offline on one toy CLIP it ranked unseen classes better
 with minibatches of tens of images (unseen ROC-AUC 0.886–0.892 with 4 images a step, 0.897–0.905 with 32; scratch,
@@ -15,11 +16,15 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
+from mvpseg.learning import GPRFitSettings, fit_gpr, presence_targets
+
 from .data import TrainStream, train_loader
+from .distributed import average_gradients
 
 if TYPE_CHECKING:
     from .distributed import DistContext
@@ -27,8 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mvpseg.train")
 
-# seed offset of the pool's stream (training.data.TrainStream), apart from training's and the calibration's
+# seed offsets of the pools' streams (training.data.TrainStream), apart from training's and the calibration's
 GPR_POOL_SEED_OFFSET = 7919
+GPR_FIT_SEED_OFFSET = 7927
 
 
 class FeaturePool:
@@ -76,3 +82,55 @@ def gpr_feature_pool(cfg: TrainConfig, data, transform, fresh: bool,
     log.info("GPR feature pool: %d training images' dense features (%.1f s)", len(pool) * ctx.world_size,
              time.perf_counter() - t)
     return pool
+
+
+def presence_pool(cfg: TrainConfig, data, transform, fresh: bool,
+                  features: Callable[[Iterable], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+                  ctx: DistContext, num_classes: int, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's share of ``cfg.gpr_fit`` training images (their own stream) for ``--gpr-fit``: (dense
+    features n×D×h×w as the image tower gives them, presence n×C of the ``num_classes`` classes the labels
+    index). Only presence is kept of the labels, so the pool costs the features alone."""
+    t = time.perf_counter()
+    share = math.ceil(cfg.gpr_fit / ctx.world_size)
+    src = TrainStream(data, transform, cfg.global_batch, math.ceil(cfg.gpr_fit / cfg.global_batch),
+                      cfg.seed + GPR_FIT_SEED_OFFSET, ctx.rank, ctx.world_size, fresh=fresh)
+    feats, present, n = [], [], 0
+    for f, y in features(train_loader(src, num_workers=num_workers)):
+        feats.append(f.detach())
+        present.append(presence_targets(y, num_classes).to(torch.uint8))
+        n += f.shape[0]
+        if n >= share:
+            break
+    if not feats:
+        raise ValueError("--gpr-fit received no training images")
+    log.info("GPR fit pool: %d training images' dense features (%.1f s)", min(n, share) * ctx.world_size,
+             time.perf_counter() - t)
+    return torch.cat(feats)[:share], torch.cat(present)[:share]
+
+
+def fit_gpr_stage(cfg: TrainConfig, clip, model, prompts, seen_vocab: tuple[str, ...], data, transform,
+                  fresh: bool, amp, ctx: DistContext, num_workers: int = 0) -> dict:
+    """``--gpr-fit``: a new GPR adapter, τ2 and β fitted on the presence of every seen class (the held-out ones
+    too: selection is over) in ``cfg.gpr_fit`` training images, the learned prompts fixed
+    (``mvpseg.learning.fit_gpr``, H-GPR7). Deterministic in (seed, rank): a resumed run refits identically.
+    Returns its record for the checkpoint's metadata."""
+    t = time.perf_counter()
+
+    def raw_features(batches):  # labels index the seen vocabulary, held-out classes included
+        for images, labels in batches:
+            with amp(), torch.no_grad():
+                feats = model.image_features(clip.normalize(images.to(ctx.device, non_blocking=True)))
+            yield feats, labels.to(ctx.device, non_blocking=True)
+
+    feats, present = presence_pool(cfg, data, transform, fresh, raw_features, ctx, len(seen_vocab), num_workers)
+    with torch.no_grad():
+        glob = prompts.encode_global(clip, seen_vocab).float()
+    settings = GPRFitSettings(width=cfg.gpr_fit_width, gamma=cfg.gamma, seed=cfg.seed)
+    losses = fit_gpr(prompts, glob, feats, present, settings, reduce_grads=lambda ps: average_gradients(ps, ctx),
+                     rank=ctx.rank)
+    tau2, bias = float(prompts.tau2().detach()), float(prompts.gpr_bias().detach())
+    log.info("GPR fit: adapter width %d, %d steps on %d images; BCE %.4f → %.4f, τ2 %.4f, β %.2f (%.1f s)",
+             settings.width, settings.steps, cfg.gpr_fit, losses[0], losses[-1], tau2, bias,
+             time.perf_counter() - t)
+    return {"images": cfg.gpr_fit, **asdict(settings), "loss_first": losses[0], "loss_last": losses[-1],
+            "tau2": tau2, "bias": bias}

@@ -37,12 +37,12 @@ RECIPES = {
                     global_batch=4, weight_decay=5e-4, lambda_oc=1.0, select="holdout", fresh="auto",
                     seg_reduction="pixel", init_fit=200, lambda_prior=8.0, init_fit_oc=False,
                     calib_steps=50, cls_mode="paper", residual=True, gpr_bias=False, gpr_select="joint",
-                    gpr_adapter=0, gpr_iters=0, gpr_pool=0, gpr_batch=32),
+                    gpr_adapter=0, gpr_iters=0, gpr_pool=0, gpr_batch=32, gpr_fit=0),
     "paper": dict(optimizer="sgd", lr=2e-4, lr_policy="poly", warmup_iters=1000, max_iters=8000,
                   global_batch=8, weight_decay=5e-4, lambda_oc="paper", select="none", fresh="off",
                   seg_reduction="pixel", init_fit=0, lambda_prior=0.0, init_fit_oc=False,
                   calib_steps=0, cls_mode="bce", residual=False, gpr_bias=False, gpr_select="joint",
-                  gpr_adapter=0, gpr_iters=0, gpr_pool=0, gpr_batch=32),
+                  gpr_adapter=0, gpr_iters=0, gpr_pool=0, gpr_batch=32, gpr_fit=0),
 }
 # Handcrafted sets the warm start and anchor can use (names of mvpseg.baseline_prompt_sets(); the first is the
 # fallback), or "auto": the best of them on the validation images (train_prompts.choose_prior).
@@ -58,7 +58,7 @@ RESUME_KEYS = ("dataset", "split", "n_seg", "n_ctx", "use_global", "gamma", "lam
                "crop_size", "train_scale", "clip", "pretrained", "select", "holdout_frac", "val_images",
                "val_every", "patience", "select_confidence", "fresh", "lambda_prior", "tau1_init",
                "seg_reduction", "init_fit", "prior_prompts", "dense", "sliding", "gpr_bias", "residual",
-               "gpr_select", "gpr_adapter", "gpr_iters", "gpr_pool", "gpr_batch")
+               "gpr_select", "gpr_adapter", "gpr_iters", "gpr_pool", "gpr_batch", "gpr_fit", "gpr_fit_width")
 # Settings that only matter while selecting a model: a run with --select none ignores them, so they are not
 # compared on resume (a state written before they existed resumes under any of their values).
 SELECTION_KEYS = ("holdout_frac", "val_images", "val_every", "patience", "select_confidence")
@@ -79,7 +79,8 @@ LEGACY_DEFAULTS = {"optimizer": "sgd", "select": "none", "holdout_frac": 0.25, "
                    "lambda_prior": 0.0, "tau1_init": None,
                    "seg_reduction": "pixel", "init_fit": 0, "prior_prompts": "maskclip-85", "sliding": None,
                    "gpr_bias": False, "residual": False, "gpr_select": "joint",
-                   "gpr_adapter": 0, "gpr_iters": 0, "gpr_pool": 0, "gpr_batch": 32}
+                   "gpr_adapter": 0, "gpr_iters": 0, "gpr_pool": 0, "gpr_batch": 32, "gpr_fit": 0,
+                   "gpr_fit_width": 128}
 # (a state written before "dense" existed used the tower's default mode: train_prompts adds it per tower)
 
 
@@ -136,6 +137,10 @@ class TrainConfig:
     # training stream's batches; training/gpr_pool.py)
     gpr_pool: int = 0
     gpr_batch: int = 32
+    # after training: a fresh GPR adapter of gpr_fit_width, τ2 and β fitted on the frozen features of gpr_fit
+    # training images, the shipped prompts fixed (0: none; mvpseg.learning.gpr_fit, H-GPR7)
+    gpr_fit: int = 0
+    gpr_fit_width: int = 128
     prior_prompts: str = "auto"  # handcrafted set behind the warm start, the anchor and the residual form
     residual: bool = True  # t = norm(h + e − e0): exactly handcrafted at the start (LearnedPrompts.set_prior)
     crop_size: int | None = None
@@ -248,6 +253,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         "recipe's (0)")
     p.add_argument("--gpr-batch", type=int, default=None, metavar="B",
                    help="images per step drawn from the --gpr-pool (over all processes). Default: the recipe's (32)")
+    p.add_argument("--gpr-fit", type=int, default=None, metavar="N",
+                   help="after training, fit GPR's reading of the features — a new GPR adapter, τ2 and the bias — on "
+                        "the presence of the seen classes in N training images' frozen dense features, the learned "
+                        "prompts fixed (mvpseg/learning/gpr_fit.py; 0 = off). Default: the recipe's (0)")
+    p.add_argument("--gpr-fit-width", type=int, default=128, metavar="WIDTH",
+                   help="hidden width of the adapter --gpr-fit fits (default 128)")
     p.add_argument("--residual", default=None, choices=["on", "off"],
                    help="residual prompts: every class embedding is the handcrafted prior's plus the change of the "
                         "learned context's embedding since the warm start, so learning starts from the handcrafted "
@@ -345,17 +356,22 @@ def _gpr_branch(a: argparse.Namespace, pick, use_global: bool) -> dict:
     """gpr_adapter and gpr_iters: a recipe's defaults apply only where they can (a global prompt; gpr_iters with
     --gpr-select views); given explicitly where they cannot, they are refused."""
     width, iters, views = pick("gpr_adapter"), pick("gpr_iters"), pick("gpr_select") == "views"
-    pool, batch = pick("gpr_pool"), pick("gpr_batch")
-    if min(width, iters, pool) < 0 or batch < 1:
-        raise SystemExit("--gpr-adapter, --gpr-iters and --gpr-pool must be >= 0, --gpr-batch >= 1")
-    if a.gpr_adapter and not use_global:
-        raise SystemExit("--gpr-adapter needs a global prompt (--variant mvpseg without --no-global)")
+    pool, batch, fit = pick("gpr_pool"), pick("gpr_batch"), pick("gpr_fit")
+    if min(width, iters, pool, fit) < 0 or batch < 1 or a.gpr_fit_width < 1:
+        raise SystemExit("--gpr-adapter, --gpr-iters, --gpr-pool and --gpr-fit must be >= 0, --gpr-batch and "
+                         "--gpr-fit-width >= 1")
+    for flag, value in (("--gpr-adapter", a.gpr_adapter), ("--gpr-fit", a.gpr_fit)):
+        if value and not use_global:
+            raise SystemExit(f"{flag} needs a global prompt (--variant mvpseg without --no-global)")
+    if width and fit:  # the fit replaces any adapter: training one before it would be thrown away
+        raise SystemExit("--gpr-adapter and --gpr-fit exclude each other (--gpr-fit fits its own adapter)")
     for flag, value in (("--gpr-iters", a.gpr_iters), ("--gpr-pool", a.gpr_pool)):
         if value and not (use_global and views):
             raise SystemExit(f"{flag} needs a global prompt and --gpr-select views")
     on = use_global and views
     return {"gpr_adapter": width if use_global else 0, "gpr_iters": iters if on else 0,
-            "gpr_pool": pool if on else 0, "gpr_batch": batch}
+            "gpr_pool": pool if on else 0, "gpr_batch": batch, "gpr_fit": fit if use_global else 0,
+            "gpr_fit_width": a.gpr_fit_width}
 
 
 def _config_record(cfg: TrainConfig) -> dict:

@@ -50,7 +50,7 @@ from .checkpointing import CheckpointManager, restore_state
 from .cli import amp_dtype, apply_runtime, clip_spec, command_line
 from .data import TrainStream, train_loader
 from .datasets import UNREADABLE_RECORD, build_dataset, get_profile, unreadable_names
-from .gpr_pool import gpr_feature_pool
+from .gpr_pool import fit_gpr_stage, gpr_feature_pool
 from .distributed import (DistContext, all_reduce_sum, average_gradients, barrier,
                           distributed_session, rng_state, seed_everything)
 from .recipe import (HANDCRAFTED, LEGACY_DEFAULTS, OPTIMIZERS, RECIPES, RESUME_KEYS,  # noqa: F401 (re-exported)
@@ -354,6 +354,10 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
         if global_last:  # ... but the global prompt of the last one
             best = splice_global(best, prompts.state_dict())
         prompts.load_state_dict(best)
+    gpr_fit = None
+    if cfg.gpr_fit:  # the shipped prompts are fixed from here; a crash refits from the last checkpoint
+        gpr_fit = fit_gpr_stage(cfg, clip, model, prompts, seen_vocab, stream_data, transform, fresh, amp, ctx,
+                                args.num_workers)
     final = out / "prompts.safetensors"
     if ctx.is_main:
         selection = None if validation is None else {
@@ -368,7 +372,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                         for h in tracker.history]}
         save_prompts(final, prompts, clip, gamma=cfg.gamma, training_classes=vocab,
                      extra={"train_config": _config_record(cfg), "iterations": it, "world_size": ctx.world_size,
-                            "selection": selection, "command": getattr(args, "command", None)})
+                            "selection": selection, "gpr_fit": gpr_fit,
+                            "command": getattr(args, "command", None)})
         logger.log({"event": "done", "iter": it, "prompts": str(final),
                     "skipped_unreadable": unreadable_names(unreadable) if cfg.skip_missing else [],
                     "best_iter": tracker.best_iter if validation is not None else None})

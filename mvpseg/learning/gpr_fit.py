@@ -1,0 +1,101 @@
+"""Fitting GPR's reading of the features after prompt learning: the GPR adapter φ, τ2 and β on cached features.
+
+Why a separate stage: GPR (Eq. 6) ranks a class's presence by one direction, the global prompt's embedding, read
+off the frozen dense features. On one toy CLIP that ranking stops at unseen ROC-AUC ≈ 0.875 while the features
+hold more; a class-agnostic adapter φ (``mvpseg.gpr_adapter``) fitted *after* a run on the presence of the seen
+classes of a few thousand images, with the run's global prompt fixed, lifted every one of 12 VOC-like runs above
+0.9 (docs/history/gpr-presence-ceiling.md), while the same adapter trained *within* the run, jointly with the
+global prompt on a smaller pool, did not (docs/history/gpr-adapter-study.md). This module is that offline fit as
+a library function, so ``training.train_prompts --gpr-fit`` and any caller with cached features run the same code.
+
+What it changes: φ (a fresh one), log τ2 and the GPR bias β — nothing the segmentation views or the global
+prompt's text use, so the fused masks before Eq. 8 and every class embedding stay exactly as they were.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..heads import gpr_logits
+from ..prompts import LearnedPrompts
+
+
+@dataclass(frozen=True)
+class GPRFitSettings:
+    """The fit of docs/history/gpr-presence-ceiling.md § 3: φ of hidden ``width``; τ2 and β restart at
+    (``tau2_init``, 0) because φ changes the cosine scale they were learned for; Adam at ``lr`` for ``steps``
+    minibatches of ``batch`` images drawn with replacement (a function of ``seed`` and the step only); γ as the
+    model's Eq. 6 pooling."""
+    width: int = 128
+    steps: int = 1500
+    batch: int = 256
+    lr: float = 3e-3
+    tau2_init: float = 0.05
+    gamma: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.steps < 1 or self.batch < 1:
+            raise ValueError(f"GPR fit needs width, steps and batch >= 1, got {self.width}, {self.steps}, "
+                             f"{self.batch}")
+        if not (self.lr > 0 and self.tau2_init > 0):
+            raise ValueError(f"GPR fit needs lr > 0 and tau2_init > 0, got {self.lr}, {self.tau2_init}")
+
+
+def presence_targets(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """Labels B×H×W (class indices, ``ignore_index`` ignored) → B×C presence (1. where a class has a pixel)."""
+    flat = labels.reshape(labels.shape[0], -1).long()
+    valid = (flat != ignore_index) & (flat >= 0) & (flat < num_classes)
+    out = torch.zeros(flat.shape[0], num_classes, device=labels.device)
+    out.scatter_(1, torch.where(valid, flat, 0), valid.float())  # scatter of 1s; the masked 0s add nothing
+    return (out > 0).float()
+
+
+def fit_gpr(prompts: LearnedPrompts, glob: torch.Tensor, features: torch.Tensor, presence: torch.Tensor,
+            settings: GPRFitSettings = GPRFitSettings(),
+            reduce_grads: Callable[[list[torch.Tensor]], None] | None = None,
+            rank: int = 0) -> list[float]:
+    """Fits a new GPR adapter, τ2 and β of ``prompts`` (in place) by BCE of Eq. 6's logits against ``presence``.
+
+    glob: C×D unit global-prompt embeddings of the classes (fixed); features: N×D×h×w frozen dense features of
+    N images (any float dtype; a minibatch is cast to float32); presence: N×C in {0, 1} (``presence_targets``).
+    ``reduce_grads`` averages the gradients over processes (DDP: every process holds its own share of the
+    images and draws its own minibatches, seeded by ``rank``). Returns the loss of every step."""
+    if not prompts.use_global:
+        raise ValueError("fitting GPR needs a prompt set with a global prompt")
+    n, c = presence.shape
+    if features.shape[0] != n or glob.shape[0] != c or glob.shape[1] != features.shape[1]:
+        raise ValueError(f"GPR fit: features {tuple(features.shape)}, presence {tuple(presence.shape)} and global "
+                         f"embeddings {tuple(glob.shape)} do not agree (N×D×h×w, N×C, C×D)")
+    if n == 0:
+        raise ValueError("GPR fit needs at least one image")
+    adapter = prompts.enable_gpr_adapter(features.shape[1], settings.width, seed=settings.seed)
+    if getattr(prompts, "bias", None) is None:
+        prompts.enable_gpr_bias()
+    with torch.no_grad():
+        prompts.log_tau2.fill_(math.log(settings.tau2_init))
+        prompts.bias.zero_()
+    params = [prompts.log_tau2, prompts.bias, *adapter.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=settings.lr)
+    text = glob.detach().float()
+    gen = torch.Generator().manual_seed((int(settings.seed) * 1_000_003 + int(rank)) * 7 + 1)
+    losses = []
+    for _ in range(settings.steps):
+        idx = torch.randint(0, n, (settings.batch,), generator=gen).to(features.device)
+        feats = adapter(features[idx].float())  # B×D×h×w, unit norm
+        mask = torch.einsum("bdhw,cd->bchw", feats, text.to(feats.device))
+        logits = gpr_logits(mask, settings.gamma, prompts.log_tau2.exp(), prompts.bias)
+        loss = F.binary_cross_entropy_with_logits(logits, presence[idx].float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if reduce_grads is not None:
+            reduce_grads(params)
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
