@@ -125,7 +125,7 @@ def fit_gpr_stage(cfg: TrainConfig, clip, model, prompts, seen_vocab: tuple[str,
     feats, present = presence_pool(cfg, data, transform, fresh, raw_features, ctx, len(seen_vocab), num_workers)
     with torch.no_grad():
         glob = prompts.encode_global(clip, seen_vocab).float()
-    settings = GPRFitSettings(width=cfg.gpr_fit_width, gamma=cfg.gamma, seed=cfg.seed)
+    settings = GPRFitSettings(width=cfg.gpr_fit_width, steps=cfg.gpr_fit_steps, gamma=cfg.gamma, seed=cfg.seed)
     losses = fit_gpr(prompts, glob, feats, present, settings, reduce_grads=lambda ps: average_gradients(ps, ctx),
                      rank=ctx.rank)
     tau2, bias = float(prompts.tau2().detach()), float(prompts.gpr_bias().detach())

@@ -58,7 +58,8 @@ RESUME_KEYS = ("dataset", "split", "n_seg", "n_ctx", "use_global", "gamma", "lam
                "crop_size", "train_scale", "clip", "pretrained", "select", "holdout_frac", "val_images",
                "val_every", "patience", "select_confidence", "fresh", "lambda_prior", "tau1_init",
                "seg_reduction", "init_fit", "prior_prompts", "dense", "sliding", "gpr_bias", "residual",
-               "gpr_select", "gpr_adapter", "gpr_iters", "gpr_pool", "gpr_batch", "gpr_fit", "gpr_fit_width")
+               "gpr_select", "gpr_adapter", "gpr_iters", "gpr_pool", "gpr_batch", "gpr_fit", "gpr_fit_width",
+               "gpr_fit_steps")
 # Settings that only matter while selecting a model: a run with --select none ignores them, so they are not
 # compared on resume (a state written before they existed resumes under any of their values).
 SELECTION_KEYS = ("holdout_frac", "val_images", "val_every", "patience", "select_confidence")
@@ -80,7 +81,7 @@ LEGACY_DEFAULTS = {"optimizer": "sgd", "select": "none", "holdout_frac": 0.25, "
                    "seg_reduction": "pixel", "init_fit": 0, "prior_prompts": "maskclip-85", "sliding": None,
                    "gpr_bias": False, "residual": False, "gpr_select": "joint",
                    "gpr_adapter": 0, "gpr_iters": 0, "gpr_pool": 0, "gpr_batch": 32, "gpr_fit": 0,
-                   "gpr_fit_width": 128}
+                   "gpr_fit_width": 128, "gpr_fit_steps": 1500}
 # (a state written before "dense" existed used the tower's default mode: train_prompts adds it per tower)
 
 
@@ -141,6 +142,7 @@ class TrainConfig:
     # training images, the shipped prompts fixed (0: none; mvpseg.learning.gpr_fit, H-GPR7)
     gpr_fit: int = 0
     gpr_fit_width: int = 128
+    gpr_fit_steps: int = 1500
     prior_prompts: str = "auto"  # handcrafted set behind the warm start, the anchor and the residual form
     residual: bool = True  # t = norm(h + e − e0): exactly handcrafted at the start (LearnedPrompts.set_prior)
     crop_size: int | None = None
@@ -259,6 +261,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         "prompts fixed (mvpseg/learning/gpr_fit.py; 0 = off). Default: the recipe's (0)")
     p.add_argument("--gpr-fit-width", type=int, default=128, metavar="WIDTH",
                    help="hidden width of the adapter --gpr-fit fits (default 128)")
+    p.add_argument("--gpr-fit-steps", type=int, default=1500, metavar="N",
+                   help="Adam steps of --gpr-fit, minibatches of 256 images (default 1500)")
     p.add_argument("--residual", default=None, choices=["on", "off"],
                    help="residual prompts: every class embedding is the handcrafted prior's plus the change of the "
                         "learned context's embedding since the warm start, so learning starts from the handcrafted "
@@ -357,9 +361,9 @@ def _gpr_branch(a: argparse.Namespace, pick, use_global: bool) -> dict:
     --gpr-select views); given explicitly where they cannot, they are refused."""
     width, iters, views = pick("gpr_adapter"), pick("gpr_iters"), pick("gpr_select") == "views"
     pool, batch, fit = pick("gpr_pool"), pick("gpr_batch"), pick("gpr_fit")
-    if min(width, iters, pool, fit) < 0 or batch < 1 or a.gpr_fit_width < 1:
-        raise SystemExit("--gpr-adapter, --gpr-iters, --gpr-pool and --gpr-fit must be >= 0, --gpr-batch and "
-                         "--gpr-fit-width >= 1")
+    if min(width, iters, pool, fit) < 0 or min(batch, a.gpr_fit_width, a.gpr_fit_steps) < 1:
+        raise SystemExit("--gpr-adapter, --gpr-iters, --gpr-pool and --gpr-fit must be >= 0, --gpr-batch, "
+                         "--gpr-fit-width and --gpr-fit-steps >= 1")
     for flag, value in (("--gpr-adapter", a.gpr_adapter), ("--gpr-fit", a.gpr_fit)):
         if value and not use_global:
             raise SystemExit(f"{flag} needs a global prompt (--variant mvpseg without --no-global)")
@@ -371,7 +375,7 @@ def _gpr_branch(a: argparse.Namespace, pick, use_global: bool) -> dict:
     on = use_global and views
     return {"gpr_adapter": width if use_global else 0, "gpr_iters": iters if on else 0,
             "gpr_pool": pool if on else 0, "gpr_batch": batch, "gpr_fit": fit if use_global else 0,
-            "gpr_fit_width": a.gpr_fit_width}
+            "gpr_fit_width": a.gpr_fit_width, "gpr_fit_steps": a.gpr_fit_steps}
 
 
 def _config_record(cfg: TrainConfig) -> dict:
