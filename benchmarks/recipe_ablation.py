@@ -80,6 +80,10 @@ ARMS: dict[str, list[str]] = {
     # ... or, instead, φ (width 128), τ2 and β fitted after training on the frozen features of 6,000 training
     # scenes, the shipped prompts fixed (H-GPR7, docs/history/gpr-fit-study.md)
     "gpr-fit": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views", "--gpr-fit", "6000"],
+    # ... and GPR averaged over 2 × 2 sub-cell shifts of the image at inference (H-GPR8,
+    # docs/history/gpr-shift-study.md)
+    "gpr-fit-shift": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views", "--gpr-fit", "6000",
+                      "--gpr-shifts", "2"],
     # the default recipe as it is for the layout (Eq. 7 where the background is labelled) + the same fit
     "default-fit": ["--gpr-fit", "6000"],
     # third addendum: AdamW steps a quarter of the default's (fixed at 5e-4 = 0.025 × the toy CLIPs'

@@ -114,6 +114,8 @@ def save_prompts(path: str | os.PathLike, prompts: LearnedPrompts, clip: FrozenC
     dense = dense or clip.dense
     extra = dict(extra or {})
     extra.setdefault("sliding", None if dense is None else dense.sliding_record())
+    if prompts.gpr_shifts() > 1:  # how GPR reads an image (mvpseg.gpr_shifts): an inference setting it carries
+        extra["gpr_shifts"] = prompts.gpr_shifts()
     meta = PromptMeta(clip.spec.model_name, clip.spec.pretrained, clip.fingerprint, clip.text_width, clip.embed_dim,
                       prompts.n_seg, prompts.n_ctx, prompts.use_global, float(gamma), tuple(training_classes),
                       extra, normalization=clip.normalization, dense_mode=None if dense is None else dense.mode,
@@ -142,6 +144,10 @@ def prompts_from_tensors(meta: PromptMeta, tensors: dict[str, torch.Tensor], nam
                              f"embeds {meta.embed_dim}")
         if meta.residual_prior is not None:
             prompts.set_prior(handcrafted_set(meta.residual_prior), rebase=False)
+        shifts = meta.extra.get("gpr_shifts", 1) if isinstance(meta.extra, dict) else 1
+        if not isinstance(shifts, int) or isinstance(shifts, bool):
+            raise ValueError(f"its metadata's gpr_shifts is {shifts!r}, not an integer")
+        prompts.set_gpr_shifts(shifts)
     except ValueError as e:
         raise CheckpointError(f"{origin}: {e}") from e
     prompts.meta = meta

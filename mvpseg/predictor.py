@@ -23,6 +23,7 @@ from .checkpoint import CheckpointError, dense_mode_mismatch, learned_dense_mode
 from .clip_backbone import FrozenCLIP
 from .dense import pamr as pamr_refine
 from .dense_settings import DenseSettings, SlidingLike
+from .gpr_shifts import shifted_features, with_shifted_gpr
 from .heads import MVPSegOutput, apply_prompts
 from .image_io import ImageLike, prepare_image
 from .prompts import PromptSet, TextViews
@@ -204,6 +205,7 @@ class Predictor:
         self.pamr = bool(pamr)
         self._features: torch.Tensor | None = None
         self._features_dense: DenseSettings | None = None  # the settings self._features were computed with
+        self._shifted: dict[int, list[torch.Tensor]] = {}  # k → features of the k × k shifted copies (GPR shifts)
         self._input: torch.Tensor | None = None  # normalised work-size image 1×3×h×w (re-encoding, PAMR)
         self._image_size: tuple[int, int] | None = None
         self._work_size: tuple[int, int] | None = None
@@ -251,7 +253,7 @@ class Predictor:
         image preparation when called from ``set_image``), so it reflects the mode and sliding window used."""
         with amp_autocast(self.clip.device, self.amp):
             feats = self.clip.dense_features(self._input, self.dense)
-        self._features, self._features_dense = feats.float(), self.dense
+        self._features, self._features_dense, self._shifted = feats.float(), self.dense, {}
         self.stats["image_encodes"] += 1
         self.image_seconds = time.perf_counter() - t0
 
@@ -273,6 +275,15 @@ class Predictor:
         if not self.features_current:
             self._encode(time.perf_counter())
         return self._features
+
+    @torch.no_grad()
+    def _shifted_features(self, k: int) -> list[torch.Tensor]:
+        """The current image's k × k shifted copies' features (mvpseg.gpr_shifts), cached with the image's own
+        (after ``image_features``, so under the current dense settings)."""
+        if k not in self._shifted:
+            with amp_autocast(self.clip.device, self.amp):
+                self._shifted[k] = [f.float() for f in shifted_features(self.clip, self._input, k, self.dense)]
+        return self._shifted[k]
 
     def dense_conflict(self, name: str) -> str:
         """Why prompt set ``name`` cannot run under the current dense mode ("" when it can): learned prompts
@@ -334,7 +345,8 @@ class Predictor:
         t0 = time.perf_counter()
         text = self.text_features(names, name)
         t1 = time.perf_counter()
-        out = apply_prompts(feats, text, ps, self.gamma)
+        out = with_shifted_gpr(apply_prompts(feats, text, ps, self.gamma), self._shifted_features, text.glob, ps,
+                               self.gamma)
         t2 = time.perf_counter()
         return Prediction(names, text.view_names, name, self._image_size, out, self._work_size,
                           {"text": t1 - t0, "head": t2 - t1}, self._input if self.pamr else None, self.dense)

@@ -70,6 +70,18 @@ class PromptSet(nn.Module):
         the paper's Eq. 6)."""
         return None
 
+    def gpr_shifts(self) -> int:
+        """k: GPR averages Eq. 6 over k × k sub-cell shifts of the image (mvpseg.gpr_shifts); 1: the image
+        alone, as the paper. An inference setting a checkpoint carries (``set_gpr_shifts``)."""
+        return int(getattr(self, "_gpr_shifts", 1))
+
+    def set_gpr_shifts(self, k: int) -> None:
+        if int(k) != k or k < 1:
+            raise ValueError(f"GPR shifts must be an integer >= 1, got {k!r}")
+        if k > 1 and not self.has_global:
+            raise ValueError("GPR shifts need a prompt set with a global prompt")
+        self._gpr_shifts = int(k)
+
     def encode(self, clip: FrozenCLIP, class_names: Sequence[str]) -> TextViews:
         raise NotImplementedError
 

@@ -39,6 +39,7 @@ from mvpseg.builder import baseline_prompt_sets
 from mvpseg.checkpoint import load_prompts
 from mvpseg.clip_backbone import FrozenCLIP, load_clip
 from mvpseg.dense import pamr
+from mvpseg.gpr_shifts import shifted_features, with_shifted_gpr
 from mvpseg.heads import apply_prompts
 from mvpseg.prompts import PromptSet
 
@@ -101,9 +102,17 @@ def evaluate_dataset(clip: FrozenCLIP, methods, dataset, transform, ctx: DistCon
         label = label.to(ctx.device)
         guide = F.interpolate(x.float(), size=tuple(label.shape), mode="bilinear", align_corners=False) \
             if use_pamr else None
+        shifted = {}  # k → the k × k shifted copies' features, once per image (mvpseg.gpr_shifts)
+
+        def features_for(k: int) -> list[torch.Tensor]:
+            if k not in shifted:
+                with cast:
+                    shifted[k] = shifted_features(clip, x, k)
+            return shifted[k]
+
         for name, text in texts.items():
             ps, gamma = methods[name]
-            out = apply_prompts(feats.float(), text, ps, gamma)
+            out = with_shifted_gpr(apply_prompts(feats.float(), text, ps, gamma), features_for, text.glob, ps, gamma)
             logits = out.log_final(tuple(label.shape))
             if guide is not None:
                 logits = pamr(guide, logits)

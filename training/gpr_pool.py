@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
-from mvpseg.learning import GPRFitSettings, fit_gpr, presence_targets
+from mvpseg.gpr_shifts import shifted_features
+from mvpseg.learning import GPRFitSettings, calibrate_shifted_gpr, fit_gpr, presence_targets
 
 from .data import TrainStream, train_loader
 from .distributed import average_gradients
@@ -35,6 +36,9 @@ log = logging.getLogger("mvpseg.train")
 # seed offsets of the pools' streams (training.data.TrainStream), apart from training's and the calibration's
 GPR_POOL_SEED_OFFSET = 7919
 GPR_FIT_SEED_OFFSET = 7927
+GPR_SHIFT_SEED_OFFSET = 7933
+# images whose shifted copies recalibrate τ2 and β for --gpr-shifts (two scalars: a few hundred images suffice)
+GPR_SHIFT_CALIBRATION_IMAGES = 500
 
 
 class FeaturePool:
@@ -86,14 +90,15 @@ def gpr_feature_pool(cfg: TrainConfig, data, transform, fresh: bool,
 
 def presence_pool(cfg: TrainConfig, data, transform, fresh: bool,
                   features: Callable[[Iterable], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-                  ctx: DistContext, num_classes: int, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's share of ``cfg.gpr_fit`` training images (their own stream) for ``--gpr-fit``: (dense
-    features n×D×h×w as the image tower gives them, presence n×C of the ``num_classes`` classes the labels
-    index). Only presence is kept of the labels, so the pool costs the features alone."""
+                  ctx: DistContext, num_classes: int, size: int, seed_offset: int, what: str,
+                  num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's share of ``size`` training images (their own stream, ``seed_offset``): (whatever
+    ``features`` gives per image — dense features n×D×h×w, or n×S×D×h×w for shifted copies — and presence
+    n×C of the ``num_classes`` classes the labels index). Only presence is kept of the labels."""
     t = time.perf_counter()
-    share = math.ceil(cfg.gpr_fit / ctx.world_size)
-    src = TrainStream(data, transform, cfg.global_batch, math.ceil(cfg.gpr_fit / cfg.global_batch),
-                      cfg.seed + GPR_FIT_SEED_OFFSET, ctx.rank, ctx.world_size, fresh=fresh)
+    share = math.ceil(size / ctx.world_size)
+    src = TrainStream(data, transform, cfg.global_batch, math.ceil(size / cfg.global_batch),
+                      cfg.seed + seed_offset, ctx.rank, ctx.world_size, fresh=fresh)
     feats, present, n = [], [], 0
     for f, y in features(train_loader(src, num_workers=num_workers)):
         feats.append(f.detach())
@@ -102,19 +107,22 @@ def presence_pool(cfg: TrainConfig, data, transform, fresh: bool,
         if n >= share:
             break
     if not feats:
-        raise ValueError("--gpr-fit received no training images")
-    log.info("GPR fit pool: %d training images' dense features (%.1f s)", min(n, share) * ctx.world_size,
-             time.perf_counter() - t)
+        raise ValueError(f"the {what} pool received no training images")
+    log.info("%s pool: %d training images (%.1f s)", what, min(n, share) * ctx.world_size, time.perf_counter() - t)
     return torch.cat(feats)[:share], torch.cat(present)[:share]
 
 
 def fit_gpr_stage(cfg: TrainConfig, clip, model, prompts, seen_vocab: tuple[str, ...], data, transform,
                   fresh: bool, amp, ctx: DistContext, num_workers: int = 0) -> dict:
-    """``--gpr-fit``: a new GPR adapter, τ2 and β fitted on the presence of every seen class (the held-out ones
-    too: selection is over) in ``cfg.gpr_fit`` training images, the learned prompts fixed
-    (``mvpseg.learning.fit_gpr``, H-GPR7). Deterministic in (seed, rank): a resumed run refits identically.
-    Returns its record for the checkpoint's metadata."""
+    """After training, the learned prompts fixed, on the presence of every seen class (the held-out ones too:
+    selection is over): ``--gpr-fit`` fits a new GPR adapter, τ2 and β on ``cfg.gpr_fit`` training images
+    (``mvpseg.learning.fit_gpr``, H-GPR7); then ``--gpr-shifts`` K > 1 refits τ2 and β alone on the average over
+    K × K shifted copies of ``GPR_SHIFT_CALIBRATION_IMAGES`` images (``calibrate_shifted_gpr``, H-GPR8).
+    Deterministic in (seed, rank): a resumed run refits identically. Returns its record for the checkpoint."""
     t = time.perf_counter()
+    reduce = lambda ps: average_gradients(ps, ctx)  # noqa: E731
+    with torch.no_grad():
+        glob = prompts.encode_global(clip, seen_vocab).float()
 
     def raw_features(batches):  # labels index the seen vocabulary, held-out classes included
         for images, labels in batches:
@@ -122,15 +130,36 @@ def fit_gpr_stage(cfg: TrainConfig, clip, model, prompts, seen_vocab: tuple[str,
                 feats = model.image_features(clip.normalize(images.to(ctx.device, non_blocking=True)))
             yield feats, labels.to(ctx.device, non_blocking=True)
 
-    feats, present = presence_pool(cfg, data, transform, fresh, raw_features, ctx, len(seen_vocab), num_workers)
-    with torch.no_grad():
-        glob = prompts.encode_global(clip, seen_vocab).float()
-    settings = GPRFitSettings(width=cfg.gpr_fit_width, steps=cfg.gpr_fit_steps, gamma=cfg.gamma, seed=cfg.seed)
-    losses = fit_gpr(prompts, glob, feats, present, settings, reduce_grads=lambda ps: average_gradients(ps, ctx),
-                     rank=ctx.rank)
-    tau2, bias = float(prompts.tau2().detach()), float(prompts.gpr_bias().detach())
-    log.info("GPR fit: adapter width %d, %d steps on %d images; BCE %.4f → %.4f, τ2 %.4f, β %.2f (%.1f s)",
-             settings.width, settings.steps, cfg.gpr_fit, losses[0], losses[-1], tau2, bias,
-             time.perf_counter() - t)
-    return {"images": cfg.gpr_fit, **asdict(settings), "loss_first": losses[0], "loss_last": losses[-1],
-            "tau2": tau2, "bias": bias}
+    record: dict = {}
+    if cfg.gpr_fit:
+        feats, present = presence_pool(cfg, data, transform, fresh, raw_features, ctx, len(seen_vocab),
+                                       cfg.gpr_fit, GPR_FIT_SEED_OFFSET, "GPR fit", num_workers)
+        settings = GPRFitSettings(width=cfg.gpr_fit_width, steps=cfg.gpr_fit_steps, gamma=cfg.gamma, seed=cfg.seed)
+        losses = fit_gpr(prompts, glob, feats, present, settings, reduce_grads=reduce, rank=ctx.rank)
+        del feats
+        log.info("GPR fit: adapter width %d, %d steps on %d images; BCE %.4f → %.4f, τ2 %.4f, β %.2f (%.1f s)",
+                 settings.width, settings.steps, cfg.gpr_fit, losses[0], losses[-1], float(prompts.tau2()),
+                 float(prompts.gpr_bias()), time.perf_counter() - t)
+        record.update({"images": cfg.gpr_fit, **asdict(settings), "loss_first": losses[0], "loss_last": losses[-1]})
+    if cfg.gpr_shifts > 1:
+        t = time.perf_counter()
+
+        def shifted(batches):  # images → their k × k shifted copies' features, n×S×D×h×w
+            for images, labels in batches:
+                with amp(), torch.no_grad():
+                    x = clip.normalize(images.to(ctx.device, non_blocking=True))
+                    feats = torch.stack(shifted_features(clip, x, cfg.gpr_shifts), dim=1)
+                yield feats, labels.to(ctx.device, non_blocking=True)
+
+        feats, present = presence_pool(cfg, data, transform, fresh, shifted, ctx, len(seen_vocab),
+                                       GPR_SHIFT_CALIBRATION_IMAGES, GPR_SHIFT_SEED_OFFSET, "GPR shift calibration",
+                                       num_workers)
+        losses = calibrate_shifted_gpr(prompts, glob, feats, present, gamma=cfg.gamma, seed=cfg.seed,
+                                       reduce_grads=reduce, rank=ctx.rank)
+        log.info("GPR over %d × %d shifts: τ2 and β recalibrated on %d images, BCE %.4f → %.4f, τ2 %.4f, β %.2f "
+                 "(%.1f s)", cfg.gpr_shifts, cfg.gpr_shifts, GPR_SHIFT_CALIBRATION_IMAGES, losses[0], losses[-1],
+                 float(prompts.tau2()), float(prompts.gpr_bias()), time.perf_counter() - t)
+        record["shifts"] = {"k": cfg.gpr_shifts, "images": GPR_SHIFT_CALIBRATION_IMAGES, "loss_first": losses[0],
+                            "loss_last": losses[-1]}
+    record.update({"tau2": float(prompts.tau2()), "bias": float(prompts.gpr_bias())})
+    return record

@@ -37,12 +37,12 @@ RECIPES = {
                     global_batch=4, weight_decay=5e-4, lambda_oc=1.0, select="holdout", fresh="auto",
                     seg_reduction="pixel", init_fit=200, lambda_prior=8.0, init_fit_oc=False,
                     calib_steps=50, cls_mode="paper", residual=True, gpr_bias=False, gpr_select="joint",
-                    gpr_adapter=0, gpr_iters=0, gpr_pool=0, gpr_batch=32, gpr_fit=0),
+                    gpr_adapter=0, gpr_iters=0, gpr_pool=0, gpr_batch=32, gpr_fit=0, gpr_shifts=1),
     "paper": dict(optimizer="sgd", lr=2e-4, lr_policy="poly", warmup_iters=1000, max_iters=8000,
                   global_batch=8, weight_decay=5e-4, lambda_oc="paper", select="none", fresh="off",
                   seg_reduction="pixel", init_fit=0, lambda_prior=0.0, init_fit_oc=False,
                   calib_steps=0, cls_mode="bce", residual=False, gpr_bias=False, gpr_select="joint",
-                  gpr_adapter=0, gpr_iters=0, gpr_pool=0, gpr_batch=32, gpr_fit=0),
+                  gpr_adapter=0, gpr_iters=0, gpr_pool=0, gpr_batch=32, gpr_fit=0, gpr_shifts=1),
 }
 # Handcrafted sets the warm start and anchor can use (names of mvpseg.baseline_prompt_sets(); the first is the
 # fallback), or "auto": the best of them on the validation images (train_prompts.choose_prior).
@@ -143,6 +143,9 @@ class TrainConfig:
     gpr_fit: int = 0
     gpr_fit_width: int = 128
     gpr_fit_steps: int = 1500
+    # at inference, GPR averages Eq. 6 over k × k sub-cell shifts of the image (mvpseg/gpr_shifts.py); recorded in
+    # the prompt checkpoint, training is unchanged
+    gpr_shifts: int = 1
     prior_prompts: str = "auto"  # handcrafted set behind the warm start, the anchor and the residual form
     residual: bool = True  # t = norm(h + e − e0): exactly handcrafted at the start (LearnedPrompts.set_prior)
     crop_size: int | None = None
@@ -263,6 +266,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="hidden width of the adapter --gpr-fit fits (default 128)")
     p.add_argument("--gpr-fit-steps", type=int, default=1500, metavar="N",
                    help="Adam steps of --gpr-fit, minibatches of 256 images (default 1500)")
+    p.add_argument("--gpr-shifts", type=int, default=None, metavar="K",
+                   help="the prompts' GPR averages Eq. 6 over K × K sub-cell shifts of the image at inference "
+                        "(mvpseg/gpr_shifts.py; recorded in the checkpoint, training unchanged). Default: the "
+                        "recipe's (1: the image alone)")
     p.add_argument("--residual", default=None, choices=["on", "off"],
                    help="residual prompts: every class embedding is the handcrafted prior's plus the change of the "
                         "learned context's embedding since the warm start, so learning starts from the handcrafted "
@@ -360,11 +367,14 @@ def _gpr_branch(a: argparse.Namespace, pick, use_global: bool) -> dict:
     """gpr_adapter and gpr_iters: a recipe's defaults apply only where they can (a global prompt; gpr_iters with
     --gpr-select views); given explicitly where they cannot, they are refused."""
     width, iters, views = pick("gpr_adapter"), pick("gpr_iters"), pick("gpr_select") == "views"
-    pool, batch, fit = pick("gpr_pool"), pick("gpr_batch"), pick("gpr_fit")
+    pool, batch, fit, shifts = pick("gpr_pool"), pick("gpr_batch"), pick("gpr_fit"), pick("gpr_shifts")
     if min(width, iters, pool, fit) < 0 or min(batch, a.gpr_fit_width, a.gpr_fit_steps) < 1:
         raise SystemExit("--gpr-adapter, --gpr-iters, --gpr-pool and --gpr-fit must be >= 0, --gpr-batch, "
                          "--gpr-fit-width and --gpr-fit-steps >= 1")
-    for flag, value in (("--gpr-adapter", a.gpr_adapter), ("--gpr-fit", a.gpr_fit)):
+    if shifts < 1:
+        raise SystemExit("--gpr-shifts must be >= 1")
+    for flag, value in (("--gpr-adapter", a.gpr_adapter), ("--gpr-fit", a.gpr_fit),
+                        ("--gpr-shifts", (a.gpr_shifts or 1) - 1)):
         if value and not use_global:
             raise SystemExit(f"{flag} needs a global prompt (--variant mvpseg without --no-global)")
     if width and fit:  # the fit replaces any adapter: training one before it would be thrown away
@@ -375,7 +385,8 @@ def _gpr_branch(a: argparse.Namespace, pick, use_global: bool) -> dict:
     on = use_global and views
     return {"gpr_adapter": width if use_global else 0, "gpr_iters": iters if on else 0,
             "gpr_pool": pool if on else 0, "gpr_batch": batch, "gpr_fit": fit if use_global else 0,
-            "gpr_fit_width": a.gpr_fit_width, "gpr_fit_steps": a.gpr_fit_steps}
+            "gpr_fit_width": a.gpr_fit_width, "gpr_fit_steps": a.gpr_fit_steps,
+            "gpr_shifts": shifts if use_global else 1}
 
 
 def _config_record(cfg: TrainConfig) -> dict:

@@ -355,9 +355,10 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
             best = splice_global(best, prompts.state_dict())
         prompts.load_state_dict(best)
     gpr_fit = None
-    if cfg.gpr_fit:  # the shipped prompts are fixed from here; a crash refits from the last checkpoint
+    if cfg.gpr_fit or cfg.gpr_shifts > 1:  # the shipped prompts are fixed from here; a crash refits on resume
         gpr_fit = fit_gpr_stage(cfg, clip, model, prompts, seen_vocab, stream_data, transform, fresh, amp, ctx,
                                 args.num_workers)
+    prompts.set_gpr_shifts(cfg.gpr_shifts)  # an inference setting the checkpoint carries (mvpseg/gpr_shifts.py)
     final = out / "prompts.safetensors"
     if ctx.is_main:
         selection = None if validation is None else {

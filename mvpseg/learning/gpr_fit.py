@@ -99,3 +99,49 @@ def fit_gpr(prompts: LearnedPrompts, glob: torch.Tensor, features: torch.Tensor,
         opt.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def calibrate_shifted_gpr(prompts: LearnedPrompts, glob: torch.Tensor, features: torch.Tensor,
+                          presence: torch.Tensor, steps: int = 300, batch: int = 256, lr: float = 0.02,
+                          gamma: float = 10.0, seed: int = 0,
+                          reduce_grads: Callable[[list[torch.Tensor]], None] | None = None,
+                          rank: int = 0) -> list[float]:
+    """Refits log τ2 and β alone (context and GPR adapter fixed) by BCE of GPR's logits averaged over shifted
+    copies of each image (``mvpseg.gpr_shifts``), the reading the prompts will be used with.
+
+    Why: τ2 and β are learned on the unshifted features; each shifted copy adds a cell of padding, which moves
+    Eq. 6's pooled cosines, so the averaged logits keep the ranking but drift from the calibration (present and
+    absent classes end closer in g). features: N×S×D×h×w (S copies per image); presence N×C. Returns the losses."""
+    from ..gpr_shifts import shifted_gpr_logits
+
+    n = features.shape[0]
+    if presence.shape[0] != n or glob.shape[0] != presence.shape[1]:
+        raise ValueError(f"GPR calibration: features {tuple(features.shape)}, presence {tuple(presence.shape)} "
+                         f"and global embeddings {tuple(glob.shape)} do not agree (N×S×D×h×w, N×C, C×D)")
+    if getattr(prompts, "bias", None) is None:
+        prompts.enable_gpr_bias()
+    params = [prompts.log_tau2, prompts.bias]
+    adapter = prompts.gpr_adapter()
+    frozen = [] if adapter is None else [p for p in adapter.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(rank)) * 7 + 2)
+    text, losses = glob.detach().float(), []
+    try:
+        for _ in range(steps):
+            idx = torch.randint(0, n, (min(batch, n),), generator=gen).to(features.device)
+            logits = shifted_gpr_logits(list(features[idx].unbind(1)), text.to(features.device), prompts, gamma)
+            loss = F.binary_cross_entropy_with_logits(logits, presence[idx].float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if reduce_grads is not None:
+                reduce_grads(params)
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return losses
