@@ -82,6 +82,47 @@ def test_scores_equal_independent_computation(env):
     assert mat.sum() == sum(int((ds[i][1] != 255).sum()) for i in range(len(ds)))
 
 
+def test_gpr_shifts_of_a_checkpoint_are_applied_with_the_copies_encoded_once_per_image(env, tmp_path, monkeypatch):
+    """A checkpoint carrying gpr_shifts 2 (mvpseg/gpr_shifts.py) is scored with GPR averaged over its shifted
+    copies — against an independent computation — and the copies are encoded once per image for all sets."""
+    import shutil
+
+    import mvpseg.gpr_shifts as gs
+
+    root, clip_args, clip, prompts, ckpt = env
+    shifted = tmp_path / "s.safetensors"
+    shutil.copy(ckpt, shifted)
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    meta["extra"]["gpr_shifts"] = 2
+    shifted.with_suffix(".json").write_text(json.dumps(meta))
+    calls = []
+    monkeypatch.setattr(evaluate, "shifted_features",
+                        lambda *a, **kw: calls.append(a[2]) or gs.shifted_features(*a, **kw))
+    rep = run(root, clip_args, "--data", f"voc={root / 'data' / 'VOCdevkit'}", "--prompts", f"a={shifted}",
+              "--prompts", f"b={shifted}", "--prompts", f"plain={ckpt}", "--baselines")
+    ds = build_dataset("voc", root / "data" / "VOCdevkit", "val")
+    assert calls == [2] * len(ds)
+    res = rep["results"]["voc20"]
+    assert res["a"]["miou"] == res["b"]["miou"] and res["a"]["gpr"] == res["b"]["gpr"]
+    assert res["a"]["gpr"] != res["plain"]["gpr"]
+    ps = prompts.eval()
+    ps.set_gpr_shifts(2)
+    tf, mat = EvalTransform(scale=(128, 64)), np.zeros((20, 20), np.int64)
+    with torch.no_grad():
+        text = ps.encode(clip, VOC20.prompt_names)
+        for i in range(len(ds)):
+            image, label = tf(*ds[i])
+            x = clip.normalize(image[None])
+            g = gs.shifted_gpr_logits(gs.shifted_features(clip, x, 2), text.glob, ps).sigmoid()
+            out = MVPSeg(clip, ps, gamma=10.0)(x, VOC20.prompt_names)
+            prob = F.interpolate(out.fused_logits, size=label.shape, mode="bilinear", align_corners=False).softmax(1)
+            pred, gt = (prob * g[:, :, None, None]).argmax(1)[0].numpy().ravel(), label.numpy().ravel()
+            keep = gt != 255
+            mat += np.bincount(gt[keep] * 20 + pred[keep], minlength=400).reshape(20, 20)
+    ps.set_gpr_shifts(1)
+    assert res["a"]["pixel_acc"] == pytest.approx(100 * np.trace(mat) / mat.sum(), abs=1e-3)
+
+
 def test_outputs_and_cross_dataset_grid(env, tmp_path):
     root, clip_args, clip, prompts, ckpt = env
     rep = run(root, clip_args, "--data", f"voc={root / 'data' / 'VOCdevkit'}", "--data",

@@ -168,3 +168,32 @@ def test_gpr_fit_run_keeps_the_learned_prompts_ships_the_fit_and_refits_exactly_
             train_prompts.main([*fitted, *bad, "--out", str(root / "bad")])
     with pytest.raises(SystemExit, match=">= 0"):
         train_prompts.main([*base, "--gpr-fit", "-1", "--out", str(root / "bad")])
+
+
+def test_gpr_shifts_run_recalibrates_tau2_and_bias_on_the_shifted_reading_and_records_k(voc):
+    """--gpr-shifts 2 (H-GPR8): training as without it (context and τ1 equal), then τ2 and β alone refitted on
+    the shifted copies of training images; the checkpoint carries k, so evaluation and the demo read g that way."""
+    from mvpseg.checkpoint import load_prompts, read_meta
+    from mvpseg.clip_backbone import load_clip
+    from training.cli import clip_spec
+
+    root, clip_args = voc
+    base = ["--dataset", "voc", "--data-root", str(root / "data" / "VOCdevkit"), *clip_args, "--n-ctx", "8",
+            "--crop-size", "64", "--train-scale", "128", "64", "--num-workers", "0", "--cpu-threads", "1",
+            "--device", "cpu", "--no-progress", "--max-iters", "4", "--val-every", "2", "--init-fit", "10",
+            "--val-images", "4", "--ckpt-every", "4", "--calib-steps", "2", "--cls-loss", "bce", "--gpr-bias", "on",
+            "--gpr-select", "views"]
+    plain = train_prompts.main([*base, "--out", str(root / "s-plain")])
+    shifted = train_prompts.main([*base, "--gpr-shifts", "2", "--out", str(root / "s-two")])
+    clip = load_clip(clip_spec(train_prompts.build_parser().parse_args(base + ["--out", "x"])), torch.device("cpu"))
+    a, b = load_prompts(plain, clip), load_prompts(shifted, clip)
+    assert torch.equal(a.ctx, b.ctx) and torch.equal(a.log_tau1, b.log_tau1)
+    assert (a.gpr_shifts(), b.gpr_shifts()) == (1, 2) and b.gpr_adapter() is None
+    assert not torch.equal(a.log_tau2, b.log_tau2) and not torch.equal(a.bias, b.bias)
+    record = read_meta(shifted).extra["gpr_fit"]
+    assert record["shifts"]["k"] == 2 and record["shifts"]["loss_last"] < record["shifts"]["loss_first"]
+    assert "width" not in record and math.isclose(record["tau2"], float(b.tau2()), rel_tol=1e-5)
+    for bad, match in ((["--gpr-shifts", "0"], ">= 1"), (["--gpr-shifts", "2", "--variant", "multi-oc"],
+                                                          "global prompt")):
+        with pytest.raises(SystemExit, match=match):
+            train_prompts.main([*base, *bad, "--out", str(root / "bad")])
