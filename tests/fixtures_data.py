@@ -152,3 +152,12 @@ def make_folder(root: Path, n: int = 6, h: int = 40, w: int = 56, seed: int = 3,
         _save(image, label, root / "images" / f"{name}{ext}", root / "masks" / f"{name}.png")
         out[name] = set(np.unique(label).tolist())
     return out
+
+
+def make_selection_voc(root: Path) -> tuple[Path, list[str]]:
+    """The small VOC tree of the model-selection and GPR-fit tests (20 training images of two or three classes,
+    one validation image) under ``root``/data, and a tiny CLIP: (root, its CLI arguments)."""
+    sets = {"train": [[1 + i % 14, 1 + (5 * i + 3) % 14] + ([16 + i % 5] if i % 3 == 0 else []) for i in range(20)],
+            "val": [[1, 16]], "aug": [[2, 3]]}
+    make_voc(Path(root) / "data", class_sets=sets)
+    return Path(root), write_tiny_clip(Path(root) / "clip")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from fixtures_data import make_voc, write_tiny_clip
+from fixtures_data import make_selection_voc
 from mvpseg.heads import segment
 from mvpseg.learning import GPRFitSettings, fit_gpr, presence_targets
 from mvpseg.prompts import LearnedPrompts, TextViews
@@ -118,11 +118,16 @@ def test_fit_refuses_what_it_cannot_fit():
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fit")
-    sets = {"train": [[1 + i % 14, 1 + (5 * i + 3) % 14] + ([16 + i % 5] if i % 3 == 0 else []) for i in range(20)],
-            "val": [[1, 16]], "aug": [[2, 3]]}
-    make_voc(root / "data", class_sets=sets)
-    return root, write_tiny_clip(root / "clip")
+    return make_selection_voc(tmp_path_factory.mktemp("fit"))
+
+
+def _base(root, clip_args, iters: int, ckpt_every: int) -> list[str]:
+    """A short train_prompts command line on the fixture's VOC tree with calibrated GPR on row 4's views."""
+    return ["--dataset", "voc", "--data-root", str(root / "data" / "VOCdevkit"), *clip_args, "--n-ctx", "8",
+            "--crop-size", "64", "--train-scale", "128", "64", "--num-workers", "0", "--cpu-threads", "1",
+            "--device", "cpu", "--no-progress", "--max-iters", str(iters), "--val-every", "2", "--init-fit", "10",
+            "--val-images", "4", "--ckpt-every", str(ckpt_every), "--calib-steps", "2", "--cls-loss", "bce",
+            "--gpr-bias", "on", "--gpr-select", "views"]
 
 
 def test_gpr_fit_run_keeps_the_learned_prompts_ships_the_fit_and_refits_exactly_on_resume(voc):
@@ -134,11 +139,7 @@ def test_gpr_fit_run_keeps_the_learned_prompts_ships_the_fit_and_refits_exactly_
     from training.cli import clip_spec
 
     root, clip_args = voc
-    base = ["--dataset", "voc", "--data-root", str(root / "data" / "VOCdevkit"), *clip_args, "--n-ctx", "8",
-            "--crop-size", "64", "--train-scale", "128", "64", "--num-workers", "0", "--cpu-threads", "1",
-            "--device", "cpu", "--no-progress", "--max-iters", "6", "--val-every", "2", "--init-fit", "10",
-            "--val-images", "4", "--ckpt-every", "3", "--calib-steps", "2", "--cls-loss", "bce", "--gpr-bias", "on",
-            "--gpr-select", "views"]
+    base = _base(root, clip_args, iters=6, ckpt_every=3)
     plain = train_prompts.main([*base, "--out", str(root / "plain")])
     fitted = [*base, "--gpr-fit", "10", "--gpr-fit-width", "8"]
     ref = train_prompts.main([*fitted, "--out", str(root / "ref")])
@@ -178,11 +179,7 @@ def test_gpr_shifts_run_recalibrates_tau2_and_bias_on_the_shifted_reading_and_re
     from training.cli import clip_spec
 
     root, clip_args = voc
-    base = ["--dataset", "voc", "--data-root", str(root / "data" / "VOCdevkit"), *clip_args, "--n-ctx", "8",
-            "--crop-size", "64", "--train-scale", "128", "64", "--num-workers", "0", "--cpu-threads", "1",
-            "--device", "cpu", "--no-progress", "--max-iters", "4", "--val-every", "2", "--init-fit", "10",
-            "--val-images", "4", "--ckpt-every", "4", "--calib-steps", "2", "--cls-loss", "bce", "--gpr-bias", "on",
-            "--gpr-select", "views"]
+    base = _base(root, clip_args, iters=4, ckpt_every=4)
     plain = train_prompts.main([*base, "--out", str(root / "s-plain")])
     shifted = train_prompts.main([*base, "--gpr-shifts", "2", "--out", str(root / "s-two")])
     clip = load_clip(clip_spec(train_prompts.build_parser().parse_args(base + ["--out", "x"])), torch.device("cpu"))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures_data import make_voc, write_tiny_clip
+from fixtures_data import make_selection_voc
 from mvpseg.checkpoint import read_meta
 from training import train_prompts
 from training.data import TrainStream
@@ -91,11 +91,7 @@ def test_best_tracker_keeps_the_best_state_and_stops_after_patience():
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sel")
-    sets = {"train": [[1 + i % 14, 1 + (5 * i + 3) % 14] + ([16 + i % 5] if i % 3 == 0 else []) for i in range(20)],
-            "val": [[1, 16]], "aug": [[2, 3]]}
-    make_voc(root / "data", class_sets=sets)
-    return root, write_tiny_clip(root / "clip")
+    return make_selection_voc(tmp_path_factory.mktemp("sel"))
 
 
 def _clip(clip_args):

@@ -82,16 +82,27 @@ def fit_gpr(prompts: LearnedPrompts, glob: torch.Tensor, features: torch.Tensor,
     params = [prompts.log_tau2, prompts.bias, *adapter.parameters()]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=settings.lr)
     text = glob.detach().float()
-    gen = torch.Generator().manual_seed((int(settings.seed) * 1_000_003 + int(rank)) * 7 + 1)
-    losses = []
-    for _ in range(settings.steps):
-        idx = torch.randint(0, n, (settings.batch,), generator=gen).to(features.device)
+
+    def logits_of(idx: torch.Tensor) -> torch.Tensor:
         feats = adapter(features[idx].float())  # B×D×h×w, unit norm
         mask = torch.einsum("bdhw,cd->bchw", feats, text.to(feats.device))
-        logits = gpr_logits(mask, settings.gamma, prompts.log_tau2.exp(), prompts.bias)
-        loss = F.binary_cross_entropy_with_logits(logits, presence[idx].float())
+        return gpr_logits(mask, settings.gamma, prompts.log_tau2.exp(), prompts.bias)
+
+    gen = torch.Generator().manual_seed((int(settings.seed) * 1_000_003 + int(rank)) * 7 + 1)
+    return _fit_bce(params, logits_of, presence, settings.steps, settings.batch, settings.lr, gen, reduce_grads)
+
+
+def _fit_bce(params: list[torch.Tensor], logits_of: Callable[[torch.Tensor], torch.Tensor], presence: torch.Tensor,
+             steps: int, batch: int, lr: float, gen: torch.Generator,
+             reduce_grads: Callable[[list[torch.Tensor]], None] | None) -> list[float]:
+    """Adam on ``params`` for ``steps`` minibatches of ``batch`` image indices drawn with replacement by ``gen``:
+    BCE of ``logits_of(indices)`` (B×C) against ``presence`` (N×C) of those images. Returns the losses."""
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, presence.shape[0], (batch,), generator=gen).to(presence.device)
+        loss = F.binary_cross_entropy_with_logits(logits_of(idx), presence[idx].float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if reduce_grads is not None:
@@ -127,21 +138,11 @@ def calibrate_shifted_gpr(prompts: LearnedPrompts, glob: torch.Tensor, features:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(rank)) * 7 + 2)
-    text, losses = glob.detach().float(), []
+    text = glob.detach().float().to(features.device)
     try:
-        for _ in range(steps):
-            idx = torch.randint(0, n, (min(batch, n),), generator=gen).to(features.device)
-            logits = shifted_gpr_logits(list(features[idx].unbind(1)), text.to(features.device), prompts, gamma)
-            loss = F.binary_cross_entropy_with_logits(logits, presence[idx].float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if reduce_grads is not None:
-                reduce_grads(params)
-            opt.step()
-            losses.append(float(loss.detach()))
+        return _fit_bce(params, lambda idx: shifted_gpr_logits(list(features[idx].unbind(1)), text, prompts, gamma),
+                        presence, steps, min(batch, n), lr, gen, reduce_grads)
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return losses
