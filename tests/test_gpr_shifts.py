@@ -138,3 +138,19 @@ def test_predictor_uses_the_sets_shifts_and_encodes_the_copies_once_per_image(ti
     p.set_image((np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8))
     p.predict("cat", "two")
     assert counted == [2, 2]  # a new image: new copies
+
+
+def test_distillation_teacher_reads_gpr_as_its_checkpoint_says(tiny):
+    """MVP-SEG+ pseudo-labels (training.pseudo_labels.teacher_scores) use the teacher's GPR shifts."""
+    from mvpseg.model import MVPSeg
+    from training.pseudo_labels import teacher_scores
+
+    ps = _prompts(tiny, k=2)
+    teacher = MVPSeg(tiny, ps, gamma=10.0)
+    x = _image(4)
+    text = ps.encode(tiny, ("cat", "dog")).detach()
+    with torch.no_grad():
+        got = teacher_scores(teacher, x, text)
+        fused = apply_prompts(tiny.dense_features(x).float(), text, ps).fused_logits
+        g = gs.shifted_gpr_logits(gs.shifted_features(tiny, x, 2), text.glob, ps)
+    torch.testing.assert_close(got, fused + F.logsigmoid(g)[:, :, None, None])

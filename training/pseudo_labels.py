@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mvpseg.gpr_shifts import shifted_features, with_shifted_gpr
 from mvpseg.model import MVPSeg
 from mvpseg.prompts import TextViews
 
@@ -121,6 +122,9 @@ def teacher_scores(teacher: MVPSeg, images: torch.Tensor, unseen_text: TextViews
     upsampling equals the argmax of MVP-SEG's final masks at label size.
     """
     out = teacher.head(teacher.image_features(images), unseen_text)
+    # GPR as the teacher's checkpoint reads it (mvpseg/gpr_shifts.py: over shifted copies where it says so)
+    out = with_shifted_gpr(out, lambda k: shifted_features(teacher.clip, images, k), unseen_text.glob,
+                           teacher.prompts, teacher.gamma)
     scores = out.fused_logits.float()
     if use_gpr and out.gpr_logits is not None:
         scores = scores + F.logsigmoid(out.gpr_logits.float())[:, :, None, None]
