@@ -364,8 +364,9 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
 
 
 def _gpr_branch(a: argparse.Namespace, pick, use_global: bool) -> dict:
-    """gpr_adapter and gpr_iters: a recipe's defaults apply only where they can (a global prompt; gpr_iters with
-    --gpr-select views); given explicitly where they cannot, they are refused."""
+    """The GPR-branch options (adapter, global-only iterations and pool, the fit after training, shifts): a
+    recipe's defaults apply only where they can (a global prompt; gpr_iters and gpr_pool with --gpr-select views);
+    given explicitly where they cannot, they are refused."""
     width, iters, views = pick("gpr_adapter"), pick("gpr_iters"), pick("gpr_select") == "views"
     pool, batch, fit, shifts = pick("gpr_pool"), pick("gpr_batch"), pick("gpr_fit"), pick("gpr_shifts")
     if min(width, iters, pool, fit) < 0 or min(batch, a.gpr_fit_width, a.gpr_fit_steps) < 1:
