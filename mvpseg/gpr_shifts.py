@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .dense import tower_stride
-from .heads import MVPSegOutput, gpr_logits, view_masks
+from .heads import MVPSegOutput, global_branch
 
 
 def shift_offsets(stride: int, k: int) -> list[tuple[int, int]]:
@@ -46,13 +46,10 @@ def shifted_features(clip, images: torch.Tensor, k: int, settings=None) -> list[
 def shifted_gpr_logits(features: list[torch.Tensor], glob: torch.Tensor, prompts, gamma: float = 10.0
                        ) -> torch.Tensor:
     """Eq. 6's logits with ``prompts``' τ2, bias and GPR adapter (``PromptSet``), averaged over the shifted
-    copies' ``features`` (``shifted_features``): glob C×D → B×C."""
+    copies' ``features`` (``shifted_features``; one tensor: GPR's plain reading): glob C×D → B×C."""
     adapter, tau2, bias = prompts.gpr_adapter(), prompts.tau2(), prompts.gpr_bias()
-    total = 0.0
-    for f in features:
-        f = f.float() if adapter is None else adapter(f.float())
-        total = total + gpr_logits(view_masks(f, glob.unsqueeze(0))[:, 0], gamma, tau2, bias)
-    return total / len(features)
+    logits = [global_branch(f.float(), glob, gamma, tau2, bias, adapter)[1] for f in features]
+    return torch.stack(logits).mean(0)
 
 
 def with_shifted_gpr(out: MVPSegOutput, features_for: Callable[[int], list[torch.Tensor]], glob: torch.Tensor | None,

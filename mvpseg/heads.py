@@ -67,6 +67,18 @@ def gpr_logits(global_mask: torch.Tensor, gamma: float, tau2: torch.Tensor | flo
     return (flat * weights).sum(-1) / tau2 - bias
 
 
+def global_branch(features: torch.Tensor, glob: torch.Tensor, gamma: float, tau2: torch.Tensor | float,
+                  bias: torch.Tensor | float = 0.0,
+                  adapter: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPR's reading of dense features B×D×h×w with global embeddings glob C×D: (m^0 B×C×h×w on the features
+    through ``adapter`` if any, Eq. 6 logits B×C). What ``segment``, the shifted reading (mvpseg.gpr_shifts) and
+    the GPR fit (mvpseg.learning.gpr_fit) all compute."""
+    gpr_features = features if adapter is None else adapter(features)
+    global_mask = view_masks(gpr_features, glob.unsqueeze(0))[:, 0]
+    return global_mask, gpr_logits(global_mask, gamma, tau2, bias)
+
+
 def segment(features: torch.Tensor, text: TextViews, tau1: torch.Tensor | float, tau2: torch.Tensor | float | None,
             gamma: float = 10.0, gpr_bias: torch.Tensor | float = 0.0,
             gpr_adapter: Callable[[torch.Tensor], torch.Tensor] | None = None) -> MVPSegOutput:
@@ -77,9 +89,8 @@ def segment(features: torch.Tensor, text: TextViews, tau1: torch.Tensor | float,
     fused_logits = tau1 * masks.sum(dim=1)
     if text.glob is None or tau2 is None:
         return MVPSegOutput(masks, fused_logits, None, None)
-    gpr_features = features if gpr_adapter is None else gpr_adapter(features)
-    global_mask = view_masks(gpr_features, text.glob.unsqueeze(0))[:, 0]
-    return MVPSegOutput(masks, fused_logits, global_mask, gpr_logits(global_mask, gamma, tau2, gpr_bias))
+    global_mask, logits = global_branch(features, text.glob, gamma, tau2, gpr_bias, gpr_adapter)
+    return MVPSegOutput(masks, fused_logits, global_mask, logits)
 
 
 def apply_prompts(features: torch.Tensor, text: TextViews, prompts: PromptSet, gamma: float = 10.0,

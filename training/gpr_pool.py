@@ -124,15 +124,19 @@ def fit_gpr_stage(cfg: TrainConfig, clip, model, prompts, seen_vocab: tuple[str,
     with torch.no_grad():
         glob = prompts.encode_global(clip, seen_vocab).float()
 
-    def raw_features(batches):  # labels index the seen vocabulary, held-out classes included
-        for images, labels in batches:
-            with amp(), torch.no_grad():
-                feats = model.image_features(clip.normalize(images.to(ctx.device, non_blocking=True)))
-            yield feats, labels.to(ctx.device, non_blocking=True)
+    def encoded(encode):
+        """(images, labels) batches → (encode(normalised images), labels); the labels index the seen vocabulary,
+        held-out classes included."""
+        def batches_of(loader):
+            for images, labels in loader:
+                with amp(), torch.no_grad():
+                    feats = encode(clip.normalize(images.to(ctx.device, non_blocking=True)))
+                yield feats, labels.to(ctx.device, non_blocking=True)
+        return batches_of
 
     record: dict = {}
     if cfg.gpr_fit:
-        feats, present = presence_pool(cfg, data, transform, fresh, raw_features, ctx, len(seen_vocab),
+        feats, present = presence_pool(cfg, data, transform, fresh, encoded(model.image_features), ctx, len(seen_vocab),
                                        cfg.gpr_fit, GPR_FIT_SEED_OFFSET, "GPR fit", num_workers)
         settings = GPRFitSettings(width=cfg.gpr_fit_width, steps=cfg.gpr_fit_steps, gamma=cfg.gamma, seed=cfg.seed)
         losses = fit_gpr(prompts, glob, feats, present, settings, reduce_grads=reduce, rank=ctx.rank)
@@ -143,14 +147,7 @@ def fit_gpr_stage(cfg: TrainConfig, clip, model, prompts, seen_vocab: tuple[str,
         record.update({"images": cfg.gpr_fit, **asdict(settings), "loss_first": losses[0], "loss_last": losses[-1]})
     if cfg.gpr_shifts > 1:
         t = time.perf_counter()
-
-        def shifted(batches):  # images → their k × k shifted copies' features, n×S×D×h×w
-            for images, labels in batches:
-                with amp(), torch.no_grad():
-                    x = clip.normalize(images.to(ctx.device, non_blocking=True))
-                    feats = torch.stack(shifted_features(clip, x, cfg.gpr_shifts), dim=1)
-                yield feats, labels.to(ctx.device, non_blocking=True)
-
+        shifted = encoded(lambda x: torch.stack(shifted_features(clip, x, cfg.gpr_shifts), dim=1))  # n×S×D×h×w
         feats, present = presence_pool(cfg, data, transform, fresh, shifted, ctx, len(seen_vocab),
                                        GPR_SHIFT_CALIBRATION_IMAGES, GPR_SHIFT_SEED_OFFSET, "GPR shift calibration",
                                        num_workers)

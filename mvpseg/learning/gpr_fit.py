@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..heads import gpr_logits
+from ..gpr_shifts import shifted_gpr_logits
 from ..prompts import LearnedPrompts
 
 
@@ -82,15 +82,10 @@ def fit_gpr(prompts: LearnedPrompts, glob: torch.Tensor, features: torch.Tensor,
     params = [prompts.log_tau2, prompts.bias, *adapter.parameters()]
     for p in params:
         p.requires_grad_(True)
-    text = glob.detach().float()
-
-    def logits_of(idx: torch.Tensor) -> torch.Tensor:
-        feats = adapter(features[idx].float())  # B×D×h×w, unit norm
-        mask = torch.einsum("bdhw,cd->bchw", feats, text.to(feats.device))
-        return gpr_logits(mask, settings.gamma, prompts.log_tau2.exp(), prompts.bias)
-
+    text = glob.detach().float().to(features.device)
     gen = torch.Generator().manual_seed((int(settings.seed) * 1_000_003 + int(rank)) * 7 + 1)
-    return _fit_bce(params, logits_of, presence, settings.steps, settings.batch, settings.lr, gen, reduce_grads)
+    return _fit_bce(params, lambda idx: shifted_gpr_logits([features[idx]], text, prompts, settings.gamma),
+                    presence, settings.steps, settings.batch, settings.lr, gen, reduce_grads)
 
 
 def _fit_bce(params: list[torch.Tensor], logits_of: Callable[[torch.Tensor], torch.Tensor], presence: torch.Tensor,
@@ -123,8 +118,6 @@ def calibrate_shifted_gpr(prompts: LearnedPrompts, glob: torch.Tensor, features:
     Why: τ2 and β are learned on the unshifted features; each shifted copy adds a cell of padding, which moves
     Eq. 6's pooled cosines, so the averaged logits keep the ranking but drift from the calibration (present and
     absent classes end closer in g). features: N×S×D×h×w (S copies per image); presence N×C. Returns the losses."""
-    from ..gpr_shifts import shifted_gpr_logits
-
     n = features.shape[0]
     if presence.shape[0] != n or glob.shape[0] != presence.shape[1]:
         raise ValueError(f"GPR calibration: features {tuple(features.shape)}, presence {tuple(presence.shape)} "
