@@ -53,13 +53,16 @@ def oc_loss(seg_ctx: torch.Tensor) -> torch.Tensor:
 
 
 def presence_targets(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Labels B×H×W → y B×C with y_c = 1 iff class c occurs in the image (ignored pixels don't count)."""
-    y = torch.zeros(labels.shape[0], num_classes, device=labels.device)
-    for b in range(labels.shape[0]):
-        present = labels[b].unique()
-        present = present[(present != ignore_index) & (present >= 0) & (present < num_classes)]
-        y[b, present.long()] = 1.0
-    return y
+    """Labels B×H×W → y B×C with y_c = 1 iff class c occurs in the image (ignored and out-of-range pixels don't
+    count)."""
+    flat = labels.reshape(labels.shape[0], -1).long()
+    valid = (flat != ignore_index) & (flat >= 0) & (flat < num_classes)
+    # Pixels that are not a class go to a spare column C, dropped after: every write is a 1, so the order of
+    # duplicate writes cannot matter (a scatter of valid.float() into column 0 let a later ignored pixel's 0
+    # overwrite class 0's 1 — class 0 then read as absent in almost every background-ignored image).
+    out = torch.zeros(flat.shape[0], num_classes + 1, device=labels.device)
+    out.scatter_(1, torch.where(valid, flat, num_classes), 1.0)
+    return out[:, :num_classes]
 
 
 def cls_loss(gpr_logits: torch.Tensor, targets: torch.Tensor, mode: str = "bce") -> torch.Tensor:

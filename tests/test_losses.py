@@ -48,6 +48,25 @@ def test_presence_targets_ignore_255():
     assert presence_targets(labels, 3).tolist() == [[1, 0, 1], [0, 1, 0]]
 
 
+def test_presence_targets_match_a_direct_count_whatever_the_order_of_ignored_pixels():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 6, (6, 7, 9), generator=g)
+    labels[0] = 255
+    labels[1, :3] = 9  # beyond the vocabulary: not a class of it
+    # class 0 first, then only ignored / out-of-range pixels after it in raster order: the case a scatter of
+    # 0s for non-class pixels got wrong (the later 0 overwrote class 0's 1)
+    labels[2] = 255
+    labels[2, 0, 0] = 0
+    labels[3] = 3
+    labels[3, 0, :2] = 0
+    labels[3, 4:] = 255
+    labels[3, -1, -1] = 9
+    out = presence_targets(labels, 6)
+    direct = torch.tensor([[float((labels[i] == c).any()) for c in range(6)] for i in range(6)])
+    assert out.shape == (6, 6) and torch.equal(out, direct) and out[0].sum() == 0
+    assert out[2].tolist() == [1, 0, 0, 0, 0, 0] and out[3, 0] == 1
+
+
 def test_cls_losses_against_formulas():
     z = torch.tensor([[2.0, -1.0, 0.5]])
     y = torch.tensor([[1.0, 0.0, 1.0]])

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 
 from mvpseg.gpr_shifts import shifted_features
-from mvpseg.learning import GPRFitSettings, calibrate_shifted_gpr, fit_gpr, presence_targets
+from mvpseg.learning import GPRFitSettings, calibrate_shifted_gpr, fit_gpr
+from mvpseg.losses import presence_targets
 
 from .data import TrainStream, train_loader
 from .distributed import average_gradients

@@ -6,11 +6,11 @@ tab both run this code.
 """
 from .fewshot import (FewShotResult, FewShotSettings, LabelledImage, LearnProgress, encode_examples,
                       learn_prompts, segmentation_miou)
-from .gpr_fit import GPRFitSettings, calibrate_shifted_gpr, fit_gpr, presence_targets
+from .gpr_fit import GPRFitSettings, calibrate_shifted_gpr, fit_gpr
 from .learner import PromptLearner, calibrate_temperatures, fit_to_templates
 from .recipe import DEFAULT, OPTIMIZERS, PAPER, LearnRecipe, build_optimizer
 
-__all__ = ["GPRFitSettings", "calibrate_shifted_gpr", "fit_gpr", "presence_targets",
+__all__ = ["GPRFitSettings", "calibrate_shifted_gpr", "fit_gpr",
            "FewShotResult", "FewShotSettings", "LabelledImage", "LearnProgress", "encode_examples", "learn_prompts",
            "segmentation_miou",
            "PromptLearner", "calibrate_temperatures", "fit_to_templates", "DEFAULT", "OPTIMIZERS", "PAPER",

@@ -46,15 +46,6 @@ class GPRFitSettings:
             raise ValueError(f"GPR fit needs lr > 0 and tau2_init > 0, got {self.lr}, {self.tau2_init}")
 
 
-def presence_targets(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
-    """Labels B×H×W (class indices, ``ignore_index`` ignored) → B×C presence (1. where a class has a pixel)."""
-    flat = labels.reshape(labels.shape[0], -1).long()
-    valid = (flat != ignore_index) & (flat >= 0) & (flat < num_classes)
-    out = torch.zeros(flat.shape[0], num_classes, device=labels.device)
-    out.scatter_(1, torch.where(valid, flat, 0), valid.float())  # scatter of 1s; the masked 0s add nothing
-    return (out > 0).float()
-
-
 def fit_gpr(prompts: LearnedPrompts, glob: torch.Tensor, features: torch.Tensor, presence: torch.Tensor,
             settings: GPRFitSettings = GPRFitSettings(),
             reduce_grads: Callable[[list[torch.Tensor]], None] | None = None,
@@ -62,7 +53,7 @@ def fit_gpr(prompts: LearnedPrompts, glob: torch.Tensor, features: torch.Tensor,
     """Fits a new GPR adapter, τ2 and β of ``prompts`` (in place) by BCE of Eq. 6's logits against ``presence``.
 
     glob: C×D unit global-prompt embeddings of the classes (fixed); features: N×D×h×w frozen dense features of
-    N images (any float dtype; a minibatch is cast to float32); presence: N×C in {0, 1} (``presence_targets``).
+    N images (any float dtype; a minibatch is cast to float32); presence: N×C in {0, 1} (``mvpseg.losses.presence_targets``).
     ``reduce_grads`` averages the gradients over processes (DDP: every process holds its own share of the
     images and draws its own minibatches, seeded by ``rank``). Returns the loss of every step."""
     if not prompts.use_global:
