@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from fixtures_data import make_selection_voc
+from fixtures_data import NO_GPR_FIT, make_selection_voc
 from mvpseg.heads import segment
 from mvpseg.learning import GPRFitSettings, fit_gpr
 from mvpseg.prompts import LearnedPrompts, TextViews
@@ -117,7 +117,7 @@ def _base(root, clip_args, iters: int, ckpt_every: int) -> list[str]:
             "--crop-size", "64", "--train-scale", "128", "64", "--num-workers", "0", "--cpu-threads", "1",
             "--device", "cpu", "--no-progress", "--max-iters", str(iters), "--val-every", "2", "--init-fit", "10",
             "--val-images", "4", "--ckpt-every", str(ckpt_every), "--calib-steps", "2", "--cls-loss", "bce",
-            "--gpr-bias", "on", "--gpr-select", "views"]
+            "--gpr-bias", "on", "--gpr-select", "views", *NO_GPR_FIT]
 
 
 def test_gpr_fit_run_keeps_the_learned_prompts_ships_the_fit_and_refits_exactly_on_resume(voc):

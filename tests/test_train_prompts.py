@@ -180,9 +180,20 @@ def test_table1_variants_and_recipes(variant, shape0, glob, oc):
     assert (default.cls_mode, default.gpr_bias, default.gpr_select, default.calib_steps) == (
         "bce", glob, "views", 50)
     assert (paper.cls_mode, paper.gpr_bias, paper.gpr_select, paper.calib_steps) == ("bce", False, "joint", 0)
+    # ... and, where there is a global prompt, GPR's reading refitted after training on 6,000 images and averaged
+    # over 2 × 2 shifts (H-GPR9, docs/history/gpr-presence-fix-study.md); an adapter asked for replaces the fit
+    assert (default.gpr_fit, default.gpr_shifts) == ((6000, 2) if glob else (0, 1))
+    assert (paper.gpr_fit, paper.gpr_shifts) == (0, 1)
+    if glob:
+        adapted = cfg_of("--gpr-adapter", "16")
+        assert (adapted.gpr_adapter, adapted.gpr_fit, adapted.gpr_shifts) == (16, 0, 2)
+        with pytest.raises(SystemExit, match="exclude each other"):
+            cfg_of("--gpr-adapter", "16", "--gpr-fit", "100")
+        assert (cfg_of("--gpr-fit", "0", "--gpr-shifts", "1").gpr_fit, cfg_of("--gpr-shifts", "3").gpr_shifts) == (0, 3)
     # where the background is labelled (Context): Eq. 7 as printed (docs/history/recipe-addenda.md, ninth addendum)
     context = cfg_of("--dataset", "context")
-    assert (context.cls_mode, context.gpr_bias, context.gpr_select) == ("paper", False, "joint")
+    assert (context.cls_mode, context.gpr_bias, context.gpr_select, context.gpr_fit, context.gpr_shifts) == (
+        "paper", False, "joint", 0, 1)
     # an explicit option wins over its recipe and over the dataset's defaults; k = 5 rescales the paper's
     # OCLoss weight (10 pairs)
     assert cfg_of("--recipe", "paper", "--lr", "0.01", "--select", "seen").lr == 0.01

@@ -47,8 +47,11 @@ RECIPES = {
 # Handcrafted sets the warm start and anchor can use (names of mvpseg.baseline_prompt_sets(); the first is the
 # fallback), or "auto": the best of them on the validation images (train_prompts.choose_prior).
 # Where the dataset ignores its background (VOC's protocol; training.datasets.ignores_background) a recipe may
-# set other defaults: calibrated GPR on row 4's own views (H-GPR5, rule R28e, docs/history/gpr-views-study.md).
-BACKGROUND_IGNORED = {"default": dict(cls_mode="bce", gpr_bias="on", gpr_select="views")}
+# set other defaults: calibrated GPR on row 4's own views (H-GPR5, rule R28e, docs/history/gpr-views-study.md),
+# its reading of the features refitted after training and averaged over 2 × 2 sub-cell shifts (H-GPR9,
+# docs/history/gpr-presence-fix-study.md). Where the variant has no global prompt these do not apply.
+BACKGROUND_IGNORED = {"default": dict(cls_mode="bce", gpr_bias="on", gpr_select="views", gpr_fit=6000,
+                                      gpr_shifts=2)}
 HANDCRAFTED = ("maskclip-85", "a-photo-of", "parts")
 PRIOR_CHOICES = ("auto", *HANDCRAFTED)
 # Settings a resumed run must share with its checkpoint.
@@ -261,7 +264,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--gpr-fit", type=int, default=None, metavar="N",
                    help="after training, fit GPR's reading of the features — a new GPR adapter, τ2 and the bias — on "
                         "the presence of the seen classes in N training images' frozen dense features, the learned "
-                        "prompts fixed (mvpseg/learning/gpr_fit.py; 0 = off). Default: the recipe's (0)")
+                        "prompts fixed (mvpseg/learning/gpr_fit.py; 0 = off). Default: the recipe's (--recipe default: 6000 "
+                        "where the background is ignored, else 0)")
     p.add_argument("--gpr-fit-width", type=int, default=128, metavar="WIDTH",
                    help="hidden width of the adapter --gpr-fit fits (default 128)")
     p.add_argument("--gpr-fit-steps", type=int, default=1500, metavar="N",
@@ -269,7 +273,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--gpr-shifts", type=int, default=None, metavar="K",
                    help="the prompts' GPR averages Eq. 6 over K × K sub-cell shifts of the image at inference "
                         "(mvpseg/gpr_shifts.py; recorded in the checkpoint, training unchanged). Default: the "
-                        "recipe's (1: the image alone)")
+                        "recipe's (--recipe default: 2 where the background is ignored, else 1: the image alone)")
     p.add_argument("--residual", default=None, choices=["on", "off"],
                    help="residual prompts: every class embedding is the handcrafted prior's plus the change of the "
                         "learned context's embedding since the warm start, so learning starts from the handcrafted "
@@ -378,6 +382,8 @@ def _gpr_branch(a: argparse.Namespace, pick, use_global: bool) -> dict:
                         ("--gpr-shifts", (a.gpr_shifts or 1) - 1)):
         if value and not use_global:
             raise SystemExit(f"{flag} needs a global prompt (--variant mvpseg without --no-global)")
+    if width and fit and a.gpr_fit is None:  # an adapter asked for wins over the recipe's fit
+        fit = 0
     if width and fit:  # the fit replaces any adapter: training one before it would be thrown away
         raise SystemExit("--gpr-adapter and --gpr-fit exclude each other (--gpr-fit fits its own adapter)")
     for flag, value in (("--gpr-iters", a.gpr_iters), ("--gpr-pool", a.gpr_pool)):
