@@ -66,7 +66,8 @@ ARMS: dict[str, list[str]] = {
     "no-gpr": ["--variant", "multi-oc"],
     "fixed-pool": ["--fresh", "off"],
     # the same fixed pool with calibrated GPR on row 4's views but no fit (H-GPR9's small-dataset check)
-    "fixed-pool-views": ["--fresh", "off", "--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views", *NO_FIT],
+    "fixed-pool-views": ["--fresh", "off", "--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views",
+                         *NO_FIT],
     "no-select": ["--select", "none"],
     "sgd-poly": ["--optimizer", "sgd", "--warmup-iters", "40", "--lr-policy", "poly"],
     "tau1-100": ["--tau1-init", "100"],
@@ -74,9 +75,11 @@ ARMS: dict[str, list[str]] = {
     "cls-bce": ["--cls-loss", "bce", *NO_FIT],  # the full BCE over all classes: the default before the ninth addendum
     "gpr-bias": ["--cls-loss", "bce", "--gpr-bias", "on", *NO_FIT],  # calibrated GPR (H-GPR1, docs/history/gpr-study.md)
     # calibrated GPR whose global prompt comes from the last iterate (H-GPR3, docs/history/gpr-study.md)
-    "gpr-last": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "last", *NO_FIT],
+    "gpr-last": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "last",
+                 *NO_FIT],
     # ... and whose views are selected exactly as without GPR (H-GPR5, docs/history/gpr-views-study.md)
-    "gpr-views": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views", *NO_FIT],
+    "gpr-views": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views",
+                  *NO_FIT],
     # ... with GPR reading the features through the adapter φ (width 128), the global branch trained alone on to
     # iteration 2,000, from 500 on minibatches of 32 from 4,000 training scenes' features (H-GPR6,
     # docs/history/gpr-adapter-study.md)

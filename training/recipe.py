@@ -264,8 +264,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--gpr-fit", type=int, default=None, metavar="N",
                    help="after training, fit GPR's reading of the features — a new GPR adapter, τ2 and the bias — on "
                         "the presence of the seen classes in N training images' frozen dense features, the learned "
-                        "prompts fixed (mvpseg/learning/gpr_fit.py; 0 = off). Default: the recipe's (--recipe default: 6000 "
-                        "where the background is ignored, else 0)")
+                        "prompts fixed (mvpseg/learning/gpr_fit.py; 0 = off). Default: the recipe's (--recipe "
+                        "default: 6000 where the background is ignored, else 0)")
     p.add_argument("--gpr-fit-width", type=int, default=128, metavar="WIDTH",
                    help="hidden width of the adapter --gpr-fit fits (default 128)")
     p.add_argument("--gpr-fit-steps", type=int, default=1500, metavar="N",

@@ -53,7 +53,8 @@ def fit_gpr(prompts: LearnedPrompts, glob: torch.Tensor, features: torch.Tensor,
     """Fits a new GPR adapter, τ2 and β of ``prompts`` (in place) by BCE of Eq. 6's logits against ``presence``.
 
     glob: C×D unit global-prompt embeddings of the classes (fixed); features: N×D×h×w frozen dense features of
-    N images (any float dtype; a minibatch is cast to float32); presence: N×C in {0, 1} (``mvpseg.losses.presence_targets``).
+    N images (any float dtype; a minibatch is cast to float32); presence: N×C in {0, 1}
+    (``mvpseg.losses.presence_targets``).
     ``reduce_grads`` averages the gradients over processes (DDP: every process holds its own share of the
     images and draws its own minibatches, seeded by ``rank``). Returns the loss of every step."""
     if not prompts.use_global:
