@@ -143,6 +143,14 @@ def test_gpr_fit_run_keeps_the_learned_prompts_ships_the_fit_and_refits_exactly_
     assert record["loss_last"] < record["loss_first"]
     assert math.isclose(record["tau2"], float(b.tau2()), rel_tol=1e-5)
     assert read_meta(plain).extra["gpr_fit"] is None
+    # the recipe's own fit and shifts (no flag): the fixture's few training images are fewer than the 6,000 the fit
+    # draws, so both are dropped and the run ships what --gpr-fit 0 --gpr-shifts 1 ships
+    assert base[-len(NO_GPR_FIT):] == list(NO_GPR_FIT)
+    auto = train_prompts.main([*base[:-len(NO_GPR_FIT)], "--out", str(root / "auto")])
+    config = read_meta(auto).extra["train_config"]
+    assert (config["gpr_fit"], config["gpr_shifts"]) == (0, 1) and read_meta(auto).extra["gpr_fit"] is None
+    p, q = load_file(str(plain)), load_file(str(auto))
+    assert set(p) == set(q) and all(torch.equal(p[k], q[k]) for k in p)
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     kill = [*fitted, "--out", str(root / "kill")]

@@ -149,6 +149,11 @@ class TrainConfig:
     # at inference, GPR averages Eq. 6 over k × k sub-cell shifts of the image (mvpseg/gpr_shifts.py); recorded in
     # the prompt checkpoint, training is unchanged
     gpr_shifts: int = 1
+    # gpr_fit / gpr_shifts came from the recipe, not the command line: train_prompts drops them (to 0 / 1) where the
+    # training set holds fewer distinct images than gpr_fit — fitted on 6,000 crops of 400 scenes, φ learned those
+    # scenes and lost up to 2.8 mIoU(U) (docs/history/gpr-presence-fix-study.md, addendum)
+    gpr_fit_auto: bool = False
+    gpr_shifts_auto: bool = False
     prior_prompts: str = "auto"  # handcrafted set behind the warm start, the anchor and the residual form
     residual: bool = True  # t = norm(h + e − e0): exactly handcrafted at the start (LearnedPrompts.set_prior)
     crop_size: int | None = None
@@ -393,7 +398,9 @@ def _gpr_branch(a: argparse.Namespace, pick, use_global: bool) -> dict:
     return {"gpr_adapter": width if use_global else 0, "gpr_iters": iters if on else 0,
             "gpr_pool": pool if on else 0, "gpr_batch": batch, "gpr_fit": fit if use_global else 0,
             "gpr_fit_width": a.gpr_fit_width, "gpr_fit_steps": a.gpr_fit_steps,
-            "gpr_shifts": shifts if use_global else 1}
+            "gpr_shifts": shifts if use_global else 1,
+            "gpr_fit_auto": bool(use_global and fit and a.gpr_fit is None),
+            "gpr_shifts_auto": bool(use_global and shifts > 1 and a.gpr_shifts is None)}
 
 
 def _config_record(cfg: TrainConfig) -> dict:
