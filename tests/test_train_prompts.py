@@ -208,20 +208,21 @@ def test_table1_variants_and_recipes(variant, shape0, glob, oc):
 def test_the_recipes_gpr_fit_needs_as_many_distinct_training_images_as_it_fits():
     """H-GPR9's addendum: on 6,000 crops of 400 scenes the fit lost up to 2.8 mIoU(U), so the recipe's fit and
     shifts are dropped where the training set is smaller than the fit; fresh samples and explicit flags keep them."""
+    from training.gpr_pool import fit_for_dataset
+
     def cfg_of(*extra):
         return train_prompts.config_from_args(train_prompts.build_parser().parse_args(
             ["--dataset", "voc", "--data-root", "x", "--out", "y", *extra]))
 
     default = cfg_of()
     assert (default.gpr_fit, default.gpr_shifts, default.gpr_fit_auto, default.gpr_shifts_auto) == (6000, 2, True, True)
-    small, large = list(range(400)), list(range(6000))
-    dropped = train_prompts._fit_for_dataset(default, small, fresh=False)
+    dropped = fit_for_dataset(default, 400, fresh=False)
     assert (dropped.gpr_fit, dropped.gpr_shifts, dropped.gpr_fit_auto) == (0, 1, False)
-    assert train_prompts._fit_for_dataset(default, large, fresh=False) == default
-    assert train_prompts._fit_for_dataset(default, small, fresh=True) == default
+    assert fit_for_dataset(default, 6000, fresh=False) == default
+    assert fit_for_dataset(default, 400, fresh=True) == default
     asked = cfg_of("--gpr-fit", "6000")
-    assert not asked.gpr_fit_auto and train_prompts._fit_for_dataset(asked, small, fresh=False) == asked
-    shifts = train_prompts._fit_for_dataset(cfg_of("--gpr-shifts", "2"), small, fresh=False)
+    assert not asked.gpr_fit_auto and fit_for_dataset(asked, 400, fresh=False) == asked
+    shifts = fit_for_dataset(cfg_of("--gpr-shifts", "2"), 400, fresh=False)
     assert (shifts.gpr_fit, shifts.gpr_shifts) == (0, 2)
     assert not cfg_of("--dataset", "context").gpr_fit_auto and not cfg_of("--variant", "multi-oc").gpr_fit_auto
 

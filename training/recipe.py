@@ -149,9 +149,8 @@ class TrainConfig:
     # at inference, GPR averages Eq. 6 over k × k sub-cell shifts of the image (mvpseg/gpr_shifts.py); recorded in
     # the prompt checkpoint, training is unchanged
     gpr_shifts: int = 1
-    # gpr_fit / gpr_shifts came from the recipe, not the command line: train_prompts drops them (to 0 / 1) where the
-    # training set holds fewer distinct images than gpr_fit — fitted on 6,000 crops of 400 scenes, φ learned those
-    # scenes and lost up to 2.8 mIoU(U) (docs/history/gpr-presence-fix-study.md, addendum)
+    # gpr_fit / gpr_shifts are the recipe's, not the command line's: dropped where the training set holds fewer
+    # distinct images than gpr_fit (training.gpr_pool.fit_for_dataset)
     gpr_fit_auto: bool = False
     gpr_shifts_auto: bool = False
     prior_prompts: str = "auto"  # handcrafted set behind the warm start, the anchor and the residual form

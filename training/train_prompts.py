@@ -50,7 +50,7 @@ from .checkpointing import CheckpointManager, restore_state
 from .cli import amp_dtype, apply_runtime, clip_spec, command_line
 from .data import TrainStream, train_loader
 from .datasets import UNREADABLE_RECORD, build_dataset, get_profile, unreadable_names
-from .gpr_pool import fit_gpr_stage, gpr_feature_pool
+from .gpr_pool import fit_for_dataset, fit_gpr_stage, gpr_feature_pool
 from .distributed import (DistContext, all_reduce_sum, average_gradients, barrier,
                           distributed_session, rng_state, seed_everything)
 from .recipe import (HANDCRAFTED, LEGACY_DEFAULTS, OPTIMIZERS, RECIPES, RESUME_KEYS,  # noqa: F401 (re-exported)
@@ -95,19 +95,6 @@ def _training_data(cfg: TrainConfig, clip):
     val_idx, train_idx = validation_indices(data, n_val, cfg.seed, fresh)
     stream_data = data if train_idx is None else IndexView(data, train_idx)
     return stream_data, data, val_idx, fresh
-
-
-def _fit_for_dataset(cfg: TrainConfig, stream_data, fresh: bool) -> TrainConfig:
-    """The recipe's GPR fit (and its shifts) only where the training set holds at least ``gpr_fit`` distinct images:
-    on 6,000 crops of 400 scenes φ learned those scenes' presence and lost up to 2.8 mIoU(U) (H-GPR9's addendum).
-    Asked for on the command line, they stay."""
-    if not cfg.gpr_fit_auto or fresh or len(stream_data) >= cfg.gpr_fit:
-        return cfg
-    log.info("the recipe's GPR fit needs %d distinct training images and this training set has %d: no fit%s "
-             "(--gpr-fit N runs one anyway)", cfg.gpr_fit, len(stream_data),
-             ", no shifts" if cfg.gpr_shifts_auto else "")
-    return replace(cfg, gpr_fit=0, gpr_fit_auto=False,
-                   gpr_shifts=1 if cfg.gpr_shifts_auto else cfg.gpr_shifts, gpr_shifts_auto=False)
 
 
 def handcrafted_confusions(validation, model, seen_vocab) -> dict[str, "np.ndarray"]:
@@ -187,7 +174,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, ctx: DistContext) -> Path:
                           confidence=cfg.select_confidence)
 
     stream_data, data, val_idx, fresh = _training_data(cfg, clip)
-    cfg = _fit_for_dataset(cfg, stream_data, fresh)  # before resuming: the checkpoint holds the effective setting
+    cfg = fit_for_dataset(cfg, len(stream_data), fresh)  # before resuming: checkpoints hold the effective one
     start = 0 if resume_path is None else restore_state(
         resume_path, _config_record(cfg), resume_keys(cfg), {"prompts": prompts}, opt, scaler,
         cfg.schedule.state_dict(), defaults=legacy, optional={"selection": tracker})
