@@ -84,7 +84,7 @@ ARMS: dict[str, list[str]] = {
     # iteration 2,000, from 500 on minibatches of 32 from 4,000 training scenes' features (H-GPR6,
     # docs/history/gpr-adapter-study.md)
     "gpr-adapter": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views", "--gpr-adapter", "128",
-                    "--gpr-iters", "2000", "--gpr-pool", "4000", "--gpr-batch", "32", "--gpr-shifts", "1"],
+                    "--gpr-iters", "2000", "--gpr-pool", "4000", "--gpr-batch", "32"],
     # ... or, instead, φ (width 128), τ2 and β fitted after training on the frozen features of 6,000 training
     # scenes, the shipped prompts fixed (H-GPR7, docs/history/gpr-fit-study.md)
     "gpr-fit": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views", "--gpr-fit", "6000",

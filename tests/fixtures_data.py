@@ -11,11 +11,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# train_prompts' default where the background is ignored (the fixture's VOC) fits GPR's reading after training on
-# 6,000 images and recalibrates it on 2 × 2 shifts (H-GPR9): tests of other things turn it off, to keep their
-# runs seconds long; tests/test_gpr_fit.py runs the fit and tests/test_train_prompts.py checks the default.
-NO_GPR_FIT = ("--gpr-fit", "0", "--gpr-shifts", "1")
-
 
 def voc_palette() -> list[int]:
     pal = []

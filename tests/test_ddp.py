@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures_data import NO_GPR_FIT, make_voc, write_tiny_clip
+from fixtures_data import make_voc, write_tiny_clip
 from mvpseg.checkpoint import save_prompts
 from mvpseg.clip_backbone import ClipSpec, load_clip
 from mvpseg.prompts import LearnedPrompts
@@ -52,7 +52,7 @@ def train_args(root: Path, clip_args, out: str, batch: int = 2) -> list[str]:
             str(root / out), *clip_args, "--n-ctx", "8", "--crop-size", "64", "--train-scale",
             "128", "64", "--global-batch", str(batch), "--max-iters", "4", "--warmup-iters", "1",
             "--lr", "0.05", "--ckpt-every", "2", "--num-workers", "0", "--cpu-threads", "1",
-            "--device", "cpu", "--no-progress", *NO_GPR_FIT,
+            "--device", "cpu", "--no-progress",
             # the last iterate (not a validated one that may be the warm start), so a batch change shows
             "--select", "none"]
 

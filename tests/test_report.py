@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fixtures_data import NO_GPR_FIT, make_voc, write_tiny_clip
+from fixtures_data import make_voc, write_tiny_clip
 from mvpseg.checkpoint import read_meta
 from training import distill, report, train_prompts
 from training.runlog import read_jsonl
@@ -121,8 +121,7 @@ def real_runs(tmp_path_factory):
               "64", "--train-scale", "128", "64", "--global-batch", "2", "--num-workers", "0", "--cpu-threads", "1",
               "--device", "cpu", "--no-progress"]
     prompts = train_prompts.main([*common, "--out", str(root / "prompts"), "--n-ctx", "8", "--max-iters", "6",
-                                  "--val-every", "2", "--val-images", "4", "--init-fit", "3", "--calib-steps", "2",
-                                  *NO_GPR_FIT])
+                                  "--val-every", "2", "--val-images", "4", "--init-fit", "3", "--calib-steps", "2"])
     distill.main([*common, "--out", str(root / "student"), "--prompts", str(prompts), "--backbone", "resnet-tiny",
                   "--backbone-weights", "none", "--max-iters", "3", "--switch-iter", "1", "--eval-limit", "2"])
     return root, prompts

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures_data import NO_GPR_FIT, make_selection_voc
+from fixtures_data import make_selection_voc
 from mvpseg.checkpoint import read_meta
 from training import train_prompts
 from training.data import TrainStream
@@ -107,7 +107,7 @@ def _run(root, clip_args, out, *extra):
     return train_prompts.main(["--dataset", "voc", "--data-root", str(root / "data" / "VOCdevkit"),
                                "--out", str(root / out), *clip_args, "--n-ctx", "8", "--crop-size", "64",
                                "--train-scale", "128", "64", "--num-workers", "0", "--cpu-threads", "1",
-                               "--device", "cpu", "--no-progress", *NO_GPR_FIT, *extra])
+                               "--device", "cpu", "--no-progress", *extra])
 
 
 def test_default_recipe_selects_the_best_validated_prompts_and_holds_classes_out(voc):
@@ -249,7 +249,7 @@ def test_gpr_select_views_resumes_exactly_after_the_views_stopped(voc):
               "--crop-size", "64", "--train-scale", "128", "64", "--num-workers", "0", "--cpu-threads", "1",
               "--device", "cpu", "--no-progress", "--max-iters", "12", "--val-every", "1", "--patience", "1",
               "--init-fit", "30", "--val-images", "4", "--lr", "0.5", "--ckpt-every", "4", "--calib-steps", "3",
-              "--gpr-select", "views", "--cls-loss", "bce", "--gpr-bias", "on", *NO_GPR_FIT]
+              "--gpr-select", "views", "--cls-loss", "bce", "--gpr-bias", "on"]
     ref = train_prompts.main([*common, "--out", str(root / "vref")])
     stopped_at = read_meta(ref).extra["selection"]["views_stopped_at"]
     assert stopped_at is not None and stopped_at < 8  # the state of iteration 8 holds a stopped selection
@@ -450,7 +450,7 @@ def test_gpr_adapter_run_keeps_row_4s_views_trains_the_global_branch_on_and_resu
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     args = ["--dataset", "voc", "--data-root", str(root / "data" / "VOCdevkit"), *clip_args, "--n-ctx", "8",
             "--crop-size", "64", "--train-scale", "128", "64", "--num-workers", "0", "--cpu-threads", "1",
-            "--device", "cpu", "--no-progress", *NO_GPR_FIT, *adapted, "--out", str(root / "akill")]
+            "--device", "cpu", "--no-progress", *adapted, "--out", str(root / "akill")]
     proc = subprocess.run([sys.executable, "-m", "training.train_prompts", *args, "--simulate-kill-at", "14"],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]

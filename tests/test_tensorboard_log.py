@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from fixtures_data import NO_GPR_FIT, make_voc, write_tiny_clip
+from fixtures_data import make_voc, write_tiny_clip
 from training import distill, train_prompts
 from training.runlog import read_jsonl, scalars_of
 from training.tensorboard_log import MAX_CLASSES, MISSING, TB_DIR
@@ -35,7 +35,7 @@ def prompt_args(root: Path, clip_args, out: str, *extra: str) -> list[str]:
             *clip_args, "--n-ctx", "8", "--crop-size", "64", "--train-scale", "128", "64", "--global-batch", "2",
             "--max-iters", "6", "--val-every", "2", "--val-images", "4", "--init-fit", "3", "--calib-steps", "2",
             "--ckpt-every", "2", "--num-workers", "0", "--cpu-threads", "1", "--device", "cpu", "--no-progress",
-            *NO_GPR_FIT, *extra]
+            *extra]
 
 
 def distill_args(root: Path, clip_args, prompts: Path, out: str, *extra: str) -> list[str]:

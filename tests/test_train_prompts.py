@@ -185,8 +185,9 @@ def test_table1_variants_and_recipes(variant, shape0, glob, oc):
     assert (default.gpr_fit, default.gpr_shifts) == ((6000, 2) if glob else (0, 1))
     assert (paper.gpr_fit, paper.gpr_shifts) == (0, 1)
     if glob:
-        adapted = cfg_of("--gpr-adapter", "16")
-        assert (adapted.gpr_adapter, adapted.gpr_fit, adapted.gpr_shifts) == (16, 0, 2)
+        adapted = cfg_of("--gpr-adapter", "16")  # the recipe's shifts go with its fit
+        assert (adapted.gpr_adapter, adapted.gpr_fit, adapted.gpr_shifts) == (16, 0, 1)
+        assert cfg_of("--gpr-adapter", "16", "--gpr-shifts", "2").gpr_shifts == 2
         with pytest.raises(SystemExit, match="exclude each other"):
             cfg_of("--gpr-adapter", "16", "--gpr-fit", "100")
         assert (cfg_of("--gpr-fit", "0", "--gpr-shifts", "1").gpr_fit, cfg_of("--gpr-shifts", "3").gpr_shifts) == (0, 3)

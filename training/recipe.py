@@ -386,8 +386,8 @@ def _gpr_branch(a: argparse.Namespace, pick, use_global: bool) -> dict:
                         ("--gpr-shifts", (a.gpr_shifts or 1) - 1)):
         if value and not use_global:
             raise SystemExit(f"{flag} needs a global prompt (--variant mvpseg without --no-global)")
-    if width and fit and a.gpr_fit is None:  # an adapter asked for wins over the recipe's fit
-        fit = 0
+    if width and fit and a.gpr_fit is None:  # an adapter asked for wins over the recipe's fit (and its shifts)
+        fit, shifts = 0, shifts if a.gpr_shifts is not None else 1
     if width and fit:  # the fit replaces any adapter: training one before it would be thrown away
         raise SystemExit("--gpr-adapter and --gpr-fit exclude each other (--gpr-fit fits its own adapter)")
     for flag, value in (("--gpr-iters", a.gpr_iters), ("--gpr-pool", a.gpr_pool)):

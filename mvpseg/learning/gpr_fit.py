@@ -75,9 +75,14 @@ def fit_gpr(prompts: LearnedPrompts, glob: torch.Tensor, features: torch.Tensor,
     for p in params:
         p.requires_grad_(True)
     text = glob.detach().float().to(features.device)
-    gen = torch.Generator().manual_seed((int(settings.seed) * 1_000_003 + int(rank)) * 7 + 1)
+    gen = _generator(settings.seed, rank, stream=1)
     return _fit_bce(params, lambda idx: shifted_gpr_logits([features[idx]], text, prompts, settings.gamma),
                     presence, settings.steps, settings.batch, settings.lr, gen, reduce_grads)
+
+
+def _generator(seed: int, rank: int, stream: int) -> torch.Generator:
+    """The minibatch draws of one fit: a function of (seed, rank, which fit) only, so a resumed run refits alike."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(rank)) * 7 + stream)
 
 
 def _fit_bce(params: list[torch.Tensor], logits_of: Callable[[torch.Tensor], torch.Tensor], presence: torch.Tensor,
@@ -123,7 +128,7 @@ def calibrate_shifted_gpr(prompts: LearnedPrompts, glob: torch.Tensor, features:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(rank)) * 7 + 2)
+    gen = _generator(seed, rank, stream=2)
     text = glob.detach().float().to(features.device)
     try:
         return _fit_bce(params, lambda idx: shifted_gpr_logits(list(features[idx].unbind(1)), text, prompts, gamma),
