@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from .clip_backbone import FrozenCLIP
 from .dense import default_dense_mode
 from .dense_settings import DenseSettings
+from .gpr_floor import GPRFloor
 from .handcrafted import HANDCRAFTED_SETS, handcrafted_set
 from .prompts import LearnedPrompts
 from .util import atomic_write, current_umask, publish_mode  # noqa: F401 (current_umask, publish_mode: old paths)
@@ -116,6 +117,8 @@ def save_prompts(path: str | os.PathLike, prompts: LearnedPrompts, clip: FrozenC
     extra.setdefault("sliding", None if dense is None else dense.sliding_record())
     if prompts.gpr_shifts() > 1:  # how GPR reads an image (mvpseg.gpr_shifts): an inference setting it carries
         extra["gpr_shifts"] = prompts.gpr_shifts()
+    if prompts.gpr_floor() is not None:  # the floor under a fitted GPR (mvpseg.gpr_floor): three numbers
+        extra["gpr_floor"] = prompts.gpr_floor().record()
     meta = PromptMeta(clip.spec.model_name, clip.spec.pretrained, clip.fingerprint, clip.text_width, clip.embed_dim,
                       prompts.n_seg, prompts.n_ctx, prompts.use_global, float(gamma), tuple(training_classes),
                       extra, normalization=clip.normalization, dense_mode=None if dense is None else dense.mode,
@@ -148,6 +151,7 @@ def prompts_from_tensors(meta: PromptMeta, tensors: dict[str, torch.Tensor], nam
         if not isinstance(shifts, int) or isinstance(shifts, bool):
             raise ValueError(f"its metadata's gpr_shifts is {shifts!r}, not an integer")
         prompts.set_gpr_shifts(shifts)
+        prompts.set_gpr_floor(GPRFloor.from_record(meta.extra.get("gpr_floor") if isinstance(meta.extra, dict) else None))
     except ValueError as e:
         raise CheckpointError(f"{origin}: {e}") from e
     prompts.meta = meta

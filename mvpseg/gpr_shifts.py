@@ -60,4 +60,7 @@ def with_shifted_gpr(out: MVPSegOutput, features_for: Callable[[int], list[torch
     k = prompts.gpr_shifts()
     if k == 1 or out.gpr_logits is None or glob is None:
         return out
-    return replace(out, gpr_logits=shifted_gpr_logits(features_for(k), glob, prompts, gamma))
+    logits = shifted_gpr_logits(features_for(k), glob, prompts, gamma)
+    if out.gpr_floor is not None:  # the floor of a fitted set bounds the shifted reading too (mvpseg.gpr_floor)
+        logits = torch.maximum(logits, out.gpr_floor.to(logits.dtype))
+    return replace(out, gpr_logits=logits)

@@ -1,12 +1,13 @@
 """From dense features and text views to masks: per-view masks, Eq. 4 fusion, Eq. 6 GPR, Eq. 8 final masks."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .gpr_floor import GPRFloor
 from .prompts import PromptSet, TextViews
 
 
@@ -18,13 +19,16 @@ class MVPSegOutput:
     fused_logits: B×C×h×w τ1·Σ_i m^i (Eq. 4 before the softmax over classes).
     global_mask: B×C×h×w m^0_c, or None without a global prompt.
     gpr_logits: B×C (m^0_c · softmax_spatial(γ m^0_c)) / τ2 − β, or None; the GPR score is its sigmoid
-        (β = 0 unless the prompt set learned a bias: calibrated GPR).
+        (β = 0 unless the prompt set learned a bias: calibrated GPR); at least ``gpr_floor`` where there is one.
+    gpr_floor: B×C lower bound on ``gpr_logits`` from a fitted set's floor (mvpseg.gpr_floor), or None; kept so
+        that a later reading of g (the shifted average, mvpseg.gpr_shifts) is bounded alike.
     """
 
     view_masks: torch.Tensor
     fused_logits: torch.Tensor
     global_mask: torch.Tensor | None
     gpr_logits: torch.Tensor | None
+    gpr_floor: torch.Tensor | None = None
 
     @property
     def fused(self) -> torch.Tensor:
@@ -79,6 +83,13 @@ def global_branch(features: torch.Tensor, glob: torch.Tensor, gamma: float, tau2
     return global_mask, gpr_logits(global_mask, gamma, tau2, bias)
 
 
+def floor_logits(features: torch.Tensor, glob: torch.Tensor, gamma: float, floor: GPRFloor) -> torch.Tensor:
+    """The lower bound a fitted set's floor puts under its GPR logits (mvpseg.gpr_floor): Eq. 6 on the features
+    as they are (no adapter) with the floor's own τ2 and β, minus its margin. features B×D×h×w, glob C×D → B×C."""
+    own_mask = view_masks(features, glob.unsqueeze(0))[:, 0]
+    return gpr_logits(own_mask, gamma, floor.tau2, floor.bias) - floor.margin
+
+
 def segment(features: torch.Tensor, text: TextViews, tau1: torch.Tensor | float, tau2: torch.Tensor | float | None,
             gamma: float = 10.0, gpr_bias: torch.Tensor | float = 0.0,
             gpr_adapter: Callable[[torch.Tensor], torch.Tensor] | None = None) -> MVPSegOutput:
@@ -96,7 +107,13 @@ def segment(features: torch.Tensor, text: TextViews, tau1: torch.Tensor | float,
 def apply_prompts(features: torch.Tensor, text: TextViews, prompts: PromptSet, gamma: float = 10.0,
                   gpr: bool = True) -> MVPSegOutput:
     """``segment`` with everything the prompt set ``prompts`` carries besides its text (τ1, τ2, the GPR bias and
-    adapter): what the model, the predictor, evaluation and selection all call. ``gpr=False``: without Eq. 6–8
-    (the segmentation views alone, as a set without a global prompt)."""
+    adapter, and the floor of a fitted set: mvpseg.gpr_floor): what the model, the predictor, evaluation and
+    selection all call. ``gpr=False``: without Eq. 6–8 (the segmentation views alone, as a set without a global
+    prompt)."""
     tau2 = prompts.tau2() if gpr else None
-    return segment(features, text, prompts.tau1(), tau2, gamma, prompts.gpr_bias(), prompts.gpr_adapter())
+    out = segment(features, text, prompts.tau1(), tau2, gamma, prompts.gpr_bias(), prompts.gpr_adapter())
+    floor = prompts.gpr_floor()
+    if floor is None or out.gpr_logits is None:
+        return out
+    bound = floor_logits(features, text.glob, gamma, floor)
+    return replace(out, gpr_logits=torch.maximum(out.gpr_logits, bound.to(out.gpr_logits.dtype)), gpr_floor=bound)

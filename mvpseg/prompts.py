@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .clip_backbone import FrozenCLIP
 from .gpr_adapter import GPRAdapter
+from .gpr_floor import GPRFloor
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,16 @@ class PromptSet(nn.Module):
         if k > 1 and not self.has_global:
             raise ValueError("GPR shifts need a prompt set with a global prompt")
         self._gpr_shifts = int(k)
+
+    def gpr_floor(self) -> GPRFloor | None:
+        """The floor under a fitted GPR (mvpseg.gpr_floor): the fitted logits may fall at most its margin below
+        the prompts' own Eq. 6 reading; None: no floor. An inference setting a checkpoint carries."""
+        return getattr(self, "_gpr_floor", None)
+
+    def set_gpr_floor(self, floor: GPRFloor | None) -> None:
+        if floor is not None and not self.has_global:
+            raise ValueError("a GPR floor needs a prompt set with a global prompt")
+        self._gpr_floor = floor
 
     def encode(self, clip: FrozenCLIP, class_names: Sequence[str]) -> TextViews:
         raise NotImplementedError

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from fixtures_data import make_selection_voc
+from mvpseg.gpr_floor import GPRFloor
 from mvpseg.heads import segment
 from mvpseg.learning import GPRFitSettings, fit_gpr
 from mvpseg.prompts import LearnedPrompts, TextViews
@@ -134,7 +135,7 @@ def test_gpr_fit_run_keeps_the_learned_prompts_ships_the_fit_and_refits_exactly_
     root, clip_args = voc
     base = _base(root, clip_args, iters=6, ckpt_every=3)
     plain = train_prompts.main([*base, "--out", str(root / "plain")])
-    fitted = [*base, "--gpr-fit", "10", "--gpr-fit-width", "8"]
+    fitted = [*base, "--gpr-fit", "10", "--gpr-fit-width", "8", "--gpr-floor", "2"]
     ref = train_prompts.main([*fitted, "--out", str(root / "ref")])
     clip = load_clip(clip_spec(train_prompts.build_parser().parse_args(base + ["--out", "x"])), torch.device("cpu"))
     a, b = load_prompts(plain, clip), load_prompts(ref, clip)
@@ -146,6 +147,9 @@ def test_gpr_fit_run_keeps_the_learned_prompts_ships_the_fit_and_refits_exactly_
     assert record["loss_last"] < record["loss_first"]
     assert math.isclose(record["tau2"], float(b.tau2()), rel_tol=1e-5)
     assert read_meta(plain).extra["gpr_fit"] is None
+    # the floor keeps the prompts' own reading: τ2 and β of the same run without the fit (H-GPR10)
+    assert a.gpr_floor() is None and b.gpr_floor() == GPRFloor(float(a.tau2()), float(a.bias), 2.0)
+    assert record["floor"] == b.gpr_floor().record()
     # the recipe's own fit and shifts (no flag): the fixture's few training images are fewer than the 6,000 the fit
     # draws, so both are dropped and the run ships what --gpr-fit 0 --gpr-shifts 1 ships
     assert base[-len(NO_GPR_FIT):] == list(NO_GPR_FIT)
@@ -164,12 +168,18 @@ def test_gpr_fit_run_keeps_the_learned_prompts_ships_the_fit_and_refits_exactly_
     resumed = train_prompts.main([*kill, "--resume"])
     x, y = load_file(str(ref)), load_file(str(resumed))
     assert set(x) == set(y) and "gpr_adapter.w1" in x and all(torch.equal(x[k], y[k]) for k in x)
+    assert read_meta(resumed).extra["gpr_floor"] == read_meta(ref).extra["gpr_floor"]
     for bad, match in ((["--variant", "multi-oc"], "global prompt"), (["--gpr-adapter", "8"], "exclude"),
                        (["--gpr-fit-width", "0"], ">= 1"), (["--gpr-fit-steps", "0"], ">= 1")):
         with pytest.raises(SystemExit, match=match):
             train_prompts.main([*fitted, *bad, "--out", str(root / "bad")])
     with pytest.raises(SystemExit, match=">= 0"):
         train_prompts.main([*base, "--gpr-fit", "-1", "--out", str(root / "bad")])
+    for bad, match in ((["--gpr-floor", "2"], "needs --gpr-fit or --gpr-shifts"),
+                       (["--gpr-fit", "10", "--gpr-floor", "-1"], ">= 0"),
+                       (["--gpr-fit", "10", "--gpr-floor", "two"], "margin")):
+        with pytest.raises(SystemExit, match=match):
+            train_prompts.main([*base, *bad, "--out", str(root / "bad")])
 
 
 def test_gpr_shifts_run_recalibrates_tau2_and_bias_on_the_shifted_reading_and_records_k(voc):

@@ -207,8 +207,8 @@ def test_table1_variants_and_recipes(variant, shape0, glob, oc):
 
 
 def test_the_recipes_gpr_fit_needs_as_many_distinct_training_images_as_it_fits():
-    """H-GPR9's addendum: on 6,000 crops of 400 scenes the fit lost up to 2.8 mIoU(U), so the recipe's fit and
-    shifts are dropped where the training set is smaller than the fit; fresh samples and explicit flags keep them."""
+    """H-GPR9's addendum: on 6,000 crops of 400 scenes the fit lost up to 2.8 mIoU(U), so the recipe's fit,
+    shifts and floor are dropped where the training set is smaller than the fit; fresh samples and explicit flags keep them."""
     from training.gpr_pool import fit_for_dataset
 
     def cfg_of(*extra):
@@ -217,14 +217,20 @@ def test_the_recipes_gpr_fit_needs_as_many_distinct_training_images_as_it_fits()
 
     default = cfg_of()
     assert (default.gpr_fit, default.gpr_shifts, default.gpr_fit_auto, default.gpr_shifts_auto) == (6000, 2, True, True)
+    assert (default.gpr_floor, default.gpr_floor_auto) == (2.0, True)  # H-GPR10: the floor goes with the fit
     dropped = fit_for_dataset(default, 400, fresh=False)
-    assert (dropped.gpr_fit, dropped.gpr_shifts, dropped.gpr_fit_auto) == (0, 1, False)
+    assert (dropped.gpr_fit, dropped.gpr_shifts, dropped.gpr_fit_auto, dropped.gpr_floor) == (0, 1, False, None)
     assert fit_for_dataset(default, 6000, fresh=False) == default
     assert fit_for_dataset(default, 400, fresh=True) == default
     asked = cfg_of("--gpr-fit", "6000")
     assert not asked.gpr_fit_auto and fit_for_dataset(asked, 400, fresh=False) == asked
     shifts = fit_for_dataset(cfg_of("--gpr-shifts", "2"), 400, fresh=False)
-    assert (shifts.gpr_fit, shifts.gpr_shifts) == (0, 2)
+    assert (shifts.gpr_fit, shifts.gpr_shifts, shifts.gpr_floor) == (0, 2, None)
+    kept = fit_for_dataset(cfg_of("--gpr-shifts", "2", "--gpr-floor", "1.5"), 400, fresh=False)
+    assert (kept.gpr_fit, kept.gpr_shifts, kept.gpr_floor) == (0, 2, 1.5)
+    assert cfg_of("--gpr-floor", "off").gpr_floor is None and cfg_of("--gpr-floor", "0").gpr_floor == 0.0
+    assert cfg_of("--gpr-adapter", "8").gpr_floor is None  # an adapter asked for drops the recipe's fit, floor
+    assert cfg_of("--gpr-fit", "0", "--gpr-shifts", "1").gpr_floor is None
     assert not cfg_of("--dataset", "context").gpr_fit_auto and not cfg_of("--variant", "multi-oc").gpr_fit_auto
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
+from mvpseg.gpr_floor import GPRFloor
 from mvpseg.gpr_shifts import shifted_features
 from mvpseg.learning import GPRFitSettings, calibrate_shifted_gpr, fit_gpr
 from mvpseg.losses import presence_targets
@@ -114,16 +115,19 @@ def presence_pool(cfg: TrainConfig, data, transform, fresh: bool,
 
 
 def fit_for_dataset(cfg: TrainConfig, distinct_images: int, fresh: bool) -> TrainConfig:
-    """The recipe's GPR fit (and its shifts) only where the training set holds at least ``gpr_fit`` distinct images
+    """The recipe's GPR fit (and its shifts and floor) only where the training set holds at least ``gpr_fit`` distinct images
     (``fresh``: procedural, unbounded): on 6,000 crops of 400 scenes φ learned those scenes' presence and lost up to
     2.8 mIoU(U) (H-GPR9's addendum). Asked for on the command line, they stay."""
     if not cfg.gpr_fit_auto or fresh or distinct_images >= cfg.gpr_fit:
         return cfg
-    log.info("the recipe's GPR fit needs %d distinct training images and this training set has %d: no fit%s "
-             "(--gpr-fit N runs one anyway)", cfg.gpr_fit, distinct_images,
-             ", no shifts" if cfg.gpr_shifts_auto else "")
-    return replace(cfg, gpr_fit=0, gpr_fit_auto=False,
-                   gpr_shifts=1 if cfg.gpr_shifts_auto else cfg.gpr_shifts, gpr_shifts_auto=False)
+    shifts = 1 if cfg.gpr_shifts_auto else cfg.gpr_shifts
+    # the floor bounds what is refitted: it stays only if asked for and something (the shifts) is still refitted
+    floor = cfg.gpr_floor if not cfg.gpr_floor_auto and shifts > 1 else None
+    log.info("the recipe's GPR fit needs %d distinct training images and this training set has %d: no fit%s%s "
+             "(--gpr-fit N runs one anyway)", cfg.gpr_fit, distinct_images, ", no shifts" if shifts == 1 else "",
+             ", no floor" if cfg.gpr_floor is not None and floor is None else "")
+    return replace(cfg, gpr_fit=0, gpr_fit_auto=False, gpr_shifts=shifts, gpr_shifts_auto=False, gpr_floor=floor,
+                   gpr_floor_auto=False)
 
 
 def fit_gpr_stage(cfg: TrainConfig, clip, model, prompts, seen_vocab: tuple[str, ...], data, transform,
@@ -131,7 +135,9 @@ def fit_gpr_stage(cfg: TrainConfig, clip, model, prompts, seen_vocab: tuple[str,
     """After training, the learned prompts fixed, on the presence of every seen class (the held-out ones too:
     selection is over): ``--gpr-fit`` fits a new GPR adapter, τ2 and β on ``cfg.gpr_fit`` training images
     (``mvpseg.learning.fit_gpr``, H-GPR7); then ``--gpr-shifts`` K > 1 refits τ2 and β alone on the average over
-    K × K shifted copies of ``GPR_SHIFT_CALIBRATION_IMAGES`` images (``calibrate_shifted_gpr``, H-GPR8).
+    K × K shifted copies of ``GPR_SHIFT_CALIBRATION_IMAGES`` images (``calibrate_shifted_gpr``, H-GPR8); then
+    ``--gpr-floor`` M keeps the refitted logits at most M below the prompts' own reading before all this
+    (``mvpseg.gpr_floor``, H-GPR10).
     Deterministic in (seed, rank): a resumed run refits identically. Returns its record for the checkpoint."""
     t = time.perf_counter()
     reduce = lambda ps: average_gradients(ps, ctx)  # noqa: E731
@@ -149,6 +155,7 @@ def fit_gpr_stage(cfg: TrainConfig, clip, model, prompts, seen_vocab: tuple[str,
         return batches_of
 
     record: dict = {}
+    own = float(prompts.tau2()), float(prompts.gpr_bias())  # the prompts' own reading, which the floor keeps
     if cfg.gpr_fit:
         feats, present = presence_pool(cfg, data, transform, fresh, encoded(model.image_features), ctx, len(seen_vocab),
                                        cfg.gpr_fit, GPR_FIT_SEED_OFFSET, "GPR fit", num_workers)
@@ -172,5 +179,10 @@ def fit_gpr_stage(cfg: TrainConfig, clip, model, prompts, seen_vocab: tuple[str,
                  float(prompts.tau2()), float(prompts.gpr_bias()), time.perf_counter() - t)
         record["shifts"] = {"k": cfg.gpr_shifts, "images": GPR_SHIFT_CALIBRATION_IMAGES, "loss_first": losses[0],
                             "loss_last": losses[-1]}
+    if cfg.gpr_floor is not None:
+        prompts.set_gpr_floor(GPRFloor(own[0], own[1], cfg.gpr_floor))
+        record["floor"] = prompts.gpr_floor().record()
+        log.info("GPR floor: the refitted logits stay at most %.2f below the own reading (τ2 %.4f, β %.2f)",
+                 cfg.gpr_floor, *own)
     record.update({"tau2": float(prompts.tau2()), "bias": float(prompts.gpr_bias())})
     return record

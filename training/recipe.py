@@ -18,8 +18,9 @@ from mvpseg.losses import LossWeights
 
 from .cli import add_clip_args, add_data_args, add_runtime_args
 from .datasets import get_profile, ignores_background
+from .gpr_options import add_gpr_args, gpr_branch
 from .schedule import LRSchedule
-from .selection import GPR_SELECT_MODES, SELECT_MODES
+from .selection import SELECT_MODES
 from .tensorboard_log import add_tensorboard_args
 
 # Table 1 rows: (k segmentation prompts, global prompt / GPR, OCLoss on).  λ_cls only acts with GPR;
@@ -37,21 +38,24 @@ RECIPES = {
                     global_batch=4, weight_decay=5e-4, lambda_oc=1.0, select="holdout", fresh="auto",
                     seg_reduction="pixel", init_fit=200, lambda_prior=8.0, init_fit_oc=False,
                     calib_steps=50, cls_mode="paper", residual=True, gpr_bias=False, gpr_select="joint",
-                    gpr_adapter=0, gpr_iters=0, gpr_pool=0, gpr_batch=32, gpr_fit=0, gpr_shifts=1),
+                    gpr_adapter=0, gpr_iters=0, gpr_pool=0, gpr_batch=32, gpr_fit=0, gpr_shifts=1,
+                    gpr_floor=None),
     "paper": dict(optimizer="sgd", lr=2e-4, lr_policy="poly", warmup_iters=1000, max_iters=8000,
                   global_batch=8, weight_decay=5e-4, lambda_oc="paper", select="none", fresh="off",
                   seg_reduction="pixel", init_fit=0, lambda_prior=0.0, init_fit_oc=False,
                   calib_steps=0, cls_mode="bce", residual=False, gpr_bias=False, gpr_select="joint",
-                  gpr_adapter=0, gpr_iters=0, gpr_pool=0, gpr_batch=32, gpr_fit=0, gpr_shifts=1),
+                  gpr_adapter=0, gpr_iters=0, gpr_pool=0, gpr_batch=32, gpr_fit=0, gpr_shifts=1,
+                    gpr_floor=None),
 }
 # Handcrafted sets the warm start and anchor can use (names of mvpseg.baseline_prompt_sets(); the first is the
 # fallback), or "auto": the best of them on the validation images (train_prompts.choose_prior).
 # Where the dataset ignores its background (VOC's protocol; training.datasets.ignores_background) a recipe may
 # set other defaults: calibrated GPR on row 4's own views (H-GPR5, rule R28e, docs/history/gpr-views-study.md),
 # its reading of the features refitted after training and averaged over 2 × 2 sub-cell shifts (H-GPR9,
-# docs/history/gpr-presence-fix-study.md). Where the variant has no global prompt these do not apply.
+# docs/history/gpr-presence-fix-study.md), the refitted logits at most 2 below the prompts' own (H-GPR10,
+# docs/history/gpr-floor-study.md). Where the variant has no global prompt these do not apply.
 BACKGROUND_IGNORED = {"default": dict(cls_mode="bce", gpr_bias="on", gpr_select="views", gpr_fit=6000,
-                                      gpr_shifts=2)}
+                                      gpr_shifts=2, gpr_floor=2.0)}
 HANDCRAFTED = ("maskclip-85", "a-photo-of", "parts")
 PRIOR_CHOICES = ("auto", *HANDCRAFTED)
 # Settings a resumed run must share with its checkpoint.
@@ -153,6 +157,10 @@ class TrainConfig:
     # distinct images than gpr_fit (training.gpr_pool.fit_for_dataset)
     gpr_fit_auto: bool = False
     gpr_shifts_auto: bool = False
+    # the refitted GPR logits may fall at most gpr_floor below the prompts' own reading (mvpseg/gpr_floor.py;
+    # None: no floor); the recipe's goes with its fit
+    gpr_floor: float | None = None
+    gpr_floor_auto: bool = False
     prior_prompts: str = "auto"  # handcrafted set behind the warm start, the anchor and the residual form
     residual: bool = True  # t = norm(h + e − e0): exactly handcrafted at the start (LearnedPrompts.set_prior)
     crop_size: int | None = None
@@ -239,45 +247,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         "bce = binary cross-entropy over all classes (GPR can suppress absent ones). Default: the "
                         "recipe's (default: paper, docs/history/recipe-addenda.md, ninth addendum, but bce where "
                         "the dataset ignores its background, as VOC: docs/recipe.md; paper: bce)")
-    p.add_argument("--gpr-bias", default=None, choices=["on", "off"],
-                   help="calibrated GPR: learn a logit offset β in Eq. 6, g_c = σ(s_c/τ2 − β) (with a global prompt "
-                        "only; docs/history/gpr-study.md). Off: the paper's Eq. 6. Default: off, but on under "
-                        "--recipe default where the dataset ignores its background (VOC)")
-    p.add_argument("--gpr-select", default=None, choices=list(GPR_SELECT_MODES),
-                   help="which iterate the global prompt, τ2 and the GPR bias come from: joint = the one selected "
-                        "on the segmentation views' validation (default); last = the final one, trained for all "
-                        "--max-iters (no early stop), while the segmentation views keep the selected iterate "
-                        "(docs/history/gpr-study.md); views = the final one too, while the views are scored "
-                        "without GPR and selected with early stopping exactly as without a global prompt (Table 1 "
-                        "row 4's views; docs/history/gpr-views-study.md). Default: joint, but views under --recipe "
-                        "default where the dataset ignores its background (VOC)")
-    p.add_argument("--gpr-adapter", type=int, default=None, metavar="WIDTH",
-                   help="GPR reads the dense features through a learned class-agnostic residual MLP of this hidden "
-                        "width (mvpseg/gpr_adapter.py; 0 = off, Eq. 6 as printed). Default: the recipe's (0)")
-    p.add_argument("--gpr-iters", type=int, default=None, metavar="N",
-                   help="with --gpr-select views: the global branch (global prompt, τ2, bias, adapter) trains to "
-                        "iteration N, alone once the views' selection has stopped (the views stop by --max-iters at "
-                        "the latest). Default: the recipe's (0: --max-iters)")
-    p.add_argument("--gpr-pool", type=int, default=None, metavar="N",
-                   help="with --gpr-select views: the global branch's steps after the views stop draw minibatches of "
-                        "--gpr-batch images from the frozen dense features of N training images, computed once and "
-                        "kept in memory (training/gpr_pool.py; 0 = the training stream's batches). Default: the "
-                        "recipe's (0)")
-    p.add_argument("--gpr-batch", type=int, default=None, metavar="B",
-                   help="images per step drawn from the --gpr-pool (over all processes). Default: the recipe's (32)")
-    p.add_argument("--gpr-fit", type=int, default=None, metavar="N",
-                   help="after training, fit GPR's reading of the features — a new GPR adapter, τ2 and the bias — on "
-                        "the presence of the seen classes in N training images' frozen dense features, the learned "
-                        "prompts fixed (mvpseg/learning/gpr_fit.py; 0 = off). Default: the recipe's (--recipe "
-                        "default: 6000 where the background is ignored, else 0)")
-    p.add_argument("--gpr-fit-width", type=int, default=128, metavar="WIDTH",
-                   help="hidden width of the adapter --gpr-fit fits (default 128)")
-    p.add_argument("--gpr-fit-steps", type=int, default=1500, metavar="N",
-                   help="Adam steps of --gpr-fit, minibatches of 256 images (default 1500)")
-    p.add_argument("--gpr-shifts", type=int, default=None, metavar="K",
-                   help="the prompts' GPR averages Eq. 6 over K × K sub-cell shifts of the image at inference "
-                        "(mvpseg/gpr_shifts.py; recorded in the checkpoint, training unchanged). Default: the "
-                        "recipe's (--recipe default: 2 where the background is ignored, else 1: the image alone)")
+    add_gpr_args(p)
     p.add_argument("--residual", default=None, choices=["on", "off"],
                    help="residual prompts: every class embedding is the handcrafted prior's plus the change of the "
                         "learned context's embedding since the warm start, so learning starts from the handcrafted "
@@ -366,40 +336,9 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         gpr_bias=pick("gpr_bias") in (True, "on") and v["use_global"] and not a.no_global,
         prior_prompts=a.prior_prompts, dense=getattr(a, "dense", None),
         residual=pick("residual") in (True, "on"), gpr_select=pick("gpr_select"),
-        **_gpr_branch(a, pick, v["use_global"] and not a.no_global),
+        **gpr_branch(a, pick, v["use_global"] and not a.no_global),
         sliding=tuple(a.sliding) if getattr(a, "sliding", None) else None,
     )
-
-
-def _gpr_branch(a: argparse.Namespace, pick, use_global: bool) -> dict:
-    """The GPR-branch options (adapter, global-only iterations and pool, the fit after training, shifts): a
-    recipe's defaults apply only where they can (a global prompt; gpr_iters and gpr_pool with --gpr-select views);
-    given explicitly where they cannot, they are refused."""
-    width, iters, views = pick("gpr_adapter"), pick("gpr_iters"), pick("gpr_select") == "views"
-    pool, batch, fit, shifts = pick("gpr_pool"), pick("gpr_batch"), pick("gpr_fit"), pick("gpr_shifts")
-    if min(width, iters, pool, fit) < 0 or min(batch, a.gpr_fit_width, a.gpr_fit_steps) < 1:
-        raise SystemExit("--gpr-adapter, --gpr-iters, --gpr-pool and --gpr-fit must be >= 0, --gpr-batch, "
-                         "--gpr-fit-width and --gpr-fit-steps >= 1")
-    if shifts < 1:
-        raise SystemExit("--gpr-shifts must be >= 1")
-    for flag, value in (("--gpr-adapter", a.gpr_adapter), ("--gpr-fit", a.gpr_fit),
-                        ("--gpr-shifts", (a.gpr_shifts or 1) - 1)):
-        if value and not use_global:
-            raise SystemExit(f"{flag} needs a global prompt (--variant mvpseg without --no-global)")
-    if width and fit and a.gpr_fit is None:  # an adapter asked for wins over the recipe's fit (and its shifts)
-        fit, shifts = 0, shifts if a.gpr_shifts is not None else 1
-    if width and fit:  # the fit replaces any adapter: training one before it would be thrown away
-        raise SystemExit("--gpr-adapter and --gpr-fit exclude each other (--gpr-fit fits its own adapter)")
-    for flag, value in (("--gpr-iters", a.gpr_iters), ("--gpr-pool", a.gpr_pool)):
-        if value and not (use_global and views):
-            raise SystemExit(f"{flag} needs a global prompt and --gpr-select views")
-    on = use_global and views
-    return {"gpr_adapter": width if use_global else 0, "gpr_iters": iters if on else 0,
-            "gpr_pool": pool if on else 0, "gpr_batch": batch, "gpr_fit": fit if use_global else 0,
-            "gpr_fit_width": a.gpr_fit_width, "gpr_fit_steps": a.gpr_fit_steps,
-            "gpr_shifts": shifts if use_global else 1,
-            "gpr_fit_auto": bool(use_global and fit and a.gpr_fit is None),
-            "gpr_shifts_auto": bool(use_global and shifts > 1 and a.gpr_shifts is None)}
 
 
 def _config_record(cfg: TrainConfig) -> dict:
