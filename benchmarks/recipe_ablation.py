@@ -49,9 +49,10 @@ WORLDS = {"sparse": "world=sparse", "crowded": "world=crowded", "medium-b": "wor
 # the issue's 20.6 row: SGD lr 2e-3, 40 warm-up, poly, 400 it × batch 8 on a fixed pool of 400 scenes,
 # λ3 = 100 on Eq. 5's sum, final iterate). Arms ride on the *current* defaults: the runs docs/recipe.md reports
 # before its ninth addendum had the full-BCE L_cls as the default (add "--cls-loss bce" to rerun them as run).
-# The GPR fit and shifts became the default where the background is ignored with H-GPR9; the arms of the studies
-# before it pin them off, so that each keeps measuring what it measured.
+# The GPR fit and shifts became the default where the background is ignored with H-GPR9, and the floor under the
+# fit with H-GPR10; the arms of the studies before each pin it off, so that each keeps measuring what it measured.
 NO_FIT = ["--gpr-fit", "0", "--gpr-shifts", "1"]
+NO_FLOOR = ["--gpr-floor", "off"]
 ARMS: dict[str, list[str]] = {
     "default": [],
     "plain": ["--residual", "off"],  # the default before issue #27's study: prompts not in residual form
@@ -88,13 +89,13 @@ ARMS: dict[str, list[str]] = {
     # ... or, instead, φ (width 128), τ2 and β fitted after training on the frozen features of 6,000 training
     # scenes, the shipped prompts fixed (H-GPR7, docs/history/gpr-fit-study.md)
     "gpr-fit": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views", "--gpr-fit", "6000",
-                "--gpr-shifts", "1"],
+                "--gpr-shifts", "1", *NO_FLOOR],
     # ... and GPR averaged over 2 × 2 sub-cell shifts of the image at inference (H-GPR8,
-    # docs/history/gpr-shift-study.md; the default where the background is ignored since H-GPR9)
+    # docs/history/gpr-shift-study.md; the default where the background is ignored from H-GPR9 to H-GPR10)
     "gpr-fit-shift": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views", "--gpr-fit", "6000",
-                      "--gpr-shifts", "2"],
+                      "--gpr-shifts", "2", *NO_FLOOR],
     # the default recipe as it is for the layout (Eq. 7 where the background is labelled) + the same fit
-    "default-fit": ["--gpr-fit", "6000", "--gpr-shifts", "1"],
+    "default-fit": ["--gpr-fit", "6000", "--gpr-shifts", "1", *NO_FLOOR],
     # third addendum: AdamW steps a quarter of the default's (fixed at 5e-4 = 0.025 × the toy CLIPs'
     # token-embedding RMS), with 2× the iterations and validations half as often (the same number of checks)
     "lr-rel": ["--lr", "5e-4", "--max-iters", "1000", "--val-every", "100"],
