@@ -151,7 +151,8 @@ def prompts_from_tensors(meta: PromptMeta, tensors: dict[str, torch.Tensor], nam
         if not isinstance(shifts, int) or isinstance(shifts, bool):
             raise ValueError(f"its metadata's gpr_shifts is {shifts!r}, not an integer")
         prompts.set_gpr_shifts(shifts)
-        prompts.set_gpr_floor(GPRFloor.from_record(meta.extra.get("gpr_floor") if isinstance(meta.extra, dict) else None))
+        floor = meta.extra.get("gpr_floor") if isinstance(meta.extra, dict) else None
+        prompts.set_gpr_floor(GPRFloor.from_record(floor))
     except ValueError as e:
         raise CheckpointError(f"{origin}: {e}") from e
     prompts.meta = meta

@@ -85,7 +85,8 @@ def global_branch(features: torch.Tensor, glob: torch.Tensor, gamma: float, tau2
 
 def floor_logits(features: torch.Tensor, glob: torch.Tensor, gamma: float, floor: GPRFloor) -> torch.Tensor:
     """The lower bound a fitted set's floor puts under its GPR logits (mvpseg.gpr_floor): Eq. 6 on the features
-    as they are (no adapter) with the floor's own τ2 and β, minus its margin. features B×D×h×w, glob C×D → B×C."""
+    as they are (no adapter) with the floor's own τ2 and β, minus its margin.
+    features B×D×h×w, glob C×D → B×C."""
     own_mask = view_masks(features, glob.unsqueeze(0))[:, 0]
     return gpr_logits(own_mask, gamma, floor.tau2, floor.bias) - floor.margin
 

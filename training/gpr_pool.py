@@ -115,16 +115,17 @@ def presence_pool(cfg: TrainConfig, data, transform, fresh: bool,
 
 
 def fit_for_dataset(cfg: TrainConfig, distinct_images: int, fresh: bool) -> TrainConfig:
-    """The recipe's GPR fit (and its shifts and floor) only where the training set holds at least ``gpr_fit`` distinct images
-    (``fresh``: procedural, unbounded): on 6,000 crops of 400 scenes φ learned those scenes' presence and lost up to
-    2.8 mIoU(U) (H-GPR9's addendum). Asked for on the command line, they stay."""
+    """The recipe's GPR fit (and its shifts and floor) only where the training set holds at least ``gpr_fit``
+    distinct images (``fresh``: procedural, unbounded): on 6,000 crops of 400 scenes φ learned those scenes'
+    presence and lost up to 2.8 mIoU(U) (H-GPR9's addendum). Asked for on the command line, they stay."""
     if not cfg.gpr_fit_auto or fresh or distinct_images >= cfg.gpr_fit:
         return cfg
     shifts = 1 if cfg.gpr_shifts_auto else cfg.gpr_shifts
     # the floor bounds what is refitted: it stays only if asked for and something (the shifts) is still refitted
     floor = cfg.gpr_floor if not cfg.gpr_floor_auto and shifts > 1 else None
     log.info("the recipe's GPR fit needs %d distinct training images and this training set has %d: no fit%s%s "
-             "(--gpr-fit N runs one anyway)", cfg.gpr_fit, distinct_images, ", no shifts" if shifts == 1 else "",
+             "(--gpr-fit N runs one anyway)", cfg.gpr_fit, distinct_images,
+             ", no shifts" if cfg.gpr_shifts_auto else "",
              ", no floor" if cfg.gpr_floor is not None and floor is None else "")
     return replace(cfg, gpr_fit=0, gpr_fit_auto=False, gpr_shifts=shifts, gpr_shifts_auto=False, gpr_floor=floor,
                    gpr_floor_auto=False)
