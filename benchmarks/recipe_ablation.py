@@ -94,6 +94,9 @@ ARMS: dict[str, list[str]] = {
     # docs/history/gpr-shift-study.md; the default where the background is ignored from H-GPR9 to H-GPR10)
     "gpr-fit-shift": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views", "--gpr-fit", "6000",
                       "--gpr-shifts", "2", *NO_FLOOR],
+    # the VOC-like default's GPR (fit, shifts, floor: H-GPR10) on a labelled layout (docs/history/labelled-fit-pilot.md)
+    "labelled-fit": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views", "--gpr-fit", "6000",
+                     "--gpr-shifts", "2", "--gpr-floor", "2"],
     # the default recipe as it is for the layout (Eq. 7 where the background is labelled) + the same fit
     "default-fit": ["--gpr-fit", "6000", "--gpr-shifts", "1", *NO_FLOOR],
     # third addendum: AdamW steps a quarter of the default's (fixed at 5e-4 = 0.025 × the toy CLIPs'
