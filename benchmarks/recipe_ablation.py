@@ -53,6 +53,7 @@ WORLDS = {"sparse": "world=sparse", "crowded": "world=crowded", "medium-b": "wor
 # fit with H-GPR10; the arms of the studies before each pin it off, so that each keeps measuring what it measured.
 NO_FIT = ["--gpr-fit", "0", "--gpr-shifts", "1"]
 NO_FLOOR = ["--gpr-floor", "off"]
+VIEWS_GPR = ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views"]  # calibrated GPR on row 4's views
 ARMS: dict[str, list[str]] = {
     "default": [],
     "plain": ["--residual", "off"],  # the default before issue #27's study: prompts not in residual form
@@ -67,8 +68,7 @@ ARMS: dict[str, list[str]] = {
     "no-gpr": ["--variant", "multi-oc"],
     "fixed-pool": ["--fresh", "off"],
     # the same fixed pool with calibrated GPR on row 4's views but no fit (H-GPR9's small-dataset check)
-    "fixed-pool-views": ["--fresh", "off", "--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views",
-                         *NO_FIT],
+    "fixed-pool-views": ["--fresh", "off", *VIEWS_GPR, *NO_FIT],
     "no-select": ["--select", "none"],
     "sgd-poly": ["--optimizer", "sgd", "--warmup-iters", "40", "--lr-policy", "poly"],
     "tau1-100": ["--tau1-init", "100"],
@@ -79,24 +79,20 @@ ARMS: dict[str, list[str]] = {
     "gpr-last": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "last",
                  *NO_FIT],
     # ... and whose views are selected exactly as without GPR (H-GPR5, docs/history/gpr-views-study.md)
-    "gpr-views": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views",
-                  *NO_FIT],
+    "gpr-views": [*VIEWS_GPR, *NO_FIT],
     # ... with GPR reading the features through the adapter φ (width 128), the global branch trained alone on to
     # iteration 2,000, from 500 on minibatches of 32 from 4,000 training scenes' features (H-GPR6,
     # docs/history/gpr-adapter-study.md)
-    "gpr-adapter": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views", "--gpr-adapter", "128",
+    "gpr-adapter": [*VIEWS_GPR, "--gpr-adapter", "128",
                     "--gpr-iters", "2000", "--gpr-pool", "4000", "--gpr-batch", "32"],
     # ... or, instead, φ (width 128), τ2 and β fitted after training on the frozen features of 6,000 training
     # scenes, the shipped prompts fixed (H-GPR7, docs/history/gpr-fit-study.md)
-    "gpr-fit": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views", "--gpr-fit", "6000",
-                "--gpr-shifts", "1", *NO_FLOOR],
+    "gpr-fit": [*VIEWS_GPR, "--gpr-fit", "6000", "--gpr-shifts", "1", *NO_FLOOR],
     # ... and GPR averaged over 2 × 2 sub-cell shifts of the image at inference (H-GPR8,
     # docs/history/gpr-shift-study.md; the default where the background is ignored from H-GPR9 to H-GPR10)
-    "gpr-fit-shift": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views", "--gpr-fit", "6000",
-                      "--gpr-shifts", "2", *NO_FLOOR],
+    "gpr-fit-shift": [*VIEWS_GPR, "--gpr-fit", "6000", "--gpr-shifts", "2", *NO_FLOOR],
     # the VOC-like default's GPR (fit, shifts, floor: H-GPR10) on a labelled layout (docs/history/labelled-fit-pilot.md)
-    "labelled-fit": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "views", "--gpr-fit", "6000",
-                     "--gpr-shifts", "2", "--gpr-floor", "2"],
+    "labelled-fit": [*VIEWS_GPR, "--gpr-fit", "6000", "--gpr-shifts", "2", "--gpr-floor", "2"],
     # the default recipe as it is for the layout (Eq. 7 where the background is labelled) + the same fit
     "default-fit": ["--gpr-fit", "6000", "--gpr-shifts", "1", *NO_FLOOR],
     # third addendum: AdamW steps a quarter of the default's (fixed at 5e-4 = 0.025 × the toy CLIPs'

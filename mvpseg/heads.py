@@ -83,11 +83,10 @@ def global_branch(features: torch.Tensor, glob: torch.Tensor, gamma: float, tau2
     return global_mask, gpr_logits(global_mask, gamma, tau2, bias)
 
 
-def floor_logits(features: torch.Tensor, glob: torch.Tensor, gamma: float, floor: GPRFloor) -> torch.Tensor:
-    """The lower bound a fitted set's floor puts under its GPR logits (mvpseg.gpr_floor): Eq. 6 on the features
-    as they are (no adapter) with the floor's own τ2 and β, minus its margin.
-    features B×D×h×w, glob C×D → B×C."""
-    own_mask = view_masks(features, glob.unsqueeze(0))[:, 0]
+def floor_logits(own_mask: torch.Tensor, gamma: float, floor: GPRFloor) -> torch.Tensor:
+    """The lower bound a fitted set's floor puts under its GPR logits (mvpseg.gpr_floor): Eq. 6 on ``own_mask``,
+    m^0 on the features as they are (no adapter), with the floor's own τ2 and β, minus its margin.
+    own_mask B×C×h×w → B×C."""
     return gpr_logits(own_mask, gamma, floor.tau2, floor.bias) - floor.margin
 
 
@@ -116,5 +115,7 @@ def apply_prompts(features: torch.Tensor, text: TextViews, prompts: PromptSet, g
     floor = prompts.gpr_floor()
     if floor is None or out.gpr_logits is None:
         return out
-    bound = floor_logits(features, text.glob, gamma, floor)
+    # m^0 on the plain features: the head's own global mask unless an adapter read them (then one more einsum)
+    own_mask = out.global_mask if prompts.gpr_adapter() is None else view_masks(features, text.glob.unsqueeze(0))[:, 0]
+    bound = floor_logits(own_mask, gamma, floor)
     return replace(out, gpr_logits=torch.maximum(out.gpr_logits, bound.to(out.gpr_logits.dtype)), gpr_floor=bound)

@@ -66,6 +66,23 @@ def test_floored_logits_are_the_max_of_the_fit_and_the_own_reading_less_the_marg
         assert apply_prompts(x, text, ps, gpr=False).gpr_logits is None
 
 
+def test_without_an_adapter_the_floor_reads_the_heads_own_global_mask(tiny):
+    """A set refitted without φ (shifts only): the bound comes from the global mask the head already computed."""
+    torch.manual_seed(0)
+    ps = mvpseg.LearnedPrompts(tiny.text_width, n_seg=2, n_ctx=4, gpr_bias=True).eval()
+    with torch.no_grad():
+        ps.bias.fill_(3.0)
+    x = tiny.dense_features(_image(3)).float()
+    with torch.no_grad():
+        text = ps.encode(tiny, NAMES)
+        fit = apply_prompts(x, text, ps)
+        ps.set_gpr_floor(GPRFloor(0.08, 0.0, 2.0))
+        out = apply_prompts(x, text, ps)
+        own = _own(x, text.glob, 0.08, 0.0)
+    torch.testing.assert_close(out.gpr_logits, torch.maximum(fit.gpr_logits, own - 2.0))
+    assert (out.gpr_logits > fit.gpr_logits).any()
+
+
 def test_the_shifted_reading_is_bounded_by_the_unshifted_own_reading(tiny):
     ps = _fitted(tiny, k=2)
     ps.set_gpr_floor(GPRFloor(0.08, -1.0, 2.0))
