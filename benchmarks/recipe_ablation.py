@@ -76,8 +76,7 @@ ARMS: dict[str, list[str]] = {
     "cls-bce": ["--cls-loss", "bce", *NO_FIT],  # the full BCE over all classes: the default before the ninth addendum
     "gpr-bias": ["--cls-loss", "bce", "--gpr-bias", "on", *NO_FIT],  # calibrated GPR (H-GPR1, docs/history/gpr-study.md)
     # calibrated GPR whose global prompt comes from the last iterate (H-GPR3, docs/history/gpr-study.md)
-    "gpr-last": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "last",
-                 *NO_FIT],
+    "gpr-last": ["--cls-loss", "bce", "--gpr-bias", "on", "--gpr-select", "last", *NO_FIT],
     # ... and whose views are selected exactly as without GPR (H-GPR5, docs/history/gpr-views-study.md)
     "gpr-views": [*VIEWS_GPR, *NO_FIT],
     # ... with GPR reading the features through the adapter φ (width 128), the global branch trained alone on to

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .dense import tower_stride
-from .heads import MVPSegOutput, global_branch
+from .heads import MVPSegOutput, floored, global_branch
 
 
 def shift_offsets(stride: int, k: int) -> list[tuple[int, int]]:
@@ -60,7 +60,5 @@ def with_shifted_gpr(out: MVPSegOutput, features_for: Callable[[int], list[torch
     k = prompts.gpr_shifts()
     if k == 1 or out.gpr_logits is None or glob is None:
         return out
-    logits = shifted_gpr_logits(features_for(k), glob, prompts, gamma)
-    if out.gpr_floor is not None:  # the floor of a fitted set bounds the shifted reading too (mvpseg.gpr_floor)
-        logits = torch.maximum(logits, out.gpr_floor.to(logits.dtype))
-    return replace(out, gpr_logits=logits)
+    # the floor of a fitted set bounds the shifted reading too (mvpseg.gpr_floor)
+    return replace(out, gpr_logits=floored(shifted_gpr_logits(features_for(k), glob, prompts, gamma), out.gpr_floor))

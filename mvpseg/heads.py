@@ -90,6 +90,11 @@ def floor_logits(own_mask: torch.Tensor, gamma: float, floor: GPRFloor) -> torch
     return gpr_logits(own_mask, gamma, floor.tau2, floor.bias) - floor.margin
 
 
+def floored(logits: torch.Tensor, bound: torch.Tensor | None) -> torch.Tensor:
+    """GPR logits B×C held at or above a floor's ``bound`` B×C (``floor_logits``); None: unchanged."""
+    return logits if bound is None else torch.maximum(logits, bound.to(logits.dtype))
+
+
 def segment(features: torch.Tensor, text: TextViews, tau1: torch.Tensor | float, tau2: torch.Tensor | float | None,
             gamma: float = 10.0, gpr_bias: torch.Tensor | float = 0.0,
             gpr_adapter: Callable[[torch.Tensor], torch.Tensor] | None = None) -> MVPSegOutput:
@@ -118,4 +123,4 @@ def apply_prompts(features: torch.Tensor, text: TextViews, prompts: PromptSet, g
     # m^0 on the plain features: the head's own global mask unless an adapter read them (then one more einsum)
     own_mask = out.global_mask if prompts.gpr_adapter() is None else view_masks(features, text.glob.unsqueeze(0))[:, 0]
     bound = floor_logits(own_mask, gamma, floor)
-    return replace(out, gpr_logits=torch.maximum(out.gpr_logits, bound.to(out.gpr_logits.dtype)), gpr_floor=bound)
+    return replace(out, gpr_logits=floored(out.gpr_logits, bound), gpr_floor=bound)

@@ -45,7 +45,7 @@ RECIPES = {
                   seg_reduction="pixel", init_fit=0, lambda_prior=0.0, init_fit_oc=False,
                   calib_steps=0, cls_mode="bce", residual=False, gpr_bias=False, gpr_select="joint",
                   gpr_adapter=0, gpr_iters=0, gpr_pool=0, gpr_batch=32, gpr_fit=0, gpr_shifts=1,
-                    gpr_floor=None),
+                  gpr_floor=None),
 }
 # Handcrafted sets the warm start and anchor can use (names of mvpseg.baseline_prompt_sets(); the first is the
 # fallback), or "auto": the best of them on the validation images (train_prompts.choose_prior).
