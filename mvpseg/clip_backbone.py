@@ -8,10 +8,12 @@ for a minute.
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -129,6 +131,8 @@ def register_model_config(name: str, cfg: dict[str, Any]) -> None:
     global _CONFIG_DIR
     if _CONFIG_DIR is None:
         _CONFIG_DIR = Path(tempfile.mkdtemp(prefix="mvpseg_cfg_"))
+        # open_clip reads configs from a folder; ours holds copies only, so it goes with the process
+        atexit.register(shutil.rmtree, _CONFIG_DIR, ignore_errors=True)
         open_clip.add_model_config(_CONFIG_DIR)
     (_CONFIG_DIR / f"{name}.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(_CONFIG_DIR)  # rescans the folder

@@ -24,29 +24,29 @@ TINY_VIT_CONFIG = {
 }
 
 
-def tiny_config_file(folder: str | Path | None = None, name: str = "mvpseg-tiny",
-                     config: dict | None = None) -> Path:
+def tiny_config_file(folder: str | Path, name: str = "mvpseg-tiny", config: dict | None = None) -> Path:
     """Writes ``config`` (default TINY_CONFIG) as ``<folder>/<name>.json`` and returns the path."""
-    folder = Path(folder or tempfile.mkdtemp(prefix="mvpseg_tiny_"))
-    path = folder / f"{name}.json"
+    path = Path(folder) / f"{name}.json"
     path.write_text(json.dumps(config or TINY_CONFIG))
     return path
 
 
 def tiny_clip(seed: int = 0, device: str = "cpu", name: str = "mvpseg-tiny") -> FrozenCLIP:
     """A deterministic random-weight tiny CLIP (ModifiedResNet [1,1,1,1] width 16, text 64×2, context 48)."""
-    with torch.random.fork_rng(devices=[]):
+    # The config file is only read while loading (load_clip registers a copy with open_clip), so it lives in a
+    # folder that is gone afterwards: a process that builds many tiny CLIPs leaves nothing in the temp folder.
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="mvpseg_tiny_") as folder:
         torch.manual_seed(seed)
-        return load_clip(ClipSpec(model_name=name, pretrained=None, model_config=str(tiny_config_file(name=name))),
-                         device=device)
+        cfg = str(tiny_config_file(folder, name=name))
+        return load_clip(ClipSpec(model_name=name, pretrained=None, model_config=cfg), device=device)
 
 
 def tiny_vit_clip(seed: int = 0, device: str = "cpu", name: str = "mvpseg-tiny-vit", dense_mode: str | None = None,
                   sliding: tuple[int, int] | None = None) -> FrozenCLIP:
     """A deterministic random-weight tiny ViT CLIP (TINY_VIT_CONFIG) with the given dense settings."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="mvpseg_tiny_") as folder:
         torch.manual_seed(seed)
-        cfg = str(tiny_config_file(name=name, config=TINY_VIT_CONFIG))
+        cfg = str(tiny_config_file(folder, name=name, config=TINY_VIT_CONFIG))
         return load_clip(ClipSpec(model_name=name, pretrained=None, model_config=cfg, dense_mode=dense_mode,
                                   sliding=sliding), device=device)
 

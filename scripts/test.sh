@@ -4,6 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${MVPSEG_VENV:-.venv}"
+# Disk: a new .venv takes ~6.5 GB where pip picks torch's CUDA build (torchvision needs it on x86_64); the run
+# itself peaks at ~0.4 GB in the temp folder and leaves nothing there (tests/conftest.py). A full disk shows up as
+# dozens of unrelated errors ("No space left on device"), so say it first.
+free_mb() { df -Pm "$1" 2>/dev/null | awk 'NR==2 {print $4}'; }
+need_mb=1024; [ -x "$VENV/bin/python" ] || need_mb=8192
+for where in . "${TMPDIR:-/tmp}"; do
+  have_mb="$(free_mb "$where")"
+  if [ -n "$have_mb" ] && [ "$have_mb" -lt "$need_mb" ]; then
+    echo "[test.sh] warning: only ${have_mb} MB free on the disk of $where (about ${need_mb} MB needed)" >&2
+  fi
+done
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[test.sh] creating virtualenv $VENV"
   python3 -m venv "$VENV"

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -10,7 +12,22 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MVPSEG_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+# Whatever the run writes outside ``tmp_path`` goes to one scratch folder, removed when the session ends: Gradio's
+# cache, gradio_client's downloads (each leaves an empty ``<tmp>/<40 hex>`` folder behind), torchrun's rendezvous
+# files, and the same from the servers and trainers the tests start (they inherit TMPDIR). CI runs on machines
+# whose disk is shared with other work; a test run must not leave gigabytes or thousands of folders there. This
+# happens before any test module imports gradio, which reads GRADIO_TEMP_DIR at import. pytest's own ``tmp_path``
+# folders stay in the system temp folder (PYTEST_DEBUG_TEMPROOT), so a failed test's files are still there to read.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+_SCRATCH = tempfile.mkdtemp(prefix="mvpseg-tests-")
+os.environ["TMPDIR"] = tempfile.tempdir = _SCRATCH
+os.environ["GRADIO_TEMP_DIR"] = os.path.join(_SCRATCH, "gradio")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_SCRATCH, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -127,13 +127,13 @@ def test_dense_flags_reach_the_clip_and_its_features():
     assert tiny_vit_clip().dense_mode == "maskclip-vit"  # the tower's default
 
 
-def test_resnet_default_is_unchanged_and_bad_settings_fail_at_load(tiny):
+def test_resnet_default_is_unchanged_and_bad_settings_fail_at_load(tiny, tmp_path):
     from mvpseg.dense import dense_features
 
     assert tiny.dense_mode == "maskclip" and tiny.sliding is None
     x = torch.randn(2, 3, 64, 96)
     assert torch.equal(tiny.dense_features(x), dense_features(tiny.model.visual, x))
-    cfg = str(tiny_config_file())
+    cfg = str(tiny_config_file(tmp_path))
     with pytest.raises(ValueError, match="dense mode 'sclip' is not available for a ModifiedResNet"):
         load_clip(ClipSpec("mvpseg-tiny", None, model_config=cfg, dense_mode="sclip"))
     with pytest.raises(ValueError, match=r"sliding window 100/50 must be multiples of the ModifiedResNet's stride 32"):
