@@ -138,3 +138,27 @@ def test_resnet_default_is_unchanged_and_bad_settings_fail_at_load(tiny, tmp_pat
         load_clip(ClipSpec("mvpseg-tiny", None, model_config=cfg, dense_mode="sclip"))
     with pytest.raises(ValueError, match=r"sliding window 100/50 must be multiples of the ModifiedResNet's stride 32"):
         load_clip(ClipSpec("mvpseg-tiny", None, model_config=cfg, sliding=(100, 50)))
+
+
+def test_tiny_clips_and_config_copies_leave_nothing_in_the_temp_folder(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from mvpseg.testing import tiny_clip, tiny_vit_clip
+
+    def ours():
+        return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("mvpseg_tiny_")}
+
+    before = ours()
+    a, b = tiny_clip(seed=3), tiny_vit_clip(seed=3)
+    assert ours() == before  # the config folders are gone once the models are built ...
+    assert a.fingerprint == tiny_clip(seed=3).fingerprint and b.embed_dim == 64  # ... and the models are whole
+    # open_clip's copies of custom configs live in one folder per process, removed when the process exits
+    code = ("import mvpseg.clip_backbone as cb; cb.register_model_config('mvpseg-x', {'embed_dim': 1}); "
+            "print(cb._CONFIG_DIR)")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    folder = out.stdout.strip().splitlines()[-1]
+    assert folder.startswith(str(tmp_path)) and not os.path.exists(folder) and not list(tmp_path.iterdir())
