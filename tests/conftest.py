@@ -16,7 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # Whatever the run writes outside ``tmp_path`` goes to one scratch folder, removed when the session ends: Gradio's
 # cache, gradio_client's downloads (each leaves an empty ``<tmp>/<40 hex>`` folder behind), torchrun's rendezvous
 # files, and the same from the servers and trainers the tests start (they inherit TMPDIR). CI runs on machines
-# whose disk is shared with other work; a test run must not leave gigabytes or thousands of folders there. This
+# whose disk is shared with other work; a test run must leave nothing there (it used to leave ~130 folders). This
 # happens before any test module imports gradio, which reads GRADIO_TEMP_DIR at import. pytest's own ``tmp_path``
 # folders stay in the system temp folder (PYTEST_DEBUG_TEMPROOT), so a failed test's files are still there to read.
 os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
