@@ -147,12 +147,12 @@ def prompts_from_tensors(meta: PromptMeta, tensors: dict[str, torch.Tensor], nam
                              f"embeds {meta.embed_dim}")
         if meta.residual_prior is not None:
             prompts.set_prior(handcrafted_set(meta.residual_prior), rebase=False)
-        shifts = meta.extra.get("gpr_shifts", 1) if isinstance(meta.extra, dict) else 1
+        extra = meta.extra if isinstance(meta.extra, dict) else {}
+        shifts = extra.get("gpr_shifts", 1)
         if not isinstance(shifts, int) or isinstance(shifts, bool):
             raise ValueError(f"its metadata's gpr_shifts is {shifts!r}, not an integer")
         prompts.set_gpr_shifts(shifts)
-        floor = meta.extra.get("gpr_floor") if isinstance(meta.extra, dict) else None
-        prompts.set_gpr_floor(GPRFloor.from_record(floor))
+        prompts.set_gpr_floor(GPRFloor.from_record(extra.get("gpr_floor")))
     except ValueError as e:
         raise CheckpointError(f"{origin}: {e}") from e
     prompts.meta = meta

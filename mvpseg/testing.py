@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .clip_backbone import ClipSpec, FrozenCLIP, load_clip
+from .clip_backbone import ClipSpec, FrozenCLIP, load_clip, register_model_config
 
 TINY_CONFIG = {
     "embed_dim": 64,
@@ -33,22 +32,22 @@ def tiny_config_file(folder: str | Path, name: str = "mvpseg-tiny", config: dict
 
 def tiny_clip(seed: int = 0, device: str = "cpu", name: str = "mvpseg-tiny") -> FrozenCLIP:
     """A deterministic random-weight tiny CLIP (ModifiedResNet [1,1,1,1] width 16, text 64×2, context 48)."""
-    # The config file is only read while loading (load_clip registers a copy with open_clip), so it lives in a
-    # folder that is gone afterwards: a process that builds many tiny CLIPs leaves nothing in the temp folder.
-    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="mvpseg_tiny_") as folder:
-        torch.manual_seed(seed)
-        cfg = str(tiny_config_file(folder, name=name))
-        return load_clip(ClipSpec(model_name=name, pretrained=None, model_config=cfg), device=device)
+    return _tiny(name, TINY_CONFIG, seed, device)
 
 
 def tiny_vit_clip(seed: int = 0, device: str = "cpu", name: str = "mvpseg-tiny-vit", dense_mode: str | None = None,
                   sliding: tuple[int, int] | None = None) -> FrozenCLIP:
     """A deterministic random-weight tiny ViT CLIP (TINY_VIT_CONFIG) with the given dense settings."""
-    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="mvpseg_tiny_") as folder:
+    return _tiny(name, TINY_VIT_CONFIG, seed, device, dense_mode=dense_mode, sliding=sliding)
+
+
+def _tiny(name: str, config: dict, seed: int, device: str, **dense) -> FrozenCLIP:
+    # The config goes straight to open_clip under ``name`` (the copy load_clip would make of a config file), so
+    # no file of ours is written for it: a process that builds many tiny CLIPs leaves nothing in the temp folder.
+    register_model_config(name, config)
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        cfg = str(tiny_config_file(folder, name=name, config=TINY_VIT_CONFIG))
-        return load_clip(ClipSpec(model_name=name, pretrained=None, model_config=cfg, dense_mode=dense_mode,
-                                  sliding=sliding), device=device)
+        return load_clip(ClipSpec(model_name=name, pretrained=None, **dense), device=device)
 
 
 def write_tiny_vit_clip(folder: str | Path, seed: int = 0, name: str = "mvpseg-tiny-vit") -> list[str]:

@@ -108,8 +108,9 @@ def test_normalisation_is_recorded_and_a_mismatch_is_refused_with_the_fix(tiny, 
     assert meta["normalization"] == tiny.normalization == "imagenet"
     with torch.random.fork_rng(devices=[]):  # the same weights as ``tiny``, under CLIP's own statistics
         torch.manual_seed(0)
-        clip_norm = load_clip(ClipSpec(model_name="mvpseg-tiny", pretrained=None,
-                                       model_config=str(tiny_config_file(tmp_path, name="mvpseg-tiny")), normalization="clip"))
+        cfg = str(tiny_config_file(tmp_path, name="mvpseg-tiny"))
+        clip_norm = load_clip(ClipSpec(model_name="mvpseg-tiny", pretrained=None, model_config=cfg,
+                                       normalization="clip"))
     assert clip_norm.fingerprint == tiny.fingerprint and clip_norm.normalization == "clip"
     with pytest.raises(CheckpointError, match="learned with 'imagenet' input normalisation.*--normalization imagenet"):
         load_prompts(path, clip_norm)

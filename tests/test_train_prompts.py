@@ -208,7 +208,8 @@ def test_table1_variants_and_recipes(variant, shape0, glob, oc):
 
 def test_the_recipes_gpr_fit_needs_as_many_distinct_training_images_as_it_fits():
     """H-GPR9's addendum: on 6,000 crops of 400 scenes the fit lost up to 2.8 mIoU(U), so the recipe's fit,
-    shifts and floor are dropped where the training set is smaller than the fit; fresh samples and explicit flags keep them."""
+    shifts and floor are dropped where the training set is smaller than the fit; fresh samples and explicit flags
+    keep them."""
     from training.gpr_pool import fit_for_dataset
 
     def cfg_of(*extra):
